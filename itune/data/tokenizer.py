@@ -1,0 +1,131 @@
+"""Tokenizers behind one small interface, and SentencePiece training for the built-in data.
+
+A tokenizer here encodes text *with byte offsets*, so that a loss mask can be read off spans of
+the rendered chat instead of re-tokenizing turns separately.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import logging
+import os
+from typing import Iterable, Iterator, Protocol, Sequence
+
+import sentencepiece as spm
+import tensorflow as tf
+
+
+class Tokenizer(Protocol):
+    vocab_size: int
+    bos_id: int
+    eos_id: int
+    pad_id: int
+
+    def encode_with_offsets(self, text: str) -> tuple[list[int], list[tuple[int, int]]]:
+        """Token ids and each token's ``[begin, end)`` byte offsets into ``text.encode()``."""
+
+    def encode(self, text: str) -> list[int]:
+        ...
+
+    def decode(self, ids: Sequence[int]) -> str:
+        ...
+
+    def special_id(self, token: str, fallback: str | None = None) -> int:
+        """The single id of a special token such as ``<|im_end|>``."""
+
+
+class SentencePieceTokenizer:
+    """A SentencePiece ``.model``; special tokens are its user-defined or control pieces."""
+
+    def __init__(self, model_proto: bytes, name: str = "sentencepiece"):
+        self.name = name
+        self._sp = spm.SentencePieceProcessor(model_proto=model_proto)
+        self.vocab_size = self._sp.vocab_size()
+        self.bos_id = self._sp.bos_id()
+        self.eos_id = self._sp.eos_id()
+        # Padding is masked out everywhere; models without a pad piece reuse id 0.
+        self.pad_id = max(self._sp.pad_id(), 0)
+
+    @classmethod
+    def from_file(cls, path: str) -> "SentencePieceTokenizer":
+        if not tf.io.gfile.exists(path):
+            raise FileNotFoundError(f"data.tokenizer.path: no SentencePiece model at {path}")
+        with tf.io.gfile.GFile(path, "rb") as f:
+            return cls(f.read(), name=path)
+
+    def encode_with_offsets(self, text: str) -> tuple[list[int], list[tuple[int, int]]]:
+        proto = self._sp.encode(text, return_type="proto")
+        return [p.id for p in proto.pieces], [(p.begin, p.end) for p in proto.pieces]
+
+    def encode(self, text: str) -> list[int]:
+        return self._sp.encode(text)
+
+    def decode(self, ids: Sequence[int]) -> str:
+        return self._sp.decode([int(i) for i in ids])
+
+    def special_id(self, token: str, fallback: str | None = None) -> int:
+        """``token``'s own piece, else the control token named by ``fallback`` (``'bos'``/``'eos'``)."""
+        piece_id = self._sp.piece_to_id(token)
+        if piece_id != self._sp.unk_id() and self._sp.id_to_piece(piece_id) == token:
+            return piece_id
+        if fallback in ("bos", "eos"):
+            fallback_id = self.bos_id if fallback == "bos" else self.eos_id
+            if fallback_id >= 0:
+                return fallback_id
+        raise ValueError(f"Tokenizer {self.name} has no single piece for special token {token!r} "
+                                          f"and no {fallback or 'fallback'} token to stand in for it")
+
+
+def train_sentencepiece(lines: Iterable[str], vocab_size: int,
+                                                special_tokens: Sequence[str]) -> bytes:
+    """Trains a unigram SentencePiece model on ``lines``; returns the serialized model.
+
+    Digits are split so that numbers are spelled digit by digit; special tokens (and the newline,
+    which chat formats use as a separator) become single pieces.
+    """
+    model = io.BytesIO()
+    spm.SentencePieceTrainer.train(
+            sentence_iterator=iter(lines),
+            model_writer=model,
+            vocab_size=vocab_size,
+            model_type="unigram",
+            character_coverage=1.0,
+            split_digits=True,
+            byte_fallback=False,
+            hard_vocab_limit=False,
+            user_defined_symbols=list(special_tokens) + ["\n"],
+            normalization_rule_name="identity",
+            remove_extra_whitespaces=False,
+            pad_id=0, unk_id=1, bos_id=2, eos_id=3,
+            num_threads=1,
+            minloglevel=2,
+    )
+    return model.getvalue()
+
+
+def cached_sentencepiece(cache_dir: str, key: dict, lines_fn, vocab_size: int,
+                                                  special_tokens: Sequence[str]) -> SentencePieceTokenizer:
+    """Loads the model trained for ``key`` from ``cache_dir``, training and saving it if absent."""
+    digest = hashlib.sha256(json.dumps(
+            dict(key, vocab_size=vocab_size, special_tokens=list(special_tokens)),
+            sort_keys=True).encode()).hexdigest()[:12]
+    path = os.path.join(cache_dir, f"spm_{vocab_size}_{digest}.model")
+    if tf.io.gfile.exists(path):
+        logging.info("Reusing SentencePiece model %s", path)
+        return SentencePieceTokenizer.from_file(path)
+    logging.info("Training a SentencePiece vocabulary of %d on the built-in corpus", vocab_size)
+    proto = train_sentencepiece(lines_fn(), vocab_size, special_tokens)
+    tf.io.gfile.makedirs(cache_dir)
+    tmp = path + ".tmp"
+    with tf.io.gfile.GFile(tmp, "wb") as f:
+        f.write(proto)
+    tf.io.gfile.rename(tmp, path, overwrite=True)
+    return SentencePieceTokenizer(proto, name=path)
+
+
+def _lines(lines: Iterable[str]) -> Iterator[str]:
+    for line in lines:
+        if line:
+            yield line

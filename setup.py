@@ -1,0 +1,52 @@
+"""itune: instruction tuning of language models in JAX.
+
+All dependency pins live here. The core pins are the stack verified together on Linux x86_64 /
+CPython 3.11 (TensorFlow, JAX and protobuf resolve cleanly only at these versions).
+"""
+
+from setuptools import find_packages, setup
+
+INSTALL_REQUIRES = [
+    "jax==0.10.2",
+    "jaxlib==0.10.2",
+    "flax==0.12.8",
+    "optax==0.2.8",
+    "orbax-checkpoint==0.12.8",
+    "sentencepiece==0.2.3",
+    # CPU build: the input pipeline never needs TensorFlow's accelerator kernels.
+    "tensorflow-cpu==2.21.0",
+    "tensorflow-datasets==4.9.10",
+    # tensorflow-datasets 4.9.10 imports it without declaring it (tensorflow/datasets#11212).
+    "importlib_resources==7.1.0",
+    "ml-collections==1.1.0",
+    "tensorboard==2.21.0",
+    # The version at which TensorFlow's and JAX's protobuf requirements meet.
+    "protobuf==7.36.2",
+    "numpy==2.4.6",
+    "ml_dtypes==0.6.0",
+    "tqdm>=4.66",
+]
+
+EXTRAS_REQUIRE = {
+    "test": ["pytest>=8"],
+    # Ahead-of-time compilation for TPU slices, also from a CPU host.
+    "tpu": ["jax[tpu]==0.10.2"],
+}
+
+setup(
+    name="itune",
+    version="0.1.0",
+    description="Instruction tuning of language models with JAX, Flax NNX and tf.data.",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    license="Apache-2.0",
+    python_requires=">=3.11",
+    packages=find_packages(include=["itune", "itune.*"]),
+    install_requires=INSTALL_REQUIRES,
+    extras_require=EXTRAS_REQUIRE,
+    entry_points={
+        "console_scripts": [
+            "itune-train=itune.train:run",
+        ],
+    },
+)
