@@ -12,87 +12,87 @@ from itune import sharding
 
 
 def parse_arg(arg: str | None, **defaults):
-  """``"runlocal,steps=10"`` -> ConfigDict(runlocal=True, steps=10), typed by ``defaults``."""
-  values = dict(defaults)
-  for item in filter(None, (arg or "").split(",")):
-    key, _, value = item.partition("=")
-    if key not in defaults:
-      raise ValueError(f"Unknown config argument {key!r}; known: {sorted(defaults)}")
-    default = defaults[key]
-    if not value:
-      values[key] = True
-    elif isinstance(default, bool):
-      values[key] = value.lower() in ("1", "true", "yes")
-    else:
-      values[key] = type(default)(value)
-  return ml_collections.ConfigDict(values)
+    """``"runlocal,steps=10"`` -> ConfigDict(runlocal=True, steps=10), typed by ``defaults``."""
+    values = dict(defaults)
+    for item in filter(None, (arg or "").split(",")):
+        key, _, value = item.partition("=")
+        if key not in defaults:
+            raise ValueError(f"Unknown config argument {key!r}; known: {sorted(defaults)}")
+        default = defaults[key]
+        if not value:
+            values[key] = True
+        elif isinstance(default, bool):
+            values[key] = value.lower() in ("1", "true", "yes")
+        else:
+            values[key] = type(default)(value)
+    return ml_collections.ConfigDict(values)
 
 
 def base_config() -> ml_collections.ConfigDict:
-  """Every section with its defaults; config files change what differs."""
-  c = ml_collections.ConfigDict()
-  c.seed = 0  # Parameter initialisation and dropout; the data has its own seed.
+    """Every section with its defaults; config files change what differs."""
+    c = ml_collections.ConfigDict()
+    c.seed = 0  # Parameter initialisation and dropout; the data has its own seed.
 
-  c.data = ml_collections.ConfigDict()
-  c.data.source = "builtin"  # The procedural task mixture of itune.data.tasks.
-  c.data.seed = 0  # Picks the examples, and with them the tokenizer trained on them.
-  c.data.chat_format = "chatml"
-  c.data.seq_len = 256  # Tokens per packed row.
-  c.data.global_batch_size = 32  # Rows per step, over all processes.
-  c.data.pack_open_rows = 8  # Rows the first-fit packer keeps open at once.
-  c.data.prefetch = 4  # Batches prepared ahead of the train step.
-  c.data.builtin = ml_collections.ConfigDict()
-  c.data.builtin.system_prompt_rate = 0.25  # Share of chats that open with a system turn.
-  c.data.builtin.families = ()  # Task families to use; empty means all.
-  c.data.tokenizer = ml_collections.ConfigDict()
-  c.data.tokenizer.path = ""  # A SentencePiece .model; empty trains one on the built-in corpus.
-  c.data.tokenizer.vocab_size = 1024  # Size of a trained vocabulary.
-  c.data.tokenizer.num_corpus_examples = 20_000  # Examples the vocabulary is trained on.
+    c.data = ml_collections.ConfigDict()
+    c.data.source = "builtin"  # The procedural task mixture of itune.data.tasks.
+    c.data.seed = 0  # Picks the examples, and with them the tokenizer trained on them.
+    c.data.chat_format = "chatml"
+    c.data.seq_len = 256  # Tokens per packed row.
+    c.data.global_batch_size = 32  # Rows per step, over all processes.
+    c.data.pack_open_rows = 8  # Rows the first-fit packer keeps open at once.
+    c.data.prefetch = 4  # Batches prepared ahead of the train step.
+    c.data.builtin = ml_collections.ConfigDict()
+    c.data.builtin.system_prompt_rate = 0.25  # Share of chats that open with a system turn.
+    c.data.builtin.families = ()  # Task families to use; empty means all.
+    c.data.tokenizer = ml_collections.ConfigDict()
+    c.data.tokenizer.path = ""  # A SentencePiece .model; empty trains one on the built-in corpus.
+    c.data.tokenizer.vocab_size = 1024  # Upper bound on a trained vocabulary's size.
+    c.data.tokenizer.num_corpus_examples = 20_000  # Examples the vocabulary is trained on.
 
-  c.model = ml_collections.ConfigDict()
-  c.model.vocab_size = 0  # 0: the tokenizer's vocabulary size.
-  c.model.d_model = 256
-  c.model.num_layers = 4
-  c.model.num_heads = 4
-  c.model.num_kv_heads = 2
-  c.model.head_dim = 64
-  c.model.mlp_dim = 768
-  c.model.rope_theta = 10_000.0
-  c.model.norm_eps = 1e-5
-  c.model.tie_embeddings = True
-  c.model.param_dtype = "float32"
-  c.model.dtype = "float32"  # Computation dtype.
-  c.model.remat = "none"  # 'none', 'full' or 'save_dots': what the backward pass recomputes.
+    c.model = ml_collections.ConfigDict()
+    c.model.vocab_size = 0  # 0: the tokenizer's vocabulary size.
+    c.model.d_model = 256
+    c.model.num_layers = 4
+    c.model.num_heads = 4
+    c.model.num_kv_heads = 2
+    c.model.head_dim = 64
+    c.model.mlp_dim = 768
+    c.model.rope_theta = 10_000.0
+    c.model.norm_eps = 1e-5
+    c.model.tie_embeddings = True
+    c.model.param_dtype = "float32"
+    c.model.dtype = "float32"  # Computation dtype.
+    c.model.remat = "none"  # 'none', 'full' or 'save_dots': what the backward pass recomputes.
 
-  c.mesh = ml_collections.ConfigDict()
-  c.mesh.data = 1  # Pure data parallelism: replicas.
-  c.mesh.fsdp = -1  # Data parallelism with sharded parameters; -1 takes all remaining devices.
-  c.mesh.tensor = 1  # Tensor (model) parallelism inside each layer.
-  c.mesh.rules = sharding.DEFAULT_RULES  # Logical axis name -> mesh axes.
+    c.mesh = ml_collections.ConfigDict()
+    c.mesh.data = 1  # Pure data parallelism: replicas.
+    c.mesh.fsdp = -1  # Data parallelism with sharded parameters; -1 takes all remaining devices.
+    c.mesh.tensor = 1  # Tensor (model) parallelism inside each layer.
+    c.mesh.rules = sharding.DEFAULT_RULES  # Logical axis name -> mesh axes.
 
-  c.optim = ml_collections.ConfigDict()
-  c.optim.learning_rate = 1e-3  # Peak, reached after the warmup.
-  c.optim.warmup_steps = 50
-  c.optim.min_learning_rate_ratio = 0.1  # The cosine decays to this share of the peak.
-  c.optim.b1 = 0.9
-  c.optim.b2 = 0.95
-  c.optim.eps = 1e-8
-  c.optim.weight_decay = 0.1  # Applied to matrices only, not to norms or embeddings.
-  c.optim.grad_clip_norm = 1.0  # Global-norm clipping; 0 disables it.
+    c.optim = ml_collections.ConfigDict()
+    c.optim.learning_rate = 1e-3  # Peak, reached after the warmup.
+    c.optim.warmup_steps = 50
+    c.optim.min_learning_rate_ratio = 0.1  # The cosine decays to this share of the peak.
+    c.optim.b1 = 0.9
+    c.optim.b2 = 0.95
+    c.optim.eps = 1e-8
+    c.optim.weight_decay = 0.1  # Applied to matrices only, not to norms or embeddings.
+    c.optim.grad_clip_norm = 1.0  # Global-norm clipping; 0 disables it.
 
-  c.train = ml_collections.ConfigDict()
-  c.train.num_steps = 1000
-  c.train.log_every = 10  # Steps between metric lines and TensorBoard points.
+    c.train = ml_collections.ConfigDict()
+    c.train.num_steps = 1000
+    c.train.log_every = 10  # Steps between metric lines and TensorBoard points.
 
-  c.eval = ml_collections.ConfigDict()
-  c.eval.every_steps = 0  # 0: only at the end of training.
-  c.eval.num_loss_examples = 256  # Held-out examples for the eval loss.
-  c.eval.prompts_per_family = 16  # Generation prompts per task family and template group.
-  c.eval.max_new_tokens = 24
-  c.eval.batch_size = 128  # Prompts decoded together.
-  c.eval.num_samples_to_print = 6
+    c.eval = ml_collections.ConfigDict()
+    c.eval.every_steps = 0  # 0: only at the end of training.
+    c.eval.num_loss_examples = 256  # Held-out examples for the eval loss.
+    c.eval.prompts_per_family = 16  # Generation prompts per task family and template group.
+    c.eval.max_new_tokens = 24
+    c.eval.batch_size = 128  # Prompts decoded together.
+    c.eval.num_samples_to_print = 6
 
-  c.checkpoint = ml_collections.ConfigDict()
-  c.checkpoint.every_steps = 200  # Also saved at the end; 0 saves only at the end.
-  c.checkpoint.max_to_keep = 2
-  return c
+    c.checkpoint = ml_collections.ConfigDict()
+    c.checkpoint.every_steps = 200  # Also saved at the end; 0 saves only at the end.
+    c.checkpoint.max_to_keep = 2
+    return c

@@ -6,19 +6,25 @@ import warnings
 
 
 def initialize() -> None:
-  """Quiet TensorFlow's start-up banner and start JAX's multi-host runtime when launched for it.
+    """Quiets library logs and starts JAX's multi-host runtime when the process was launched for it.
 
-  On Cloud TPU and SLURM, `jax.distributed.initialize` discovers the other processes itself; on
-  other clusters it reads ``JAX_COORDINATOR_ADDRESS``, ``JAX_NUM_PROCESSES`` and
-  ``JAX_PROCESS_ID``.
-  """
-  os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-  warnings.filterwarnings("ignore", message=".*os.fork.*")
-  import jax
+    With ``JAX_COORDINATOR_ADDRESS`` set, the process joins ``JAX_NUM_PROCESSES`` processes as
+    ``JAX_PROCESS_ID`` (see ``launch/local.sh``). With ``ITUNE_DISTRIBUTED=1``,
+    `jax.distributed.initialize` discovers the processes itself (Cloud TPU, SLURM, ...).
+    """
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    warnings.filterwarnings("ignore", message=".*os.fork.*")
+    import jax
 
-  if os.environ.get("JAX_COORDINATOR_ADDRESS") or os.environ.get("ITUNE_DISTRIBUTED") == "1":
-    jax.distributed.initialize()
-  logging.getLogger().setLevel(logging.INFO)
-  # Library chatter (orbax's per-save lines, jax's backend probing) stays at warnings.
-  for name in ("absl", "jax", "orbax"):
-    logging.getLogger(name).setLevel(logging.WARNING)
+    if os.environ.get("JAX_COORDINATOR_ADDRESS"):
+        jax.distributed.initialize(
+            coordinator_address=os.environ["JAX_COORDINATOR_ADDRESS"],
+            num_processes=int(os.environ["JAX_NUM_PROCESSES"]),
+            process_id=int(os.environ["JAX_PROCESS_ID"]),
+        )
+    elif os.environ.get("ITUNE_DISTRIBUTED") == "1":
+        jax.distributed.initialize()
+    logging.getLogger().setLevel(logging.INFO)
+    # Library chatter (orbax's per-save lines, jax's backend probing) stays at warnings.
+    for name in ("absl", "jax", "orbax"):
+        logging.getLogger(name).setLevel(logging.WARNING)

@@ -22,19 +22,19 @@ LogicalRules = tuple[tuple[str, Any], ...]
 
 # Parameter axes and activation axes are named apart so each can be placed on its own.
 DEFAULT_RULES: LogicalRules = (
-        ("batch", ("data", "fsdp")),
-        ("activation_batch", ("data", "fsdp")),
-        ("activation_length", None),
-        ("activation_embed", None),
-        ("activation_heads", "tensor"),
-        ("activation_vocab", "tensor"),
-        ("embed", "fsdp"),
-        ("vocab", "tensor"),
-        ("mlp", "tensor"),
-        ("heads", "tensor"),
-        ("kv_heads", "tensor"),
-        ("head_dim", None),
-        ("layers", None),
+    ("batch", ("data", "fsdp")),
+    ("activation_batch", ("data", "fsdp")),
+    ("activation_length", None),
+    ("activation_embed", None),
+    ("activation_heads", "tensor"),
+    ("activation_vocab", "tensor"),
+    ("embed", "fsdp"),
+    ("vocab", "tensor"),
+    ("mlp", "tensor"),
+    ("heads", "tensor"),
+    ("kv_heads", "tensor"),
+    ("head_dim", None),
+    ("layers", None),
 )
 
 
@@ -50,26 +50,35 @@ def make_mesh(mesh_config: Any, devices: Sequence[jax.Device] | None = None) -> 
     if -1 in shape:
         known = math.prod(s for s in shape if s != -1)
         if len(devices) % known:
-            raise ValueError(f"config.mesh {dict(zip(MESH_AXES, shape))}: {len(devices)} devices do "
-                                              f"not divide by {known}")
+            raise ValueError(
+                f"config.mesh {dict(zip(MESH_AXES, shape))}: {len(devices)} devices do "
+                f"not divide by {known}"
+            )
         shape[shape.index(-1)] = len(devices) // known
     if math.prod(shape) != len(devices):
-        raise ValueError(f"config.mesh {dict(zip(MESH_AXES, shape))} needs {math.prod(shape)} "
-                                          f"devices, but {len(devices)} are available")
+        raise ValueError(
+            f"config.mesh {dict(zip(MESH_AXES, shape))} needs {math.prod(shape)} "
+            f"devices, but {len(devices)} are available"
+        )
     # Auto axes: Flax layers and sharding propagation expect them (Explicit is jax's new default).
-    return Mesh(np.array(devices).reshape(shape), MESH_AXES,
-                            axis_types=(AxisType.Auto,) * len(MESH_AXES))
+    return Mesh(
+        np.array(devices).reshape(shape), MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES)
+    )
 
 
 def rules_from_config(mesh_config: Any) -> LogicalRules:
     rules = mesh_config.get("rules") or DEFAULT_RULES
-    return tuple((str(name), tuple(axes) if isinstance(axes, list) else axes)
-                              for name, axes in rules)
+    return tuple(
+        (str(name), tuple(axes) if isinstance(axes, list) else axes) for name, axes in rules
+    )
 
 
-def logical_to_spec(names: Sequence[str | None], rules: LogicalRules,
-                                        shape: Sequence[int] | None = None, mesh: Mesh | None = None
-                                        ) -> PartitionSpec:
+def logical_to_spec(
+    names: Sequence[str | None],
+    rules: LogicalRules,
+    shape: Sequence[int] | None = None,
+    mesh: Mesh | None = None,
+) -> PartitionSpec:
     """Maps logical dimension names to a `PartitionSpec` through ``rules``.
 
     With ``shape`` and ``mesh``, a dimension that the assigned mesh axes do not divide evenly is
@@ -88,8 +97,13 @@ def logical_to_spec(names: Sequence[str | None], rules: LogicalRules,
         if mesh is not None:
             axes = tuple(a for a in axes if mesh.shape[a] > 1)
             if shape is not None and shape[i] % math.prod(mesh.shape[a] for a in axes):
-                logging.debug("Replicating dimension %s (%d) of %s: not divisible by mesh axes %s",
-                                            name, shape[i], names, axes)
+                logging.debug(
+                    "Replicating dimension %s (%d) of %s: not divisible by mesh axes %s",
+                    name,
+                    shape[i],
+                    names,
+                    axes,
+                )
                 axes = ()
         used.update(axes)
         spec.append(None if not axes else axes[0] if len(axes) == 1 else axes)
@@ -112,8 +126,7 @@ def state_shardings(abstract_state: Any, mesh: Mesh, rules: LogicalRules) -> Any
         spec = logical_to_spec(names, rules, variable.shape, mesh)
         return variable.replace(NamedSharding(mesh, spec))
 
-    return jax.tree.map(to_sharding, abstract_state,
-                                            is_leaf=lambda x: isinstance(x, nnx.Variable))
+    return jax.tree.map(to_sharding, abstract_state, is_leaf=lambda x: isinstance(x, nnx.Variable))
 
 
 def batch_sharding(mesh: Mesh, rules: LogicalRules) -> NamedSharding:
@@ -127,6 +140,12 @@ def describe(state: Any) -> list[tuple[str, tuple[int, ...], Any, str]]:
     for path, variable in nnx.to_flat_state(state):
         value = variable.get_value()
         spec = getattr(getattr(value, "sharding", None), "spec", None)
-        rows.append(("/".join(map(str, path)), tuple(value.shape),
-                                  variable.get_metadata().get("out_sharding"), str(spec)))
+        rows.append(
+            (
+                "/".join(map(str, path)),
+                tuple(value.shape),
+                variable.get_metadata().get("out_sharding"),
+                str(spec),
+            )
+        )
     return rows

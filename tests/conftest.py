@@ -2,8 +2,9 @@
 
 import os
 
-os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
-                           " --xla_force_host_platform_device_count=8").strip()
+os.environ["XLA_FLAGS"] = (
+    os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
+).strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
@@ -17,20 +18,25 @@ REPO = pathlib.Path(__file__).resolve().parent.parent
 
 @pytest.fixture(scope="session")
 def shared_dir() -> pathlib.Path:
-  """``../shared`` (or ``$ITUNE_SHARED``); skips when absent unless ``ITUNE_REQUIRE_SHARED=1``."""
-  path = pathlib.Path(os.environ.get("ITUNE_SHARED", REPO.parent / "shared"))
-  if not path.is_dir():
-    if os.environ.get("ITUNE_REQUIRE_SHARED") == "1":
-      pytest.fail(f"ITUNE_REQUIRE_SHARED=1 but the shared folder {path} is missing")
-    pytest.skip(f"shared data folder {path} is absent (set ITUNE_SHARED to point at it)")
-  return path
+    """``../shared`` (or ``$ITUNE_SHARED``); skips when absent unless ``ITUNE_REQUIRE_SHARED=1``."""
+    path = pathlib.Path(os.environ.get("ITUNE_SHARED", REPO.parent / "shared"))
+    if not path.is_dir():
+        if os.environ.get("ITUNE_REQUIRE_SHARED") == "1":
+            pytest.fail(f"ITUNE_REQUIRE_SHARED=1 but the shared folder {path} is missing")
+        pytest.skip(f"shared data folder {path} is absent (set ITUNE_SHARED to point at it)")
+    return path
 
 
 @pytest.fixture(scope="session")
 def builtin_tokenizer(tmp_path_factory):
-  """A SentencePiece model trained on a small built-in corpus, shared by the tests."""
-  from itune.data import chat, tasks
-  from itune.data.tokenizer import cached_sentencepiece
-  return cached_sentencepiece(str(tmp_path_factory.mktemp("tok")), {"test": 1},
-                              lambda: tasks.corpus(0, 2000), 256,
-                              list(chat.CHATML.special_tokens))
+    """A SentencePiece model trained on a small built-in corpus, shared by the tests."""
+    from itune.data import chat, tasks
+    from itune.data.tokenizer import cached_sentencepiece
+
+    return cached_sentencepiece(
+        str(tmp_path_factory.mktemp("tok")),
+        {"test": 1},
+        lambda: tasks.corpus(0, 2000),
+        256,
+        list(chat.CHATML.special_tokens),
+    )

@@ -12,19 +12,19 @@ CONFIGS = sorted(p for p in (REPO / "configs").glob("*.py") if not p.name.starts
 
 
 def _load(path, arg):
-  spec = importlib.util.spec_from_file_location(path.stem, path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config(arg)
+    spec = importlib.util.spec_from_file_location(path.stem, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.get_config(arg)
 
 
 @pytest.mark.parametrize("path", CONFIGS, ids=[p.stem for p in CONFIGS])
 def test_config_runs_one_step(path, tmp_path):
-  config = _load(path, "runlocal")
-  with config.unlocked():
-    config.train.num_steps = 1
-  results = train_and_evaluate(config, str(tmp_path))
-  assert set(results) >= {"trained_templates", "held_out_templates", "eval_loss"}
-  saved = json.loads((tmp_path / "config.json").read_text())
-  assert saved["train"]["num_steps"] == 1
-  assert (tmp_path / "checkpoints" / "1").is_dir()
+    config = _load(path, "runlocal")
+    with config.unlocked():
+        config.train.num_steps = 1
+    results = train_and_evaluate(config, str(tmp_path))
+    assert set(results) >= {"trained_templates", "held_out_templates", "eval_loss"}
+    saved = json.loads((tmp_path / "config.json").read_text())
+    assert saved["train"]["num_steps"] == 1
+    assert (tmp_path / "checkpoints" / "1").is_dir()

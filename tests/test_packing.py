@@ -6,41 +6,41 @@ from itune.data import packing
 
 
 def _example(n, trained=True):
-  ids = np.arange(1, n + 2, dtype=np.int32)
-  mask = np.ones(n + 1, np.int32) if trained else np.zeros(n + 1, np.int32)
-  return packing.to_next_token(ids, mask)
+    ids = np.arange(1, n + 2, dtype=np.int32)
+    mask = np.ones(n + 1, np.int32) if trained else np.zeros(n + 1, np.int32)
+    return packing.to_next_token(ids, mask)
 
 
 def test_first_fit_rows_have_segments_and_restarting_positions():
-  packer = packing.Packer(seq_len=10, max_open_rows=2)
-  rows = list(packing.pack([_example(n) for n in (6, 5, 3, 4, 2)], packer))
-  # 6 -> row A; 5 -> row B; 3 -> A (9); 4 -> B (9); 2 -> buffer full: emit A, open C.
-  assert len(rows) == 3
-  a = rows[0]
-  np.testing.assert_array_equal(a["segment_ids"], [1] * 6 + [2] * 3 + [0])
-  np.testing.assert_array_equal(a["positions"], [0, 1, 2, 3, 4, 5, 0, 1, 2, 0])
-  np.testing.assert_array_equal(a["inputs"][:9], [1, 2, 3, 4, 5, 6, 1, 2, 3])
-  np.testing.assert_array_equal(a["targets"][:9], [2, 3, 4, 5, 6, 7, 2, 3, 4])
-  assert a["loss_mask"][9] == 0 and a["inputs"][9] == 0
-  assert packer.stats.rows == 3 and packer.stats.tokens == 20 and packer.stats.packed == 5
-  assert abs(packer.stats.efficiency(10) - 20 / 30) < 1e-9
+    packer = packing.Packer(seq_len=10, max_open_rows=2)
+    rows = list(packing.pack([_example(n) for n in (6, 5, 3, 4, 2)], packer))
+    # 6 -> row A; 5 -> row B; 3 -> A (9); 4 -> B (9); 2 -> buffer full: emit A, open C.
+    assert len(rows) == 3
+    a = rows[0]
+    np.testing.assert_array_equal(a["segment_ids"], [1] * 6 + [2] * 3 + [0])
+    np.testing.assert_array_equal(a["positions"], [0, 1, 2, 3, 4, 5, 0, 1, 2, 0])
+    np.testing.assert_array_equal(a["inputs"][:9], [1, 2, 3, 4, 5, 6, 1, 2, 3])
+    np.testing.assert_array_equal(a["targets"][:9], [2, 3, 4, 5, 6, 7, 2, 3, 4])
+    assert a["loss_mask"][9] == 0 and a["inputs"][9] == 0
+    assert packer.stats.rows == 3 and packer.stats.tokens == 20 and packer.stats.packed == 5
+    assert abs(packer.stats.efficiency(10) - 20 / 30) < 1e-9
 
 
 def test_long_examples_are_truncated_and_untrainable_ones_dropped_and_counted():
-  packer = packing.Packer(seq_len=8, max_open_rows=2)
-  rows = list(packing.pack([_example(12), _example(3, trained=False), _example(0)], packer))
-  assert len(rows) == 1 and rows[0]["segment_ids"].tolist() == [1] * 8
-  stats = packer.stats
-  assert stats.truncated == 1 and stats.packed == 1 and stats.examples == 3
-  assert stats.dropped == {"no trained token": 1, "empty": 1}
-  assert "dropped: 1 empty, 1 no trained token" in stats.summary(8)
+    packer = packing.Packer(seq_len=8, max_open_rows=2)
+    rows = list(packing.pack([_example(12), _example(3, trained=False), _example(0)], packer))
+    assert len(rows) == 1 and rows[0]["segment_ids"].tolist() == [1] * 8
+    stats = packer.stats
+    assert stats.truncated == 1 and stats.packed == 1 and stats.examples == 3
+    assert stats.dropped == {"no trained token": 1, "empty": 1}
+    assert "dropped: 1 empty, 1 no trained token" in stats.summary(8)
 
 
 def test_next_token_pairs_never_cross_segments():
-  packer = packing.Packer(seq_len=16, max_open_rows=1)
-  rows = list(packing.pack([_example(4), _example(5)], packer))
-  row = rows[0]
-  for seg in (1, 2):
-    where = row["segment_ids"] == seg
-    # Within a segment, each target is the next input.
-    np.testing.assert_array_equal(row["targets"][where][:-1], row["inputs"][where][1:])
+    packer = packing.Packer(seq_len=16, max_open_rows=1)
+    rows = list(packing.pack([_example(4), _example(5)], packer))
+    row = rows[0]
+    for seg in (1, 2):
+        where = row["segment_ids"] == seg
+        # Within a segment, each target is the next input.
+        np.testing.assert_array_equal(row["targets"][where][:-1], row["inputs"][where][1:])

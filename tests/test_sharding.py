@@ -15,63 +15,71 @@ MODEL = tiny_model_config(num_heads=4, num_kv_heads=4, d_model=32, mlp_dim=64, v
 
 
 def _one_step(mesh_shape, batch):
-  devices = jax.devices()[:int(np.prod(mesh_shape))]
-  mesh = sharding.make_mesh(dict(zip(sharding.MESH_AXES, mesh_shape)), devices)
-  rules = sharding.DEFAULT_RULES
-  tx = optimizer.make_optimizer(optim_config(), num_steps=10)
-  schedule = optimizer.learning_rate_schedule(optim_config(), 10)
-  layout = state_lib.state_layout(MODEL, tx, mesh, rules, seed=0)
-  state = state_lib.init_train_state(layout, MODEL, tx, mesh, rules, seed=0)
-  batch_sharding = sharding.batch_sharding(mesh, rules)
-  train_step = jax.jit(
-      functools.partial(step.train_step, graphdef=layout.graphdef, tx=tx, schedule=schedule),
-      in_shardings=(layout.shardings, batch_sharding),
-      out_shardings=(layout.shardings, NamedSharding(mesh, PartitionSpec())),
-      donate_argnums=0)
-  with jax.set_mesh(mesh):
-    global_batch = {k: jax.device_put(v, batch_sharding) for k, v in batch.items()}
-    init_params = jax.device_get(state.params)
-    state, metrics = train_step(state, global_batch)
-  return init_params, jax.device_get(state), jax.device_get(metrics), state
+    devices = jax.devices()[: int(np.prod(mesh_shape))]
+    mesh = sharding.make_mesh(dict(zip(sharding.MESH_AXES, mesh_shape)), devices)
+    rules = sharding.DEFAULT_RULES
+    tx = optimizer.make_optimizer(optim_config(), num_steps=10)
+    schedule = optimizer.learning_rate_schedule(optim_config(), 10)
+    layout = state_lib.state_layout(MODEL, tx, mesh, rules, seed=0)
+    state = state_lib.init_train_state(layout, MODEL, tx, mesh, rules, seed=0)
+    batch_sharding = sharding.batch_sharding(mesh, rules)
+    train_step = jax.jit(
+        functools.partial(step.train_step, graphdef=layout.graphdef, tx=tx, schedule=schedule),
+        in_shardings=(layout.shardings, batch_sharding),
+        out_shardings=(layout.shardings, NamedSharding(mesh, PartitionSpec())),
+        donate_argnums=0,
+    )
+    with jax.set_mesh(mesh):
+        global_batch = {k: jax.device_put(v, batch_sharding) for k, v in batch.items()}
+        init_params = jax.device_get(state.params)
+        state, metrics = train_step(state, global_batch)
+    return init_params, jax.device_get(state), jax.device_get(metrics), state
 
 
-@pytest.mark.parametrize("mesh_shape", [(1, 2, 4), (1, 4, 2), (2, 4, 1), (4, 1, 2)],
-                         ids=["fsdp2x_tensor4", "fsdp4x_tensor2", "data2x_fsdp4",
-                              "data4x_tensor2"])
+@pytest.mark.parametrize(
+    "mesh_shape",
+    [(1, 2, 4), (1, 4, 2), (2, 4, 1), (4, 1, 2)],
+    ids=["fsdp2x_tensor4", "fsdp4x_tensor2", "data2x_fsdp4", "data4x_tensor2"],
+)
 def test_train_step_on_a_mesh_matches_one_device(mesh_shape):
-  batch = packed_batch(0, batch=8, length=16, vocab=MODEL.vocab_size)
-  ref_init, ref_state, ref_metrics, _ = _one_step((1, 1, 1), batch)
-  init, new_state, metrics, live_state = _one_step(mesh_shape, batch)
-  # Parameters are really sharded on the mesh.
-  q = live_state.params["blocks"]["attn"]["q"].get_value()
-  assert len(q.sharding.device_set) == 8 and q.addressable_shards[0].data.size < q.size
-  for a, b in zip(jax.tree.leaves(ref_init), jax.tree.leaves(init)):
-    np.testing.assert_array_equal(a, b)
-  np.testing.assert_allclose(metrics["loss"], ref_metrics["loss"], rtol=1e-5)
-  np.testing.assert_allclose(metrics["grad_norm"], ref_metrics["grad_norm"], rtol=1e-5)
-  leaves, ref_leaves = jax.tree.leaves(new_state), jax.tree.leaves(ref_state)
-  assert len(leaves) == len(ref_leaves)
-  for a, b in zip(leaves, ref_leaves):
-    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
-  # The step really changed the parameters.
-  assert not np.allclose(jax.tree.leaves(ref_init)[0], jax.tree.leaves(ref_state.params)[0])
+    batch = packed_batch(0, batch=8, length=16, vocab=MODEL.vocab_size)
+    ref_init, ref_state, ref_metrics, _ = _one_step((1, 1, 1), batch)
+    init, new_state, metrics, live_state = _one_step(mesh_shape, batch)
+    # Parameters are really sharded on the mesh.
+    q = live_state.params["blocks"]["attn"]["q"].get_value()
+    assert len(q.sharding.device_set) == 8 and q.addressable_shards[0].data.size < q.size
+    for a, b in zip(jax.tree.leaves(ref_init), jax.tree.leaves(init)):
+        np.testing.assert_array_equal(a, b)
+    np.testing.assert_allclose(metrics["loss"], ref_metrics["loss"], rtol=1e-5)
+    np.testing.assert_allclose(metrics["grad_norm"], ref_metrics["grad_norm"], rtol=1e-5)
+    leaves, ref_leaves = jax.tree.leaves(new_state), jax.tree.leaves(ref_state)
+    assert len(leaves) == len(ref_leaves)
+    for a, b in zip(leaves, ref_leaves):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+    # The step really changed the parameters.
+    assert not np.allclose(jax.tree.leaves(ref_init)[0], jax.tree.leaves(ref_state.params)[0])
 
 
 def test_rules_map_logical_names_and_replicate_indivisible_dimensions():
-  mesh = sharding.make_mesh({"data": 1, "fsdp": 2, "tensor": 4})
-  rules = sharding.DEFAULT_RULES
-  assert sharding.logical_to_spec(("embed", "mlp"), rules, (32, 64), mesh) == \
-      PartitionSpec("fsdp", "tensor")
-  # 6 kv heads do not divide over 4 tensor devices: replicated instead of failing.
-  assert sharding.logical_to_spec(("embed", "kv_heads", None), rules, (32, 6, 8), mesh) == \
-      PartitionSpec("fsdp", None, None)
-  assert sharding.logical_to_spec(("batch", None), rules, None, mesh) == PartitionSpec("fsdp")
+    mesh = sharding.make_mesh({"data": 1, "fsdp": 2, "tensor": 4})
+    rules = sharding.DEFAULT_RULES
+    assert sharding.logical_to_spec(("embed", "mlp"), rules, (32, 64), mesh) == PartitionSpec(
+        "fsdp", "tensor"
+    )
+    # 6 kv heads do not divide over 4 tensor devices: replicated instead of failing.
+    assert sharding.logical_to_spec(
+        ("embed", "kv_heads", None), rules, (32, 6, 8), mesh
+    ) == PartitionSpec("fsdp", None, None)
+    assert sharding.logical_to_spec(("batch", None), rules, None, mesh) == PartitionSpec("fsdp")
 
 
 def test_mesh_errors_name_the_problem():
-  with pytest.raises(ValueError, match="needs 6 devices, but 8 are available"):
-    sharding.make_mesh({"data": 1, "fsdp": 2, "tensor": 3})
-  with pytest.raises(ValueError, match="at most one"):
-    sharding.make_mesh({"data": -1, "fsdp": -1, "tensor": 1})
-  assert dict(sharding.make_mesh({"data": 2, "fsdp": -1, "tensor": 1}).shape) == \
-      {"data": 2, "fsdp": 4, "tensor": 1}
+    with pytest.raises(ValueError, match="needs 6 devices, but 8 are available"):
+        sharding.make_mesh({"data": 1, "fsdp": 2, "tensor": 3})
+    with pytest.raises(ValueError, match="at most one"):
+        sharding.make_mesh({"data": -1, "fsdp": -1, "tensor": 1})
+    assert dict(sharding.make_mesh({"data": 2, "fsdp": -1, "tensor": 1}).shape) == {
+        "data": 2,
+        "fsdp": 4,
+        "tensor": 1,
+    }

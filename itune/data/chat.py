@@ -38,12 +38,12 @@ class ChatFormat:
 
 
 CHATML = ChatFormat(
-        name="chatml",
-        turn_start="<|im_start|>",
-        turn_end="<|im_end|>",
-        headers={role: f"{role}\n" for role in ROLES},
-        separator="\n",
-        special_tokens={"<|im_start|>": "bos", "<|im_end|>": "eos"},
+    name="chatml",
+    turn_start="<|im_start|>",
+    turn_end="<|im_end|>",
+    headers={role: f"{role}\n" for role in ROLES},
+    separator="\n",
+    special_tokens={"<|im_start|>": "bos", "<|im_end|>": "eos"},
 )
 
 FORMATS = {f.name: f for f in (CHATML,)}
@@ -62,8 +62,9 @@ class Piece:
     special: bool
 
 
-def render(messages: Sequence[dict], fmt: ChatFormat, add_generation_prompt: bool = False
-                      ) -> list[Piece]:
+def render(
+    messages: Sequence[dict], fmt: ChatFormat, add_generation_prompt: bool = False
+) -> list[Piece]:
     """Renders a conversation into pieces; assistant content and its end of turn are trained.
 
     With ``add_generation_prompt`` the result ends with an open assistant turn (for sampling).
@@ -76,13 +77,18 @@ def render(messages: Sequence[dict], fmt: ChatFormat, add_generation_prompt: boo
         if not isinstance(content, str):
             raise ValueError(f"message {i}: content must be a string, got {type(content).__name__}")
         trained = role == "assistant"
-        pieces += [Piece(fmt.turn_start, False, True),
-                              Piece(fmt.headers[role], False, False),
-                              Piece(content, trained, False),
-                              Piece(fmt.turn_end, trained, True),
-                              Piece(fmt.separator, False, False)]
+        pieces += [
+            Piece(fmt.turn_start, False, True),
+            Piece(fmt.headers[role], False, False),
+            Piece(content, trained, False),
+            Piece(fmt.turn_end, trained, True),
+            Piece(fmt.separator, False, False),
+        ]
     if add_generation_prompt:
-        pieces += [Piece(fmt.turn_start, False, True), Piece(fmt.headers["assistant"], False, False)]
+        pieces += [
+            Piece(fmt.turn_start, False, True),
+            Piece(fmt.headers["assistant"], False, False),
+        ]
     return pieces
 
 
@@ -90,8 +96,9 @@ def to_text(pieces: Sequence[Piece]) -> str:
     return "".join(p.text for p in pieces)
 
 
-def tokenize(pieces: Sequence[Piece], tokenizer: Tokenizer, fmt: ChatFormat,
-                          add_bos: bool = True) -> tuple[np.ndarray, np.ndarray]:
+def tokenize(
+    pieces: Sequence[Piece], tokenizer: Tokenizer, fmt: ChatFormat, add_bos: bool = True
+) -> tuple[np.ndarray, np.ndarray]:
     """Token ids and a 0/1 loss mask for rendered pieces.
 
     >>> # user "2+2?" / assistant "4" in chatml, with a tokenizer that spells digits singly:

@@ -33,9 +33,11 @@ class PackingStats:
 
     def summary(self, seq_len: int) -> str:
         dropped = ", ".join(f"{n} {why}" for why, n in sorted(self.dropped.items())) or "none"
-        return (f"{self.examples} examples: {self.packed} packed into {self.rows} rows "
-                        f"({self.efficiency(seq_len):.1%} non-padding), {self.truncated} truncated, "
-                        f"dropped: {dropped}")
+        return (
+            f"{self.examples} examples: {self.packed} packed into {self.rows} rows "
+            f"({self.efficiency(seq_len):.1%} non-padding), {self.truncated} truncated, "
+            f"dropped: {dropped}"
+        )
 
 
 def to_next_token(ids: np.ndarray, mask: np.ndarray) -> dict[str, np.ndarray]:
@@ -72,7 +74,7 @@ class Packer:
             self.stats.dropped["empty"] += 1
             return []
         if n > self.seq_len:
-            example = {k: v[:self.seq_len] for k, v in example.items()}
+            example = {k: v[: self.seq_len] for k, v in example.items()}
             n = self.seq_len
             self.stats.truncated += 1
         if not example["loss_mask"].any():
@@ -99,8 +101,10 @@ class Packer:
     def _emit(self, i: int) -> dict[str, np.ndarray]:
         examples = self._open.pop(i)
         self._fill.pop(i)
-        row = {k: np.full(self.seq_len, self.pad_id if k in ("inputs", "targets") else 0, np.int32)
-                      for k in ROW_FIELDS}
+        row = {
+            k: np.full(self.seq_len, self.pad_id if k in ("inputs", "targets") else 0, np.int32)
+            for k in ROW_FIELDS
+        }
         start = 0
         for segment, ex in enumerate(examples, start=1):
             end = start + len(ex["inputs"])
@@ -115,8 +119,9 @@ class Packer:
         return row
 
 
-def pack(examples: Iterable[dict[str, np.ndarray]], packer: Packer,
-                  flush: bool = True) -> Iterator[dict[str, np.ndarray]]:
+def pack(
+    examples: Iterable[dict[str, np.ndarray]], packer: Packer, flush: bool = True
+) -> Iterator[dict[str, np.ndarray]]:
     """Streams packed rows from next-token examples."""
     for example in examples:
         yield from packer.add(example)

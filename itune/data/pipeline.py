@@ -22,126 +22,141 @@ from itune.data.tokenizer import SentencePieceTokenizer, Tokenizer, cached_sente
 
 
 def configure_tensorflow() -> None:
-  """Keeps TensorFlow off accelerators and its thread pools small, so XLA keeps the cores."""
-  tf.config.set_visible_devices([], "GPU")
-  tf.config.set_visible_devices([], "TPU") if tf.config.list_physical_devices("TPU") else None
-  try:
-    tf.config.threading.set_inter_op_parallelism_threads(1)
-    tf.config.threading.set_intra_op_parallelism_threads(1)
-  except RuntimeError:  # Already initialised in this process: the first setting stands.
-    pass
+    """Keeps TensorFlow off accelerators and its thread pools small, so XLA keeps the cores."""
+    tf.config.set_visible_devices([], "GPU")
+    tf.config.set_visible_devices([], "TPU") if tf.config.list_physical_devices("TPU") else None
+    try:
+        tf.config.threading.set_inter_op_parallelism_threads(1)
+        tf.config.threading.set_intra_op_parallelism_threads(1)
+    except RuntimeError:  # Already initialised in this process: the first setting stands.
+        pass
 
 
 @dataclasses.dataclass(frozen=True)
 class DataSpec:
-  """Everything the rest of itune needs to know about the data of a run."""
+    """Everything the rest of itune needs to know about the data of a run."""
 
-  tokenizer: Tokenizer
-  chat_format: chat.ChatFormat
-  seq_len: int
-  global_batch_size: int
+    tokenizer: Tokenizer
+    chat_format: chat.ChatFormat
+    seq_len: int
+    global_batch_size: int
 
-  @property
-  def stop_id(self) -> int:
-    fmt = self.chat_format
-    return self.tokenizer.special_id(fmt.end_of_turn, fmt.special_tokens.get(fmt.end_of_turn))
+    @property
+    def stop_id(self) -> int:
+        fmt = self.chat_format
+        return self.tokenizer.special_id(fmt.end_of_turn, fmt.special_tokens.get(fmt.end_of_turn))
 
 
 def load_tokenizer(data_config: Any, workdir: str) -> Tokenizer:
-  """The tokenizer of ``data.tokenizer``: a ``.model`` path, or one trained and cached in workdir."""
-  tok_config = data_config.tokenizer
-  if tok_config.path:
-    return SentencePieceTokenizer.from_file(tok_config.path)
-  fmt = chat.get_format(data_config.chat_format)
-  seed, n = data_config.seed, tok_config.num_corpus_examples
-  return cached_sentencepiece(
-      cache_dir=f"{workdir}/tokenizer",
-      key={"source": "builtin", "seed": seed, "corpus_examples": n},
-      lines_fn=lambda: tasks.corpus(seed, n),
-      vocab_size=tok_config.vocab_size,
-      special_tokens=list(fmt.special_tokens))
+    """The tokenizer of ``data.tokenizer``: a ``.model`` path, or one trained and cached in workdir."""
+    tok_config = data_config.tokenizer
+    if tok_config.path:
+        return SentencePieceTokenizer.from_file(tok_config.path)
+    fmt = chat.get_format(data_config.chat_format)
+    seed, n = data_config.seed, tok_config.num_corpus_examples
+    return cached_sentencepiece(
+        cache_dir=f"{workdir}/tokenizer",
+        key={"source": "builtin", "seed": seed, "corpus_examples": n},
+        lines_fn=lambda: tasks.corpus(seed, n),
+        vocab_size=tok_config.vocab_size,
+        special_tokens=list(fmt.special_tokens),
+    )
 
 
 def make_spec(data_config: Any, workdir: str) -> DataSpec:
-  tokenizer = load_tokenizer(data_config, workdir)
-  fmt = chat.get_format(data_config.chat_format)
-  if data_config.global_batch_size % jax.process_count():
-    raise ValueError(f"data.global_batch_size={data_config.global_batch_size} must divide by the "
-                     f"number of processes ({jax.process_count()})")
-  return DataSpec(tokenizer, fmt, data_config.seq_len, data_config.global_batch_size)
+    tokenizer = load_tokenizer(data_config, workdir)
+    fmt = chat.get_format(data_config.chat_format)
+    if data_config.global_batch_size % jax.process_count():
+        raise ValueError(
+            f"data.global_batch_size={data_config.global_batch_size} must divide by the "
+            f"number of processes ({jax.process_count()})"
+        )
+    return DataSpec(tokenizer, fmt, data_config.seq_len, data_config.global_batch_size)
 
 
-def builtin_example(data_config: Any, index: int, split: str, held_out: bool = False,
-                    families=None) -> dict:
-  return tasks.make_example(
-      data_config.seed, index, split, held_out_templates=held_out,
-      system_prompt_rate=data_config.builtin.system_prompt_rate,
-      families=families or data_config.builtin.families or None)
+def builtin_example(
+    data_config: Any, index: int, split: str, held_out: bool = False, families=None
+) -> dict:
+    return tasks.make_example(
+        data_config.seed,
+        index,
+        split,
+        held_out_templates=held_out,
+        system_prompt_rate=data_config.builtin.system_prompt_rate,
+        families=families or data_config.builtin.families or None,
+    )
 
 
 def encode_example(example: dict, spec: DataSpec) -> dict[str, np.ndarray]:
-  """One chat -> next-token inputs, targets and loss mask (see `packing.to_next_token`)."""
-  pieces = chat.render(example["messages"], spec.chat_format)
-  ids, mask = chat.tokenize(pieces, spec.tokenizer, spec.chat_format)
-  return packing.to_next_token(ids, mask)
+    """One chat -> next-token inputs, targets and loss mask (see `packing.to_next_token`)."""
+    pieces = chat.render(example["messages"], spec.chat_format)
+    ids, mask = chat.tokenize(pieces, spec.tokenizer, spec.chat_format)
+    return packing.to_next_token(ids, mask)
 
 
 def _row_signature(seq_len: int) -> dict[str, tf.TensorSpec]:
-  return {k: tf.TensorSpec((seq_len,), tf.int32) for k in packing.ROW_FIELDS}
+    return {k: tf.TensorSpec((seq_len,), tf.int32) for k in packing.ROW_FIELDS}
 
 
-def train_dataset(data_config: Any, spec: DataSpec, start_step: int = 0
-                  ) -> tuple[tf.data.Dataset, packing.PackingStats]:
-  """Infinite per-process batches of packed rows, starting at batch ``start_step``.
+def train_dataset(
+    data_config: Any, spec: DataSpec, start_step: int = 0
+) -> tuple[tf.data.Dataset, packing.PackingStats]:
+    """Infinite per-process batches of packed rows, starting at batch ``start_step``.
 
-  Example ``i`` of the stream is a pure function of ``(data.seed, i)``; process ``p`` of ``P``
-  takes examples ``p, p + P, ...``. Resuming replays the packer from the start of the stream, which
-  is cheap for generated data and keeps resume exact.
-  """
-  packer = packing.Packer(spec.seq_len, data_config.pack_open_rows, spec.tokenizer.pad_id)
-  process, num_processes = jax.process_index(), jax.process_count()
+    Example ``i`` of the stream is a pure function of ``(data.seed, i)``; process ``p`` of ``P``
+    takes examples ``p, p + P, ...``. Resuming replays the packer from the start of the stream, which
+    is cheap for generated data and keeps resume exact.
+    """
+    packer = packing.Packer(spec.seq_len, data_config.pack_open_rows, spec.tokenizer.pad_id)
+    process, num_processes = jax.process_index(), jax.process_count()
 
-  def rows() -> Iterator[dict[str, np.ndarray]]:
-    indices = itertools.count(process, num_processes)
-    examples = (encode_example(builtin_example(data_config, i, "train"), spec) for i in indices)
-    yield from packing.pack(examples, packer, flush=False)
+    def rows() -> Iterator[dict[str, np.ndarray]]:
+        indices = itertools.count(process, num_processes)
+        examples = (encode_example(builtin_example(data_config, i, "train"), spec) for i in indices)
+        yield from packing.pack(examples, packer, flush=False)
 
-  per_process = spec.global_batch_size // num_processes
-  ds = tf.data.Dataset.from_generator(rows, output_signature=_row_signature(spec.seq_len))
-  ds = ds.batch(per_process, drop_remainder=True)
-  if start_step:
-    ds = ds.skip(start_step)
-  return ds.prefetch(data_config.prefetch), packer.stats
-
-
-def eval_batches(data_config: Any, spec: DataSpec, num_examples: int
-                 ) -> tuple[list[dict[str, np.ndarray]], packing.PackingStats]:
-  """A fixed held-out set (``eval`` split, half trained and half held-out templates), packed.
-
-  Every process packs the whole set, which is small, so that all agree on the number of batches;
-  each then keeps its own rows of every global batch. The last batch is padded with empty rows.
-  """
-  packer = packing.Packer(spec.seq_len, data_config.pack_open_rows, spec.tokenizer.pad_id)
-  examples = (encode_example(builtin_example(data_config, i, "eval", held_out=i % 2 == 1), spec)
-              for i in range(num_examples))
-  rows = list(packing.pack(examples, packer, flush=True))
-  batch = spec.global_batch_size
-  rows += [{k: np.zeros_like(v) for k, v in rows[0].items()}] * (-len(rows) % batch)
-  per_process = batch // jax.process_count()
-  first = jax.process_index() * per_process
-  batches = []
-  for start in range(0, len(rows), batch):
-    local = rows[start + first:start + first + per_process]
-    batches.append({k: np.stack([r[k] for r in local]) for k in packing.ROW_FIELDS})
-  return batches, packer.stats
+    per_process = spec.global_batch_size // num_processes
+    ds = tf.data.Dataset.from_generator(rows, output_signature=_row_signature(spec.seq_len))
+    ds = ds.batch(per_process, drop_remainder=True)
+    if start_step:
+        ds = ds.skip(start_step)
+    return ds.prefetch(data_config.prefetch), packer.stats
 
 
-def global_batch(local_batch: dict[str, np.ndarray], sharding: jax.sharding.Sharding
-                 ) -> dict[str, jax.Array]:
-  """Per-process numpy rows -> global arrays sharded along the mesh's batch axes."""
-  return {k: jax.make_array_from_process_local_data(sharding, np.asarray(v))
-          for k, v in local_batch.items()}
+def eval_batches(
+    data_config: Any, spec: DataSpec, num_examples: int
+) -> tuple[list[dict[str, np.ndarray]], packing.PackingStats]:
+    """A fixed held-out set (``eval`` split, half trained and half held-out templates), packed.
+
+    Every process packs the whole set, which is small, so that all agree on the number of batches;
+    each then keeps its own rows of every global batch. The last batch is padded with empty rows.
+    """
+    packer = packing.Packer(spec.seq_len, data_config.pack_open_rows, spec.tokenizer.pad_id)
+    examples = (
+        encode_example(builtin_example(data_config, i, "eval", held_out=i % 2 == 1), spec)
+        for i in range(num_examples)
+    )
+    rows = list(packing.pack(examples, packer, flush=True))
+    batch = spec.global_batch_size
+    rows += [{k: np.zeros_like(v) for k, v in rows[0].items()}] * (-len(rows) % batch)
+    per_process = batch // jax.process_count()
+    first = jax.process_index() * per_process
+    batches = []
+    for start in range(0, len(rows), batch):
+        local = rows[start + first : start + first + per_process]
+        batches.append({k: np.stack([r[k] for r in local]) for k in packing.ROW_FIELDS})
+    return batches, packer.stats
+
+
+def global_batch(
+    local_batch: dict[str, np.ndarray], sharding: jax.sharding.Sharding
+) -> dict[str, jax.Array]:
+    """Per-process numpy rows -> global arrays sharded along the mesh's batch axes."""
+    return {
+        k: jax.make_array_from_process_local_data(sharding, np.asarray(v))
+        for k, v in local_batch.items()
+    }
 
 
 def log_stats(name: str, stats: packing.PackingStats, seq_len: int) -> None:
-  logging.info("%s data: %s", name, stats.summary(seq_len))
+    logging.info("%s data: %s", name, stats.summary(seq_len))

@@ -26,9 +26,36 @@ NUM_HELD_OUT_TEMPLATES = 2
 # Short words that never occur in any template, so a list item can always be
 # told apart from instruction text.
 LEXICON = (
-    "cat", "dog", "red", "sun", "box", "cup", "hat", "pen", "map", "car",
-    "bus", "egg", "fox", "ice", "jam", "leg", "man", "net", "owl", "pig",
-    "rat", "sky", "toy", "van", "web", "bed", "bag", "tree", "fish", "bird",
+    "cat",
+    "dog",
+    "red",
+    "sun",
+    "box",
+    "cup",
+    "hat",
+    "pen",
+    "map",
+    "car",
+    "bus",
+    "egg",
+    "fox",
+    "ice",
+    "jam",
+    "leg",
+    "man",
+    "net",
+    "owl",
+    "pig",
+    "rat",
+    "sky",
+    "toy",
+    "van",
+    "web",
+    "bed",
+    "bag",
+    "tree",
+    "fish",
+    "bird",
 )
 
 # Table keys for the lookup family; "a" and "i" are left out because they are
@@ -64,22 +91,22 @@ def _arithmetic(rng: random.Random) -> tuple[Fields, str]:
 
 
 def _reverse(rng: random.Random) -> tuple[Fields, str]:
-    items = _digits(rng, 3, 6) if rng.random() < 0.5 else _words(rng, 3, 6)
+    items = _digits(rng, 2, 4) if rng.random() < 0.5 else _words(rng, 2, 4)
     return {"items": " ".join(items)}, " ".join(reversed(items))
 
 
 def _sort(rng: random.Random) -> tuple[Fields, str]:
-    items = _digits(rng, 3, 6)
+    items = _digits(rng, 2, 5)
     return {"items": " ".join(items)}, " ".join(sorted(items))
 
 
 def _count(rng: random.Random) -> tuple[Fields, str]:
-    items = _words(rng, 2, 9)
+    items = _words(rng, 2, 7)
     return {"items": " ".join(items)}, str(len(items))
 
 
 def _uppercase(rng: random.Random) -> tuple[Fields, str]:
-    text = " ".join(_words(rng, 1, 4))
+    text = " ".join(_words(rng, 1, 3))
     return {"text": text}, text.upper()
 
 
@@ -99,7 +126,7 @@ def _repeat(rng: random.Random) -> tuple[Fields, str]:
 
 
 def _lookup(rng: random.Random) -> tuple[Fields, str]:
-    keys = rng.sample(KEYS, rng.randint(3, 5))
+    keys = rng.sample(KEYS, rng.randint(2, 4))
     values = [str(rng.randint(0, 9)) for _ in keys]
     key = rng.randrange(len(keys))
     table = ", ".join(f"{k}={v}" for k, v in zip(keys, values))
@@ -117,106 +144,136 @@ def _pattern(rng: random.Random) -> tuple[Fields, str]:
 
 
 _FAMILIES: dict[str, tuple[Callable[[random.Random], tuple[Fields, str]], tuple[str, ...]]] = {
-    "arithmetic": (_arithmetic, (
-        "What is {expr}?",
-        "Compute {expr}.",
-        "Calculate: {expr}",
-        "{expr} = ?",
-        "Input: {expr}\nCompute the result.",
-        "Work out the value of {expr}.",
-        "Calculate the result of {expr}.",
-        "Input: {expr}\nWhat is the value?",
-    )),
-    "reverse": (_reverse, (
-        "Reverse the list: {items}",
-        "Write these items in reverse order: {items}",
-        "{items}\nReverse this list.",
-        "Input: {items}\nOutput the items backwards.",
-        "What is {items} reversed?",
-        "List backwards: {items}",
-        "Give the list {items} in reverse order.",
-        "Input: {items}\nWhat is this list reversed?",
-    )),
-    "sort": (_sort, (
-        "Sort the digits: {items}",
-        "Sort in ascending order: {items}",
-        "{items}\nSort these numbers.",
-        "Input: {items}\nArrange the digits in increasing order.",
-        "Put {items} in ascending order.",
-        "What is {items} sorted?",
-        "Input: {items}\nSort the numbers in ascending order.",
-        "Arrange {items} in increasing order.",
-    )),
-    "count": (_count, (
-        "How many words are in this list: {items}",
-        "Count the items: {items}",
-        "{items}\nHow many items are there?",
-        "Input: {items}\nCount the words.",
-        "Count how many words appear in: {items}",
-        "Number of items in {items}?",
-        "How many items are in {items}?",
-        "Input: {items}\nHow many words are there?",
-    )),
-    "uppercase": (_uppercase, (
-        "Convert to uppercase: {text}",
-        "Write in capital letters: {text}",
-        "{text}\nMake this uppercase.",
-        "Input: {text}\nOutput it in uppercase.",
-        "Uppercase this: {text}",
-        "Rewrite {text} in capital letters.",
-        "Input: {text}\nConvert it to capital letters.",
-        "Make {text} uppercase.",
-    )),
-    "maximum": (_maximum, (
-        "What is the largest number in {items}?",
-        "Find the maximum: {items}",
-        "{items}\nWhich digit is the biggest?",
-        "Input: {items}\nOutput the largest digit.",
-        "Give the maximum of {items}.",
-        "Biggest number in this list: {items}",
-        "Input: {items}\nFind the largest number.",
-        "Which is the maximum digit in {items}?",
-    )),
-    "minimum": (_minimum, (
-        "What is the smallest number in {items}?",
-        "Find the minimum: {items}",
-        "{items}\nWhich digit is the lowest?",
-        "Input: {items}\nOutput the smallest digit.",
-        "Give the minimum of {items}.",
-        "Lowest number in this list: {items}",
-        "Input: {items}\nFind the smallest number.",
-        "Which is the minimum digit in {items}?",
-    )),
-    "repeat": (_repeat, (
-        "Repeat the word {word} {n} times.",
-        "Say {word} {n} times.",
-        "Write {word} {n} times.",
-        "Input: {word}\nRepeat it {n} times.",
-        "What is {word} repeated {n} times?",
-        "Repeat {word} exactly {n} times.",
-        "Write the word {word} {n} times.",
-        "Input: {word}\nSay it {n} times.",
-    )),
-    "lookup": (_lookup, (
-        "Given {table}, what is {key}?",
-        "{table}\nWhat is the value of {key}?",
-        "Look up {key} in: {table}",
-        "Table: {table}\nKey: {key}\nValue?",
-        "In {table}, find the value of {key}.",
-        "Input: {table}\nLook up the value of {key}.",
-        "Given the table {table}, find the value of {key}.",
-        "What is {key} in {table}?",
-    )),
-    "pattern": (_pattern, (
-        "Continue the pattern: {items}",
-        "What comes next? {items}",
-        "{items}\nWhat is the next item in the pattern?",
-        "Input: {items}\nComplete the pattern with the next item.",
-        "Next in the sequence {items}?",
-        "Give the next item: {items}",
-        "What comes next in the pattern {items}?",
-        "Input: {items}\nContinue the sequence.",
-    )),
+    "arithmetic": (
+        _arithmetic,
+        (
+            "What is {expr}?",
+            "Compute {expr}.",
+            "Calculate: {expr}",
+            "{expr} = ?",
+            "Input: {expr}\nCompute the result.",
+            "Work out the value of {expr}.",
+            "Calculate the result of {expr}.",
+            "Input: {expr}\nWhat is the value?",
+        ),
+    ),
+    "reverse": (
+        _reverse,
+        (
+            "Reverse the list: {items}",
+            "Write these items in reverse order: {items}",
+            "{items}\nReverse this list.",
+            "Input: {items}\nOutput the items backwards.",
+            "What is {items} reversed?",
+            "List backwards: {items}",
+            "Give the list {items} in reverse order.",
+            "Input: {items}\nWhat is this list reversed?",
+        ),
+    ),
+    "sort": (
+        _sort,
+        (
+            "Sort the digits: {items}",
+            "Sort in ascending order: {items}",
+            "{items}\nSort these numbers.",
+            "Input: {items}\nArrange the digits in increasing order.",
+            "Put {items} in ascending order.",
+            "What is {items} sorted?",
+            "Input: {items}\nSort the numbers in ascending order.",
+            "Arrange {items} in increasing order.",
+        ),
+    ),
+    "count": (
+        _count,
+        (
+            "How many words are in this list: {items}",
+            "Count the items: {items}",
+            "{items}\nHow many items are there?",
+            "Input: {items}\nCount the words.",
+            "Count how many words appear in: {items}",
+            "Number of items in {items}?",
+            "How many items are in {items}?",
+            "Input: {items}\nHow many words are there?",
+        ),
+    ),
+    "uppercase": (
+        _uppercase,
+        (
+            "Convert to uppercase: {text}",
+            "Write in capital letters: {text}",
+            "{text}\nMake this uppercase.",
+            "Input: {text}\nOutput it in uppercase.",
+            "Uppercase this: {text}",
+            "Rewrite {text} in capital letters.",
+            "Input: {text}\nConvert it to capital letters.",
+            "Make {text} uppercase.",
+        ),
+    ),
+    "maximum": (
+        _maximum,
+        (
+            "What is the largest number in {items}?",
+            "Find the maximum: {items}",
+            "{items}\nWhich digit is the biggest?",
+            "Input: {items}\nOutput the largest digit.",
+            "Give the maximum of {items}.",
+            "Biggest number in this list: {items}",
+            "Input: {items}\nFind the largest number.",
+            "Which is the maximum digit in {items}?",
+        ),
+    ),
+    "minimum": (
+        _minimum,
+        (
+            "What is the smallest number in {items}?",
+            "Find the minimum: {items}",
+            "{items}\nWhich digit is the lowest?",
+            "Input: {items}\nOutput the smallest digit.",
+            "Give the minimum of {items}.",
+            "Lowest number in this list: {items}",
+            "Input: {items}\nFind the smallest number.",
+            "Which is the minimum digit in {items}?",
+        ),
+    ),
+    "repeat": (
+        _repeat,
+        (
+            "Repeat the word {word} {n} times.",
+            "Say {word} {n} times.",
+            "Write {word} {n} times.",
+            "Input: {word}\nRepeat it {n} times.",
+            "What is {word} repeated {n} times?",
+            "Repeat {word} exactly {n} times.",
+            "Write the word {word} {n} times.",
+            "Input: {word}\nSay it {n} times.",
+        ),
+    ),
+    "lookup": (
+        _lookup,
+        (
+            "Given {table}, what is {key}?",
+            "{table}\nWhat is the value of {key}?",
+            "Look up {key} in: {table}",
+            "Table: {table}\nKey: {key}\nValue?",
+            "In {table}, find the value of {key}.",
+            "Input: {table}\nLook up the value of {key}.",
+            "Given the table {table}, find the value of {key}.",
+            "What is {key} in {table}?",
+        ),
+    ),
+    "pattern": (
+        _pattern,
+        (
+            "Continue the pattern: {items}",
+            "What comes next? {items}",
+            "{items}\nWhat is the next item in the pattern?",
+            "Input: {items}\nComplete the pattern with the next item.",
+            "Next in the sequence {items}?",
+            "Give the next item: {items}",
+            "What comes next in the pattern {items}?",
+            "Input: {items}\nContinue the sequence.",
+        ),
+    ),
 }
 
 FAMILIES: tuple[str, ...] = tuple(_FAMILIES)
@@ -233,8 +290,9 @@ def templates(family: str) -> tuple[str, ...]:
     return _family(family)[1]
 
 
-def _example(rng: random.Random, families: Sequence[str], held_out: bool,
-             system_prompt_rate: float) -> dict:
+def _example(
+    rng: random.Random, families: Sequence[str], held_out: bool, system_prompt_rate: float
+) -> dict:
     family = rng.choice(families)
     generate, family_templates = _family(family)
     first_held_out = len(family_templates) - NUM_HELD_OUT_TEMPLATES
@@ -246,13 +304,23 @@ def _example(rng: random.Random, families: Sequence[str], held_out: bool,
         messages.append({"role": "system", "content": rng.choice(SYSTEM_PROMPTS)})
     messages.append({"role": "user", "content": family_templates[template].format(**fields)})
     messages.append({"role": "assistant", "content": answer})
-    return {"messages": messages, "family": family, "template": template,
-            "held_out": held_out, "answer": answer}
+    return {
+        "messages": messages,
+        "family": family,
+        "template": template,
+        "held_out": held_out,
+        "answer": answer,
+    }
 
 
-def make_example(seed: int, index: int, split: str, held_out_templates: bool = False,
-                 system_prompt_rate: float = 0.25,
-                 families: Sequence[str] | None = None) -> dict:
+def make_example(
+    seed: int,
+    index: int,
+    split: str,
+    held_out_templates: bool = False,
+    system_prompt_rate: float = 0.25,
+    families: Sequence[str] | None = None,
+) -> dict:
     """Build example ``index`` of the ``split`` stream; a pure function of its arguments.
 
     With ``held_out_templates=True`` the instruction uses one of the family's held-out

@@ -26,11 +26,9 @@ class Tokenizer(Protocol):
     def encode_with_offsets(self, text: str) -> tuple[list[int], list[tuple[int, int]]]:
         """Token ids and each token's ``[begin, end)`` byte offsets into ``text.encode()``."""
 
-    def encode(self, text: str) -> list[int]:
-        ...
+    def encode(self, text: str) -> list[int]: ...
 
-    def decode(self, ids: Sequence[int]) -> str:
-        ...
+    def decode(self, ids: Sequence[int]) -> str: ...
 
     def special_id(self, token: str, fallback: str | None = None) -> int:
         """The single id of a special token such as ``<|im_end|>``."""
@@ -74,43 +72,51 @@ class SentencePieceTokenizer:
             fallback_id = self.bos_id if fallback == "bos" else self.eos_id
             if fallback_id >= 0:
                 return fallback_id
-        raise ValueError(f"Tokenizer {self.name} has no single piece for special token {token!r} "
-                                          f"and no {fallback or 'fallback'} token to stand in for it")
+        raise ValueError(
+            f"Tokenizer {self.name} has no single piece for special token {token!r} "
+            f"and no {fallback or 'fallback'} token to stand in for it"
+        )
 
 
-def train_sentencepiece(lines: Iterable[str], vocab_size: int,
-                                                special_tokens: Sequence[str]) -> bytes:
+def train_sentencepiece(
+    lines: Iterable[str], vocab_size: int, special_tokens: Sequence[str]
+) -> bytes:
     """Trains a unigram SentencePiece model on ``lines``; returns the serialized model.
 
-    Digits are split so that numbers are spelled digit by digit; special tokens (and the newline,
-    which chat formats use as a separator) become single pieces.
+    Special tokens, and the newline that chat formats use as a separator, become single pieces.
+    ``vocab_size`` is an upper bound: a small corpus gets the vocabulary it supports.
     """
     model = io.BytesIO()
     spm.SentencePieceTrainer.train(
-            sentence_iterator=iter(lines),
-            model_writer=model,
-            vocab_size=vocab_size,
-            model_type="unigram",
-            character_coverage=1.0,
-            split_digits=True,
-            byte_fallback=False,
-            hard_vocab_limit=False,
-            user_defined_symbols=list(special_tokens) + ["\n"],
-            normalization_rule_name="identity",
-            remove_extra_whitespaces=False,
-            pad_id=0, unk_id=1, bos_id=2, eos_id=3,
-            num_threads=1,
-            minloglevel=2,
+        sentence_iterator=iter(lines),
+        model_writer=model,
+        vocab_size=vocab_size,
+        model_type="unigram",
+        character_coverage=1.0,
+        byte_fallback=False,
+        hard_vocab_limit=False,
+        user_defined_symbols=list(special_tokens) + ["\n"],
+        normalization_rule_name="identity",
+        remove_extra_whitespaces=False,
+        pad_id=0,
+        unk_id=1,
+        bos_id=2,
+        eos_id=3,
+        num_threads=1,
+        minloglevel=2,
     )
     return model.getvalue()
 
 
-def cached_sentencepiece(cache_dir: str, key: dict, lines_fn, vocab_size: int,
-                                                  special_tokens: Sequence[str]) -> SentencePieceTokenizer:
+def cached_sentencepiece(
+    cache_dir: str, key: dict, lines_fn, vocab_size: int, special_tokens: Sequence[str]
+) -> SentencePieceTokenizer:
     """Loads the model trained for ``key`` from ``cache_dir``, training and saving it if absent."""
-    digest = hashlib.sha256(json.dumps(
-            dict(key, vocab_size=vocab_size, special_tokens=list(special_tokens)),
-            sort_keys=True).encode()).hexdigest()[:12]
+    digest = hashlib.sha256(
+        json.dumps(
+            dict(key, vocab_size=vocab_size, special_tokens=list(special_tokens)), sort_keys=True
+        ).encode()
+    ).hexdigest()[:12]
     path = os.path.join(cache_dir, f"spm_{vocab_size}_{digest}.model")
     if tf.io.gfile.exists(path):
         logging.info("Reusing SentencePiece model %s", path)

@@ -20,52 +20,80 @@ _PROMPT_INDEX_OFFSET = 1_000_000
 
 
 def eval_prompts(data_config: Any, prompts_per_family: int) -> list[dict]:
-  families = data_config.builtin.families or tasks.FAMILIES
-  examples = []
-  for group in GROUPS:
-    for f, family in enumerate(families):
-      for k in range(prompts_per_family):
-        index = _PROMPT_INDEX_OFFSET + f * prompts_per_family + k
-        example = pipeline.builtin_example(data_config, index, "eval",
-                                           held_out=group == "held_out_templates",
-                                           families=(family,))
-        examples.append(dict(example, group=group))
-  return examples
+    families = data_config.builtin.families or tasks.FAMILIES
+    examples = []
+    for group in GROUPS:
+        for f, family in enumerate(families):
+            for k in range(prompts_per_family):
+                index = _PROMPT_INDEX_OFFSET + f * prompts_per_family + k
+                example = pipeline.builtin_example(
+                    data_config,
+                    index,
+                    "eval",
+                    held_out=group == "held_out_templates",
+                    families=(family,),
+                )
+                examples.append(dict(example, group=group))
+    return examples
 
 
-def evaluate_generation(graphdef: nnx.GraphDef, params: nnx.State, data_config: Any,
-                        eval_config: Any, spec: pipeline.DataSpec) -> tuple[dict, list[dict]]:
-  """Exact-match results ``{group: {exact_match, per_family}}`` and the scored transcripts."""
-  examples = eval_prompts(data_config, eval_config.prompts_per_family)
-  prompts = [chat.prompt_ids(ex["messages"][:-1], spec.tokenizer, spec.chat_format)
-             for ex in examples]
-  generated = greedy_generate(graphdef, params, prompts, max_new_tokens=eval_config.max_new_tokens,
-                              stop_id=spec.stop_id, pad_id=spec.tokenizer.pad_id,
-                              batch_size=eval_config.batch_size)
-  transcripts = []
-  for ex, ids in zip(examples, generated):
-    answer = spec.tokenizer.decode(ids)
-    transcripts.append({"group": ex["group"], "family": ex["family"],
-                        "prompt": ex["messages"][-2]["content"], "target": ex["answer"],
-                        "answer": answer, "correct": tasks.exact_match(answer, ex["answer"])})
-  results = {}
-  for group in GROUPS:
-    per_family: dict[str, list[bool]] = {}
-    for t in transcripts:
-      if t["group"] == group:
-        per_family.setdefault(t["family"], []).append(t["correct"])
-    scores = {f: float(np.mean(v)) for f, v in per_family.items()}
-    results[group] = {"exact_match": float(np.mean(list(scores.values()))), "per_family": scores}
-  return results, transcripts
+def evaluate_generation(
+    graphdef: nnx.GraphDef,
+    params: nnx.State,
+    data_config: Any,
+    eval_config: Any,
+    spec: pipeline.DataSpec,
+) -> tuple[dict, list[dict]]:
+    """Exact-match results ``{group: {exact_match, per_family}}`` and the scored transcripts."""
+    examples = eval_prompts(data_config, eval_config.prompts_per_family)
+    prompts = [
+        chat.prompt_ids(ex["messages"][:-1], spec.tokenizer, spec.chat_format) for ex in examples
+    ]
+    generated = greedy_generate(
+        graphdef,
+        params,
+        prompts,
+        max_new_tokens=eval_config.max_new_tokens,
+        stop_id=spec.stop_id,
+        pad_id=spec.tokenizer.pad_id,
+        batch_size=eval_config.batch_size,
+    )
+    transcripts = []
+    for ex, ids in zip(examples, generated):
+        answer = spec.tokenizer.decode(ids)
+        transcripts.append(
+            {
+                "group": ex["group"],
+                "family": ex["family"],
+                "prompt": ex["messages"][-2]["content"],
+                "target": ex["answer"],
+                "answer": answer,
+                "correct": tasks.exact_match(answer, ex["answer"]),
+            }
+        )
+    results = {}
+    for group in GROUPS:
+        per_family: dict[str, list[bool]] = {}
+        for t in transcripts:
+            if t["group"] == group:
+                per_family.setdefault(t["family"], []).append(t["correct"])
+        scores = {f: float(np.mean(v)) for f, v in per_family.items()}
+        results[group] = {
+            "exact_match": float(np.mean(list(scores.values()))),
+            "per_family": scores,
+        }
+    return results, transcripts
 
 
 def results_table(results: dict) -> str:
-  """A markdown table of exact match per family, trained against held-out templates."""
-  families = list(results[GROUPS[0]]["per_family"])
-  lines = ["| family | trained templates | held-out templates |", "|---|---|---|"]
-  for f in families:
-    lines.append(f"| {f} | " + " | ".join(f"{results[g]['per_family'][f]:.1%}" for g in GROUPS)
-                 + " |")
-  lines.append("| **mean** | " + " | ".join(f"**{results[g]['exact_match']:.1%}**" for g in GROUPS)
-               + " |")
-  return "\n".join(lines)
+    """A markdown table of exact match per family, trained against held-out templates."""
+    families = list(results[GROUPS[0]]["per_family"])
+    lines = ["| family | trained templates | held-out templates |", "|---|---|---|"]
+    for f in families:
+        lines.append(
+            f"| {f} | " + " | ".join(f"{results[g]['per_family'][f]:.1%}" for g in GROUPS) + " |"
+        )
+    lines.append(
+        "| **mean** | " + " | ".join(f"**{results[g]['exact_match']:.1%}**" for g in GROUPS) + " |"
+    )
+    return "\n".join(lines)

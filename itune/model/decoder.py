@@ -46,10 +46,13 @@ class ModelConfig:
     def __post_init__(self):
         if self.num_heads % self.num_kv_heads:
             raise ValueError(
-                    f"model.num_heads ({self.num_heads}) must be a multiple of model.num_kv_heads "
-                    f"({self.num_kv_heads})")
+                f"model.num_heads ({self.num_heads}) must be a multiple of model.num_kv_heads "
+                f"({self.num_kv_heads})"
+            )
         if self.remat not in REMAT_POLICIES:
-            raise ValueError(f"model.remat={self.remat!r}; expected one of {sorted(REMAT_POLICIES)}")
+            raise ValueError(
+                f"model.remat={self.remat!r}; expected one of {sorted(REMAT_POLICIES)}"
+            )
 
     @classmethod
     def from_config(cls, model_config: Any, vocab_size: int | None = None) -> "ModelConfig":
@@ -70,9 +73,9 @@ class ModelConfig:
 
 
 REMAT_POLICIES = {
-        "none": None,
-        "full": jax.checkpoint_policies.nothing_saveable,
-        "save_dots": jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims,
+    "none": None,
+    "full": jax.checkpoint_policies.nothing_saveable,
+    "save_dots": jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims,
 }
 
 
@@ -100,7 +103,7 @@ class Attention(nnx.Module):
         self.cfg, self.rules = cfg, rules
         p = jnp.dtype(cfg.param_dtype)
         init = nnx.initializers.normal(cfg.d_model**-0.5)
-        out_init = nnx.initializers.normal((cfg.num_heads * cfg.head_dim)**-0.5)
+        out_init = nnx.initializers.normal((cfg.num_heads * cfg.head_dim) ** -0.5)
         d, h, kv, hd = cfg.d_model, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
         self.q = _param(rngs, init, (d, h, hd), p, ("embed", "heads", "head_dim"))
         self.k = _param(rngs, init, (d, kv, hd), p, ("embed", "kv_heads", "head_dim"))
@@ -112,8 +115,9 @@ class Attention(nnx.Module):
         q = jnp.einsum("btd,dhk->bthk", x, self.q[...].astype(dt))
         k = jnp.einsum("btd,dhk->bthk", x, self.k[...].astype(dt))
         v = jnp.einsum("btd,dhk->bthk", x, self.v[...].astype(dt))
-        q = constrain(q, ("activation_batch", "activation_length", "activation_heads", None),
-                                    self.rules)
+        q = constrain(
+            q, ("activation_batch", "activation_length", "activation_heads", None), self.rules
+        )
         q = attention.apply_rope(q, positions, cfg.rope_theta)
         k = attention.apply_rope(k, positions, cfg.rope_theta)
         out = attention.dot_product_attention(q, k, v, segment_ids)
@@ -150,7 +154,9 @@ class Block(nnx.Module):
     def __call__(self, x, positions, segment_ids):
         x = x + self.attn(self.attn_norm(x), positions, segment_ids)
         x = x + self.mlp(self.mlp_norm(x))
-        return constrain(x, ("activation_batch", "activation_length", "activation_embed"), self.rules)
+        return constrain(
+            x, ("activation_batch", "activation_length", "activation_embed"), self.rules
+        )
 
 
 class Decoder(nnx.Module):
@@ -159,8 +165,13 @@ class Decoder(nnx.Module):
     def __init__(self, cfg: ModelConfig, rules: LogicalRules = (), *, rngs: nnx.Rngs):
         self.cfg, self.rules = cfg, rules
         p = jnp.dtype(cfg.param_dtype)
-        self.embed = _param(rngs, nnx.initializers.normal(cfg.d_model**-0.5), (cfg.vocab_size, cfg.d_model), p,
-                                                ("vocab", "embed"))
+        self.embed = _param(
+            rngs,
+            nnx.initializers.normal(cfg.d_model**-0.5),
+            (cfg.vocab_size, cfg.d_model),
+            p,
+            ("vocab", "embed"),
+        )
 
         @nnx.split_rngs(splits=cfg.num_layers)
         @nnx.vmap(in_axes=(0,), out_axes=0, transform_metadata={nnx.PARTITION_NAME: "layers"})
@@ -170,8 +181,13 @@ class Decoder(nnx.Module):
         self.blocks = make_blocks(rngs)
         self.final_norm = RMSNorm(cfg.d_model, cfg.norm_eps, param_dtype=p, rngs=rngs)
         if not cfg.tie_embeddings:
-            self.lm_head = _param(rngs, nnx.initializers.normal(cfg.d_model**-0.5),
-                                                        (cfg.d_model, cfg.vocab_size), p, ("embed", "vocab"))
+            self.lm_head = _param(
+                rngs,
+                nnx.initializers.normal(cfg.d_model**-0.5),
+                (cfg.d_model, cfg.vocab_size),
+                p,
+                ("embed", "vocab"),
+            )
 
     def hidden_states(self, tokens, positions, segment_ids):
         """Final-norm hidden states ``[batch, length, d_model]`` in the computation dtype."""
@@ -197,7 +213,9 @@ class Decoder(nnx.Module):
             out = jnp.einsum("btd,vd->btv", hidden, self.embed[...].astype(dt))
         else:
             out = hidden @ self.lm_head[...].astype(dt)
-        out = constrain(out, ("activation_batch", "activation_length", "activation_vocab"), self.rules)
+        out = constrain(
+            out, ("activation_batch", "activation_length", "activation_vocab"), self.rules
+        )
         return out.astype(jnp.float32)
 
     def __call__(self, tokens, positions, segment_ids):

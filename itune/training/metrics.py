@@ -15,98 +15,112 @@ import tqdm
 
 
 class Progress:
-  """A progress bar with ETA, and per-interval averages of the step metrics.
+    """A progress bar with ETA, and per-interval averages of the step metrics.
 
-  Step metrics stay on device between log steps, so logging does not stall the step pipeline.
-  """
+    Step metrics stay on device between log steps, so logging does not stall the step pipeline.
+    """
 
-  def __init__(self, start_step: int, num_steps: int, log_every: int):
-    self.log_every = max(1, log_every)
-    self.enabled = jax.process_index() == 0
-    self._bar = tqdm.tqdm(total=num_steps, initial=start_step, desc="train", unit="step",
-                          dynamic_ncols=True, disable=not self.enabled, mininterval=1.0)
-    self._pending: list[dict] = []
-    self._tokens = 0
-    self._timers: dict[str, float] = {}
-    self._last_time = time.perf_counter()
+    def __init__(self, start_step: int, num_steps: int, log_every: int):
+        self.log_every = max(1, log_every)
+        self.enabled = jax.process_index() == 0
+        self._bar = tqdm.tqdm(
+            total=num_steps,
+            initial=start_step,
+            desc="train",
+            unit="step",
+            dynamic_ncols=True,
+            disable=not self.enabled,
+            mininterval=1.0,
+        )
+        self._pending: list[dict] = []
+        self._tokens = 0
+        self._timers: dict[str, float] = {}
+        self._last_time = time.perf_counter()
 
-  @contextlib.contextmanager
-  def timer(self, name: str):
-    start = time.perf_counter()
-    yield
-    self._timers[name] = self._timers.get(name, 0.0) + time.perf_counter() - start
+    @contextlib.contextmanager
+    def timer(self, name: str):
+        start = time.perf_counter()
+        yield
+        self._timers[name] = self._timers.get(name, 0.0) + time.perf_counter() - start
 
-  def update(self, step: int, step_metrics: dict, tokens: int) -> dict | None:
-    """Records one step; every ``log_every`` steps returns the interval's averaged metrics."""
-    self._pending.append(step_metrics)
-    self._tokens += tokens
-    self._bar.update(1)
-    if step % self.log_every and step != self._bar.total:
-      return None
-    values = jax.device_get(self._pending)  # Waits for the interval's steps to finish.
-    now = time.perf_counter()
-    elapsed, n = now - self._last_time, len(values)
-    summary = {k: float(np.mean([v[k] for v in values])) for k in values[0]}
-    summary["learning_rate"] = float(values[-1]["learning_rate"])
-    summary["step_time"] = elapsed / n
-    summary["tokens_per_sec"] = self._tokens / elapsed
-    summary["data_wait"] = self._timers.get("data_wait", 0.0) / elapsed
-    self._bar.set_postfix(loss=f"{summary['loss']:.3f}", acc=f"{summary['accuracy']:.3f}",
-                          tok_s=f"{summary['tokens_per_sec']:.0f}", refresh=False)
-    self._pending, self._tokens, self._timers, self._last_time = [], 0, {}, now
-    return summary
+    def update(self, step: int, step_metrics: dict, tokens: int) -> dict | None:
+        """Records one step; every ``log_every`` steps returns the interval's averaged metrics."""
+        self._pending.append(step_metrics)
+        self._tokens += tokens
+        self._bar.update(1)
+        if step % self.log_every and step != self._bar.total:
+            return None
+        values = jax.device_get(self._pending)  # Waits for the interval's steps to finish.
+        now = time.perf_counter()
+        elapsed, n = now - self._last_time, len(values)
+        summary = {k: float(np.mean([v[k] for v in values])) for k in values[0]}
+        summary["learning_rate"] = float(values[-1]["learning_rate"])
+        summary["step_time"] = elapsed / n
+        summary["tokens_per_sec"] = self._tokens / elapsed
+        summary["data_wait"] = self._timers.get("data_wait", 0.0) / elapsed
+        self._bar.set_postfix(
+            loss=f"{summary['loss']:.3f}",
+            acc=f"{summary['accuracy']:.3f}",
+            tok_s=f"{summary['tokens_per_sec']:.0f}",
+            refresh=False,
+        )
+        self._pending, self._tokens, self._timers, self._last_time = [], 0, {}, now
+        return summary
 
-  def print(self, text: str) -> None:
-    if self.enabled:
-      tqdm.tqdm.write(text)
+    def print(self, text: str) -> None:
+        if self.enabled:
+            tqdm.tqdm.write(text)
 
-  def close(self) -> None:
-    self._bar.close()
+    def close(self) -> None:
+        self._bar.close()
 
 
 class MetricsWriter:
-  """TensorBoard scalars under ``<workdir>/tensorboard`` and lines in ``<workdir>/metrics.jsonl``."""
+    """TensorBoard scalars under ``<workdir>/tensorboard`` and lines in ``<workdir>/metrics.jsonl``."""
 
-  def __init__(self, workdir: str, enabled: bool = True):
-    self.enabled = enabled
-    if enabled:
-      self._tb = tf.summary.create_file_writer(os.path.join(workdir, "tensorboard"))
-      self._jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a")
+    def __init__(self, workdir: str, enabled: bool = True):
+        self.enabled = enabled
+        if enabled:
+            self._tb = tf.summary.create_file_writer(os.path.join(workdir, "tensorboard"))
+            self._jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a")
 
-  def write(self, step: int, scalars: dict[str, float], prefix: str = "train") -> None:
-    if not self.enabled:
-      return
-    with self._tb.as_default(step=step):
-      for k, v in scalars.items():
-        tf.summary.scalar(f"{prefix}/{k}", v)
-    self._jsonl.write(json.dumps({"step": step, prefix: scalars}) + "\n")
-    self._jsonl.flush()
+    def write(self, step: int, scalars: dict[str, float], prefix: str = "train") -> None:
+        if not self.enabled:
+            return
+        with self._tb.as_default(step=step):
+            for k, v in scalars.items():
+                tf.summary.scalar(f"{prefix}/{k}", v)
+        self._jsonl.write(json.dumps({"step": step, prefix: scalars}) + "\n")
+        self._jsonl.flush()
 
-  def write_eval(self, step: int, results: dict) -> None:
-    scalars = {"loss": results["eval_loss"], "accuracy": results["eval_accuracy"]}
-    for group in ("trained_templates", "held_out_templates"):
-      scalars[f"{group}/exact_match"] = results[group]["exact_match"]
-      for family, score in results[group]["per_family"].items():
-        scalars[f"{group}/{family}"] = score
-    self.write(step, scalars, prefix="eval")
+    def write_eval(self, step: int, results: dict) -> None:
+        scalars = {"loss": results["eval_loss"], "accuracy": results["eval_accuracy"]}
+        for group in ("trained_templates", "held_out_templates"):
+            scalars[f"{group}/exact_match"] = results[group]["exact_match"]
+            for family, score in results[group]["per_family"].items():
+                scalars[f"{group}/{family}"] = score
+        self.write(step, scalars, prefix="eval")
 
-  def close(self) -> None:
-    if self.enabled:
-      self._tb.close()
-      self._jsonl.close()
+    def close(self) -> None:
+        if self.enabled:
+            self._tb.close()
+            self._jsonl.close()
 
 
-def write_results(workdir: str, results: dict, num_samples: int,
-                  print_fn: Callable[[str], Any] = print) -> None:
-  """Writes ``eval_results.json`` (and the transcripts beside it) and prints a few samples."""
-  transcripts = results.get("transcripts", [])
-  with open(os.path.join(workdir, "eval_results.json"), "w") as f:
-    json.dump({k: v for k, v in results.items() if k != "transcripts"}, f, indent=2)
-  with open(os.path.join(workdir, "eval_transcripts.jsonl"), "w") as f:
-    for t in transcripts:
-      f.write(json.dumps(t) + "\n")
-  step = max(1, len(transcripts) // max(1, num_samples))
-  for t in transcripts[::step][:num_samples]:
-    mark = "ok " if t["correct"] else "bad"
-    print_fn(f"[{mark}] ({t['group']}, {t['family']}) {t['prompt']!r} -> {t['answer']!r} "
-             f"(target {t['target']!r})")
+def write_results(
+    workdir: str, results: dict, num_samples: int, print_fn: Callable[[str], Any] = print
+) -> None:
+    """Writes ``eval_results.json`` (and the transcripts beside it) and prints a few samples."""
+    transcripts = results.get("transcripts", [])
+    with open(os.path.join(workdir, "eval_results.json"), "w") as f:
+        json.dump({k: v for k, v in results.items() if k != "transcripts"}, f, indent=2)
+    with open(os.path.join(workdir, "eval_transcripts.jsonl"), "w") as f:
+        for t in transcripts:
+            f.write(json.dumps(t) + "\n")
+    step = max(1, len(transcripts) // max(1, num_samples))
+    for t in transcripts[::step][:num_samples]:
+        mark = "ok " if t["correct"] else "bad"
+        print_fn(
+            f"[{mark}] ({t['group']}, {t['family']}) {t['prompt']!r} -> {t['answer']!r} "
+            f"(target {t['target']!r})"
+        )

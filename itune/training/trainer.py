@@ -26,104 +26,121 @@ from itune.training import checkpoint, metrics as metrics_lib, optimizer, state 
 
 
 def _save_config(config: Any, workdir: str) -> None:
-  with open(os.path.join(workdir, "config.json"), "w") as f:
-    f.write(config.to_json_best_effort(indent=2, sort_keys=True))
+    with open(os.path.join(workdir, "config.json"), "w") as f:
+        f.write(config.to_json_best_effort(indent=2, sort_keys=True))
 
 
-def evaluate(config: Any, layout: state_lib.StateLayout, params, spec: pipeline.DataSpec,
-             eval_step, mesh, rules) -> dict:
-  """Eval loss on held-out examples, then exact match of greedy answers per task family."""
-  batches, stats = pipeline.eval_batches(config.data, spec, config.eval.num_loss_examples)
-  batch_sharding = sharding.batch_sharding(mesh, rules)
-  totals = None
-  for local in batches:
-    sums = eval_step(params, pipeline.global_batch(local, batch_sharding))
-    totals = sums if totals is None else jax.tree.map(jnp.add, totals, sums)
-  totals = jax.device_get(totals)
-  weight = max(float(totals["weight_sum"]), 1.0)
-  results, transcripts = builtin_eval.evaluate_generation(
-      layout.graphdef, params, config.data, config.eval, spec)
-  results["eval_loss"] = float(totals["loss_sum"]) / weight
-  results["eval_accuracy"] = float(totals["correct_sum"]) / weight
-  results["transcripts"] = transcripts
-  logging.info("Eval data: %s", stats.summary(spec.seq_len))
-  return results
+def evaluate(
+    config: Any,
+    layout: state_lib.StateLayout,
+    params,
+    spec: pipeline.DataSpec,
+    eval_step,
+    mesh,
+    rules,
+) -> dict:
+    """Eval loss on held-out examples, then exact match of greedy answers per task family."""
+    batches, stats = pipeline.eval_batches(config.data, spec, config.eval.num_loss_examples)
+    batch_sharding = sharding.batch_sharding(mesh, rules)
+    totals = None
+    for local in batches:
+        sums = eval_step(params, pipeline.global_batch(local, batch_sharding))
+        totals = sums if totals is None else jax.tree.map(jnp.add, totals, sums)
+    totals = jax.device_get(totals)
+    weight = max(float(totals["weight_sum"]), 1.0)
+    results, transcripts = builtin_eval.evaluate_generation(
+        layout.graphdef, params, config.data, config.eval, spec
+    )
+    results["eval_loss"] = float(totals["loss_sum"]) / weight
+    results["eval_accuracy"] = float(totals["correct_sum"]) / weight
+    results["transcripts"] = transcripts
+    logging.info("Eval data: %s", stats.summary(spec.seq_len))
+    return results
 
 
 def train_and_evaluate(config: Any, workdir: str) -> dict:
-  """Trains ``config`` in ``workdir`` (resuming from its last checkpoint); returns eval results."""
-  pipeline.configure_tensorflow()
-  os.makedirs(workdir, exist_ok=True)
-  if jax.process_index() == 0:
-    _save_config(config, workdir)
+    """Trains ``config`` in ``workdir`` (resuming from its last checkpoint); returns eval results."""
+    pipeline.configure_tensorflow()
+    os.makedirs(workdir, exist_ok=True)
+    if jax.process_index() == 0:
+        _save_config(config, workdir)
 
-  mesh = sharding.make_mesh(config.mesh)
-  rules = sharding.rules_from_config(config.mesh)
-  spec = pipeline.make_spec(config.data, workdir)
-  model_config = ModelConfig.from_config(config.model, spec.tokenizer.vocab_size)
-  num_steps = config.train.num_steps
-  tx = optimizer.make_optimizer(config.optim, num_steps)
-  schedule = optimizer.learning_rate_schedule(config.optim, num_steps)
-  layout = state_lib.state_layout(model_config, tx, mesh, rules, config.seed)
-  logging.info("Model: %s, %.2fM parameters; mesh %s", model_config,
-               model_config.num_params() / 1e6, dict(mesh.shape))
+    mesh = sharding.make_mesh(config.mesh)
+    rules = sharding.rules_from_config(config.mesh)
+    spec = pipeline.make_spec(config.data, workdir)
+    model_config = ModelConfig.from_config(config.model, spec.tokenizer.vocab_size)
+    num_steps = config.train.num_steps
+    tx = optimizer.make_optimizer(config.optim, num_steps)
+    schedule = optimizer.learning_rate_schedule(config.optim, num_steps)
+    layout = state_lib.state_layout(model_config, tx, mesh, rules, config.seed)
+    logging.info(
+        "Model: %s, %.2fM parameters; mesh %s",
+        model_config,
+        model_config.num_params() / 1e6,
+        dict(mesh.shape),
+    )
 
-  ckpt = checkpoint.manager(workdir, config.checkpoint)
-  restored = checkpoint.restore_latest(ckpt, state_lib.abstract_with_shardings(layout))
-  if restored is None:
-    state = state_lib.init_train_state(layout, model_config, tx, mesh, rules, config.seed)
-  else:
-    state, _ = restored
-  start_step = int(state.step)
+    ckpt = checkpoint.manager(workdir, config.checkpoint)
+    restored = checkpoint.restore_latest(ckpt, state_lib.abstract_with_shardings(layout))
+    if restored is None:
+        state = state_lib.init_train_state(layout, model_config, tx, mesh, rules, config.seed)
+    else:
+        state, _ = restored
+    start_step = int(state.step)
 
-  batch_sharding = sharding.batch_sharding(mesh, rules)
-  replicated = NamedSharding(mesh, PartitionSpec())
-  train_step = jax.jit(
-      functools.partial(step.train_step, graphdef=layout.graphdef, tx=tx, schedule=schedule),
-      in_shardings=(layout.shardings, batch_sharding),
-      out_shardings=(layout.shardings, replicated),
-      donate_argnums=0)
-  eval_step = jax.jit(functools.partial(step.eval_step, graphdef=layout.graphdef),
-                      in_shardings=(layout.shardings.params, batch_sharding),
-                      out_shardings=replicated)
+    batch_sharding = sharding.batch_sharding(mesh, rules)
+    replicated = NamedSharding(mesh, PartitionSpec())
+    train_step = jax.jit(
+        functools.partial(step.train_step, graphdef=layout.graphdef, tx=tx, schedule=schedule),
+        in_shardings=(layout.shardings, batch_sharding),
+        out_shardings=(layout.shardings, replicated),
+        donate_argnums=0,
+    )
+    eval_step = jax.jit(
+        functools.partial(step.eval_step, graphdef=layout.graphdef),
+        in_shardings=(layout.shardings.params, batch_sharding),
+        out_shardings=replicated,
+    )
 
-  dataset, packing_stats = pipeline.train_dataset(config.data, spec, start_step)
-  batches = dataset.as_numpy_iterator()
-  writer = metrics_lib.MetricsWriter(workdir, enabled=jax.process_index() == 0)
-  progress = metrics_lib.Progress(start_step, num_steps, config.train.log_every)
-  meta = {"config": json.loads(config.to_json_best_effort())}
-  results: dict = {}
+    dataset, packing_stats = pipeline.train_dataset(config.data, spec, start_step)
+    batches = dataset.as_numpy_iterator()
+    writer = metrics_lib.MetricsWriter(workdir, enabled=jax.process_index() == 0)
+    progress = metrics_lib.Progress(start_step, num_steps, config.train.log_every)
+    meta = {"config": json.loads(config.to_json_best_effort())}
+    results: dict = {}
 
-  with jax.set_mesh(mesh):
-    for step_num in range(start_step, num_steps):
-      with progress.timer("data_wait"):
-        local = next(batches)
-      batch = pipeline.global_batch(local, batch_sharding)
-      state, step_metrics = train_step(state, batch)
-      tokens = int((local["segment_ids"] > 0).sum()) * jax.process_count()
-      summary = progress.update(step_num + 1, step_metrics, tokens)
-      if summary is not None:
-        writer.write(step_num + 1, summary)
-
-      last = step_num + 1 == num_steps
-      every = config.eval.every_steps
-      if last or (every and (step_num + 1) % every == 0):
-        results = evaluate(config, layout, state.params, spec, eval_step, mesh, rules)
-        writer.write_eval(step_num + 1, results)
-        progress.print(builtin_eval.results_table(results))
-      every = config.checkpoint.every_steps
-      if last or (every and (step_num + 1) % every == 0):
-        checkpoint.save(ckpt, state, meta)
-    progress.close()
-
-  ckpt.wait_until_finished()
-  pipeline.log_stats("Train", packing_stats, spec.seq_len)
-  if not results and start_step >= num_steps:
-    logging.info("Already trained to step %d; evaluating the last checkpoint.", num_steps)
     with jax.set_mesh(mesh):
-      results = evaluate(config, layout, state.params, spec, eval_step, mesh, rules)
-    progress.print(builtin_eval.results_table(results))
-  if jax.process_index() == 0:
-    metrics_lib.write_results(workdir, results, config.eval.num_samples_to_print, progress.print)
-  writer.close()
-  return results
+        for step_num in range(start_step, num_steps):
+            with progress.timer("data_wait"):
+                local = next(batches)
+            batch = pipeline.global_batch(local, batch_sharding)
+            state, step_metrics = train_step(state, batch)
+            tokens = int((local["segment_ids"] > 0).sum()) * jax.process_count()
+            summary = progress.update(step_num + 1, step_metrics, tokens)
+            if summary is not None:
+                writer.write(step_num + 1, summary)
+
+            last = step_num + 1 == num_steps
+            every = config.eval.every_steps
+            if last or (every and (step_num + 1) % every == 0):
+                results = evaluate(config, layout, state.params, spec, eval_step, mesh, rules)
+                writer.write_eval(step_num + 1, results)
+                progress.print(builtin_eval.results_table(results))
+            every = config.checkpoint.every_steps
+            if last or (every and (step_num + 1) % every == 0):
+                checkpoint.save(ckpt, state, meta)
+        progress.close()
+
+    ckpt.wait_until_finished()
+    pipeline.log_stats("Train", packing_stats, spec.seq_len)
+    if not results and start_step >= num_steps:
+        logging.info("Already trained to step %d; evaluating the last checkpoint.", num_steps)
+        with jax.set_mesh(mesh):
+            results = evaluate(config, layout, state.params, spec, eval_step, mesh, rules)
+        progress.print(builtin_eval.results_table(results))
+    if jax.process_index() == 0:
+        metrics_lib.write_results(
+            workdir, results, config.eval.num_samples_to_print, progress.print
+        )
+    writer.close()
+    return results
