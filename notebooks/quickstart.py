@@ -31,7 +31,9 @@ config = smoke.get_config("runlocal" if RUNLOCAL else None)
 # %%
 spec = pipeline.make_spec(config.data, str(workdir))
 dataset, stats = pipeline.train_dataset(config.data, spec)
-batch = next(dataset.as_numpy_iterator())
+batches = pipeline.BatchIterator(dataset)
+batch = next(batches)
+batches.close()
 row = 0
 for segment in np.unique(batch["segment_ids"][row]):
     if segment == 0:

@@ -21,7 +21,7 @@ def test_save_then_restore_is_identical_even_on_another_mesh(tmp_path):
     cfg, tx, mesh, layout = _layout((1, 2, 4))
     state = state_lib.init_train_state(layout, cfg, tx, mesh, sharding.DEFAULT_RULES, seed=3)
     # Give the optimizer state non-trivial values.
-    mu = jax.tree.map(lambda x: x + 0.5, state.opt_state)
+    mu = jax.tree.map(lambda x: x + 0.5 if x.dtype == np.float32 else x + 2, state.opt_state)
     state = state.replace(opt_state=mu, step=state.step + 7)
     ckpt_config = ml_collections.ConfigDict({"max_to_keep": 2})
     mngr = checkpoint.manager(str(tmp_path), ckpt_config)

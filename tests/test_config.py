@@ -8,9 +8,12 @@ from tests.conftest import REPO
 
 
 def _parse(*overrides):
+    argv = ["prog", f"--config={REPO / 'configs/smoke.py'}:runlocal", *overrides]
     values = flags.FlagValues()
-    config_flags.DEFINE_config_file("config", None, "config", flag_values=values, lock_config=True)
-    values(["prog", f"--config={REPO / 'configs/smoke.py'}:runlocal", *overrides])
+    config_flags.DEFINE_config_file(
+        "config", None, "config", flag_values=values, lock_config=True, sys_argv=argv
+    )
+    values(argv)
     return values.config
 
 

@@ -70,7 +70,9 @@ def test_rules_map_logical_names_and_replicate_indivisible_dimensions():
     assert sharding.logical_to_spec(
         ("embed", "kv_heads", None), rules, (32, 6, 8), mesh
     ) == PartitionSpec("fsdp", None, None)
-    assert sharding.logical_to_spec(("batch", None), rules, None, mesh) == PartitionSpec("fsdp")
+    assert sharding.logical_to_spec(("batch", None), rules, None, mesh) == PartitionSpec(
+        "fsdp", None
+    )
 
 
 def test_mesh_errors_name_the_problem():

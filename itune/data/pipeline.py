@@ -8,9 +8,11 @@ each process renders only its share of the examples, and `global_batch` assemble
 
 from __future__ import annotations
 
+import atexit
 import dataclasses
 import itertools
 import logging
+import weakref
 from typing import Any, Iterator
 
 import jax
@@ -146,6 +148,37 @@ def eval_batches(
         local = rows[start + first : start + first + per_process]
         batches.append({k: np.stack([r[k] for r in local]) for k in packing.ROW_FIELDS})
     return batches, packer.stats
+
+
+class BatchIterator:
+    """Numpy batches of a tf.data dataset, released at the latest when the interpreter exits.
+
+    A live iterator over a generator-backed dataset blocks interpreter shutdown, so every one is
+    closed by an exit hook (and can be closed earlier with `close`).
+    """
+
+    _live: "weakref.WeakSet[BatchIterator]" = weakref.WeakSet()
+
+    def __init__(self, dataset: tf.data.Dataset):
+        self._iterator = dataset.as_numpy_iterator()
+        BatchIterator._live.add(self)
+
+    def __iter__(self) -> "BatchIterator":
+        return self
+
+    def __next__(self) -> dict[str, np.ndarray]:
+        if self._iterator is None:
+            raise StopIteration
+        return next(self._iterator)
+
+    def close(self) -> None:
+        self._iterator = None
+
+
+@atexit.register
+def _close_live_iterators() -> None:
+    for iterator in list(BatchIterator._live):
+        iterator.close()
 
 
 def global_batch(

@@ -10,11 +10,14 @@ from flax import nnx
 
 
 def learning_rate_schedule(optim_config: Any, num_steps: int) -> optax.Schedule:
-    """Linear warmup to the peak, then cosine decay to ``min_learning_rate_ratio`` of it."""
+    """Linear warmup to the peak, then cosine decay to ``min_learning_rate_ratio`` of it.
+
+    The warmup starts at ``peak / warmup_steps``, not 0, so that the first step is not wasted.
+    """
     peak = optim_config.learning_rate
-    warmup = min(optim_config.warmup_steps, max(num_steps - 1, 0))
+    warmup = max(1, min(optim_config.warmup_steps, num_steps - 1))
     return optax.warmup_cosine_decay_schedule(
-        init_value=0.0,
+        init_value=peak / warmup,
         peak_value=peak,
         warmup_steps=warmup,
         decay_steps=max(num_steps, warmup + 1),

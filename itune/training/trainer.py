@@ -103,7 +103,7 @@ def train_and_evaluate(config: Any, workdir: str) -> dict:
     )
 
     dataset, packing_stats = pipeline.train_dataset(config.data, spec, start_step)
-    batches = dataset.as_numpy_iterator()
+    batches = pipeline.BatchIterator(dataset)
     writer = metrics_lib.MetricsWriter(workdir, enabled=jax.process_index() == 0)
     progress = metrics_lib.Progress(start_step, num_steps, config.train.log_every)
     meta = {"config": json.loads(config.to_json_best_effort())}
@@ -130,6 +130,7 @@ def train_and_evaluate(config: Any, workdir: str) -> dict:
             if last or (every and (step_num + 1) % every == 0):
                 checkpoint.save(ckpt, state, meta)
         progress.close()
+    batches.close()
 
     ckpt.wait_until_finished()
     pipeline.log_stats("Train", packing_stats, spec.seq_len)
