@@ -52,7 +52,9 @@ class Progress:
             return None
         values = jax.device_get(self._pending)  # Waits for the interval's steps to finish.
         now = time.perf_counter()
-        elapsed, n = now - self._last_time, len(values)
+        # Evaluation and checkpointing are not training time.
+        paused = sum(self._timers.get(k, 0.0) for k in ("eval", "checkpoint"))
+        elapsed, n = now - self._last_time - paused, len(values)
         summary = {k: float(np.mean([v[k] for v in values])) for k in values[0]}
         summary["learning_rate"] = float(values[-1]["learning_rate"])
         summary["step_time"] = elapsed / n

@@ -10,12 +10,10 @@ import functools
 import json
 import logging
 import os
-import time
 from typing import Any
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
 
 from itune import sharding
@@ -36,15 +34,12 @@ def evaluate(
     params,
     spec: pipeline.DataSpec,
     eval_step,
-    mesh,
-    rules,
+    eval_batches: list[dict[str, jax.Array]],
 ) -> dict:
     """Eval loss on held-out examples, then exact match of greedy answers per task family."""
-    batches, stats = pipeline.eval_batches(config.data, spec, config.eval.num_loss_examples)
-    batch_sharding = sharding.batch_sharding(mesh, rules)
     totals = None
-    for local in batches:
-        sums = eval_step(params, pipeline.global_batch(local, batch_sharding))
+    for batch in eval_batches:
+        sums = eval_step(params, batch)
         totals = sums if totals is None else jax.tree.map(jnp.add, totals, sums)
     totals = jax.device_get(totals)
     weight = max(float(totals["weight_sum"]), 1.0)
@@ -54,7 +49,6 @@ def evaluate(
     results["eval_loss"] = float(totals["loss_sum"]) / weight
     results["eval_accuracy"] = float(totals["correct_sum"]) / weight
     results["transcripts"] = transcripts
-    logging.info("Eval data: %s", stats.summary(spec.seq_len))
     return results
 
 
@@ -101,6 +95,11 @@ def train_and_evaluate(config: Any, workdir: str) -> dict:
         in_shardings=(layout.shardings.params, batch_sharding),
         out_shardings=replicated,
     )
+    local_eval_batches, eval_stats = pipeline.eval_batches(
+        config.data, spec, config.eval.num_loss_examples
+    )
+    logging.info("Eval data: %s", eval_stats.summary(spec.seq_len))
+    eval_batches = [pipeline.global_batch(b, batch_sharding) for b in local_eval_batches]
 
     dataset, packing_stats = pipeline.train_dataset(config.data, spec, start_step)
     batches = pipeline.BatchIterator(dataset)
@@ -123,12 +122,14 @@ def train_and_evaluate(config: Any, workdir: str) -> dict:
             last = step_num + 1 == num_steps
             every = config.eval.every_steps
             if last or (every and (step_num + 1) % every == 0):
-                results = evaluate(config, layout, state.params, spec, eval_step, mesh, rules)
+                with progress.timer("eval"):
+                    results = evaluate(config, layout, state.params, spec, eval_step, eval_batches)
                 writer.write_eval(step_num + 1, results)
                 progress.print(builtin_eval.results_table(results))
             every = config.checkpoint.every_steps
             if last or (every and (step_num + 1) % every == 0):
-                checkpoint.save(ckpt, state, meta)
+                with progress.timer("checkpoint"):
+                    checkpoint.save(ckpt, state, meta)
         progress.close()
     batches.close()
 
@@ -137,7 +138,7 @@ def train_and_evaluate(config: Any, workdir: str) -> dict:
     if not results and start_step >= num_steps:
         logging.info("Already trained to step %d; evaluating the last checkpoint.", num_steps)
         with jax.set_mesh(mesh):
-            results = evaluate(config, layout, state.params, spec, eval_step, mesh, rules)
+            results = evaluate(config, layout, state.params, spec, eval_step, eval_batches)
         progress.print(builtin_eval.results_table(results))
     if jax.process_index() == 0:
         metrics_lib.write_results(
