@@ -25,7 +25,8 @@ for ((i = 0; i < processes; i++)); do
        "JAX_COORDINATOR_ADDRESS=127.0.0.1:$port" "JAX_NUM_PROCESSES=$processes" "JAX_PROCESS_ID=$i"
        python -m itune.train "$@")
   if [ "$dry_run" = 1 ]; then
-    printf '%q ' "${cmd[@]}"; echo
+    printf -v line '%q ' "${cmd[@]}"
+    echo "${line% }"
   else
     "${cmd[@]}" &
     pids+=($!)

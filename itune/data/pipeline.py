@@ -17,6 +17,7 @@ from typing import Any, Iterator
 
 import jax
 import numpy as np
+from jax.experimental import multihost_utils
 import tensorflow as tf
 
 from itune.data import chat, packing, tasks
@@ -56,13 +57,22 @@ def load_tokenizer(data_config: Any, workdir: str) -> Tokenizer:
         return SentencePieceTokenizer.from_file(tok_config.path)
     fmt = chat.get_format(data_config.chat_format)
     seed, n = data_config.seed, tok_config.num_corpus_examples
-    return cached_sentencepiece(
-        cache_dir=f"{workdir}/tokenizer",
-        key={"source": "builtin", "seed": seed, "corpus_examples": n},
-        lines_fn=lambda: tasks.corpus(seed, n),
-        vocab_size=tok_config.vocab_size,
-        special_tokens=list(fmt.special_tokens),
-    )
+
+    def cached() -> Tokenizer:
+        return cached_sentencepiece(
+            cache_dir=f"{workdir}/tokenizer",
+            key={"source": "builtin", "seed": seed, "corpus_examples": n},
+            lines_fn=lambda: tasks.corpus(seed, n),
+            vocab_size=tok_config.vocab_size,
+            special_tokens=list(fmt.special_tokens),
+        )
+
+    if jax.process_count() == 1:
+        return cached()
+    # Process 0 trains and saves the vocabulary; the others then load the same file.
+    tokenizer = cached() if jax.process_index() == 0 else None
+    multihost_utils.sync_global_devices("itune: tokenizer ready")
+    return tokenizer or cached()
 
 
 def make_spec(data_config: Any, workdir: str) -> DataSpec:
