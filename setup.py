@@ -47,6 +47,7 @@ setup(
     entry_points={
         "console_scripts": [
             "itune-train=itune.train:run",
+            "itune-inspect=itune.inspect:run",
         ],
     },
 )

@@ -44,3 +44,38 @@ def test_next_token_pairs_never_cross_segments():
         where = row["segment_ids"] == seg
         # Within a segment, each target is the next input.
         np.testing.assert_array_equal(row["targets"][where][:-1], row["inputs"][where][1:])
+
+
+def test_packed_loss_equals_unpacked_loss(builtin_tokenizer):
+    """The packing contract: packing changes the layout, never the loss."""
+    import jax.numpy as jnp
+    from flax import nnx
+
+    from itune.data import chat, tasks
+    from itune.model.decoder import Decoder
+    from itune.training.step import loss_fn
+    from tests.util import tiny_model_config
+
+    fmt, seq_len = chat.CHATML, 96
+    examples = []
+    for i in range(12):
+        messages = tasks.make_example(0, i, "train")["messages"]
+        ids, mask = chat.tokenize(chat.render(messages, fmt), builtin_tokenizer, fmt)
+        examples.append(packing.to_next_token(ids, mask))
+    packer = packing.Packer(seq_len, max_open_rows=4)
+    packed = list(packing.pack(examples, packer))
+    assert packer.stats.packed == 12 and len(packed) < 12  # Really packed.
+    # The same examples one per row, padded.
+    unpacked = [row for ex in examples for row in packing.pack([ex], packing.Packer(seq_len))]
+    assert len(unpacked) == 12
+
+    model = Decoder(tiny_model_config(vocab_size=builtin_tokenizer.vocab_size), rngs=nnx.Rngs(0))
+    graphdef, params = nnx.split(model)
+
+    def stack(rows):
+        return {k: jnp.asarray(np.stack([r[k] for r in rows])) for k in packing.ROW_FIELDS}
+
+    packed_loss, packed_sums = loss_fn(params, graphdef, stack(packed))
+    unpacked_loss, unpacked_sums = loss_fn(params, graphdef, stack(unpacked))
+    assert float(packed_sums["weight_sum"]) == float(unpacked_sums["weight_sum"]) > 0
+    np.testing.assert_allclose(float(packed_loss), float(unpacked_loss), rtol=1e-5, atol=1e-5)

@@ -58,11 +58,18 @@ def load_tokenizer(data_config: Any, workdir: str) -> Tokenizer:
     fmt = chat.get_format(data_config.chat_format)
     seed, n = data_config.seed, tok_config.num_corpus_examples
 
+    def corpus() -> Iterator[str]:
+        yield from tasks.corpus(seed, n)
+        # Some chats as rendered, so that the chat markup's words become pieces too.
+        for i in range(min(n, 2000)):
+            messages = builtin_example(data_config, i, "train")["messages"]
+            yield from filter(None, chat.to_text(chat.render(messages, fmt)).split("\n"))
+
     def cached() -> Tokenizer:
         return cached_sentencepiece(
             cache_dir=f"{workdir}/tokenizer",
-            key={"source": "builtin", "seed": seed, "corpus_examples": n},
-            lines_fn=lambda: tasks.corpus(seed, n),
+            key={"source": "builtin", "seed": seed, "corpus_examples": n, "version": 2},
+            lines_fn=corpus,
             vocab_size=tok_config.vocab_size,
             special_tokens=list(fmt.special_tokens),
         )
@@ -110,29 +117,38 @@ def _row_signature(seq_len: int) -> dict[str, tf.TensorSpec]:
     return {k: tf.TensorSpec((seq_len,), tf.int32) for k in packing.ROW_FIELDS}
 
 
+def train_rows(
+    data_config: Any, spec: DataSpec, stats: packing.PackingStats | None = None
+) -> Iterator[dict[str, np.ndarray]]:
+    """This process's infinite stream of packed rows (counting into ``stats``).
+
+    Example ``i`` of the stream is a pure function of ``(data.seed, i)``; process ``p`` of ``P``
+    takes examples ``p, p + P, ...``.
+    """
+    packer = packing.Packer(spec.seq_len, data_config.pack_open_rows, spec.tokenizer.pad_id)
+    if stats is not None:
+        packer.stats = stats
+    indices = itertools.count(jax.process_index(), jax.process_count())
+    examples = (encode_example(builtin_example(data_config, i, "train"), spec) for i in indices)
+    yield from packing.pack(examples, packer, flush=False)
+
+
 def train_dataset(
     data_config: Any, spec: DataSpec, start_step: int = 0
 ) -> tuple[tf.data.Dataset, packing.PackingStats]:
-    """Infinite per-process batches of packed rows, starting at batch ``start_step``.
+    """Infinite per-process batches of `train_rows`, starting at batch ``start_step``.
 
-    Example ``i`` of the stream is a pure function of ``(data.seed, i)``; process ``p`` of ``P``
-    takes examples ``p, p + P, ...``. Resuming replays the packer from the start of the stream, which
-    is cheap for generated data and keeps resume exact.
+    Resuming replays the packer from the start of the stream, which is cheap for generated data
+    and keeps resume exact.
     """
-    packer = packing.Packer(spec.seq_len, data_config.pack_open_rows, spec.tokenizer.pad_id)
-    process, num_processes = jax.process_index(), jax.process_count()
-
-    def rows() -> Iterator[dict[str, np.ndarray]]:
-        indices = itertools.count(process, num_processes)
-        examples = (encode_example(builtin_example(data_config, i, "train"), spec) for i in indices)
-        yield from packing.pack(examples, packer, flush=False)
-
-    per_process = spec.global_batch_size // num_processes
-    ds = tf.data.Dataset.from_generator(rows, output_signature=_row_signature(spec.seq_len))
-    ds = ds.batch(per_process, drop_remainder=True)
+    stats = packing.PackingStats()
+    ds = tf.data.Dataset.from_generator(
+        lambda: train_rows(data_config, spec, stats), output_signature=_row_signature(spec.seq_len)
+    )
+    ds = ds.batch(spec.global_batch_size // jax.process_count(), drop_remainder=True)
     if start_step:
         ds = ds.skip(start_step)
-    return ds.prefetch(data_config.prefetch), packer.stats
+    return ds.prefetch(data_config.prefetch), stats
 
 
 def eval_batches(

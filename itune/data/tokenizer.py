@@ -30,6 +30,9 @@ class Tokenizer(Protocol):
 
     def decode(self, ids: Sequence[int]) -> str: ...
 
+    def token_text(self, token_id: int) -> str:
+        """One token's text as it appears in a sequence (with its leading space, if any)."""
+
     def special_id(self, token: str, fallback: str | None = None) -> int:
         """The single id of a special token such as ``<|im_end|>``."""
 
@@ -63,6 +66,9 @@ class SentencePieceTokenizer:
     def decode(self, ids: Sequence[int]) -> str:
         return self._sp.decode([int(i) for i in ids])
 
+    def token_text(self, token_id: int) -> str:
+        return self._sp.id_to_piece(int(token_id)).replace("\u2581", " ")
+
     def special_id(self, token: str, fallback: str | None = None) -> int:
         """``token``'s own piece, else the control token named by ``fallback`` (``'bos'``/``'eos'``)."""
         piece_id = self._sp.piece_to_id(token)
@@ -76,6 +82,9 @@ class SentencePieceTokenizer:
             f"Tokenizer {self.name} has no single piece for special token {token!r} "
             f"and no {fallback or 'fallback'} token to stand in for it"
         )
+
+
+_CONTROL_PIECES = ("<pad>", "<unk>", "<s>", "</s>")
 
 
 def train_sentencepiece(
@@ -95,8 +104,12 @@ def train_sentencepiece(
         character_coverage=1.0,
         byte_fallback=False,
         hard_vocab_limit=False,
-        user_defined_symbols=list(special_tokens) + ["\n"],
+        # The control pieces exist already; every other special token gets a piece of its own.
+        user_defined_symbols=[t for t in special_tokens if t not in _CONTROL_PIECES] + ["\n"],
         normalization_rule_name="identity",
+        # Chat text puts content right after a newline: with no dummy prefix, a line's first word
+        # gets the same pieces in the training lines as in a rendered chat.
+        add_dummy_prefix=False,
         remove_extra_whitespaces=False,
         pad_id=0,
         unk_id=1,

@@ -1,0 +1,69 @@
+"""``itune-inspect``: look at what a config trains on before training it.
+
+  itune-inspect --config=configs/smoke.py --workdir=/tmp/itune_smoke
+
+Prints the first rows of real training batches (segments separated by ``║``, trained tokens
+highlighted), writes the same as ``<workdir>/inspect.html``, and prints the pipeline statistics.
+"""
+
+import itertools
+import os
+
+from itune import cli
+
+cli.quiet_tensorflow()
+
+from absl import app, flags
+from ml_collections import config_flags
+
+_CONFIG = config_flags.DEFINE_config_file(
+    "config", None, "Config file (path[:arg]).", lock_config=True
+)
+_WORKDIR = flags.DEFINE_string("workdir", None, "Run directory (tokenizer cache, inspect.html).")
+_ROWS = flags.DEFINE_integer("rows", 4, "Rows to show.")
+_BATCHES = flags.DEFINE_integer("batches", 1, "Batches to read for the statistics.")
+_COLOR = flags.DEFINE_bool("color", True, "Highlight trained tokens with terminal colours.")
+
+
+def inspect(config, workdir: str, num_rows: int, num_batches: int, color: bool) -> str:
+    """Prints the view and statistics; returns the path of the HTML page."""
+    from itune.data import inspection, packing, pipeline
+
+    pipeline.configure_tensorflow()
+    os.makedirs(workdir, exist_ok=True)
+    spec = pipeline.make_spec(config.data, workdir)
+    stats = packing.PackingStats()
+    rows = list(
+        itertools.islice(
+            pipeline.train_rows(config.data, spec, stats), num_batches * spec.global_batch_size
+        )
+    )
+    for i, row in enumerate(rows[:num_rows]):
+        print(f"--- row {i} ---")
+        print(inspection.format_row(spec.tokenizer, row, color=color))
+    summary = inspection.statistics(stats, spec.seq_len, {config.data.source: stats.examples})
+    print(f"--- statistics over {len(rows)} rows ({num_batches} batches) ---")
+    print(summary)
+    path = os.path.join(workdir, "inspect.html")
+    with open(path, "w", encoding="utf-8") as f:
+        f.write(inspection.html_page(spec.tokenizer, rows[:num_rows], summary, "itune-inspect"))
+    print(f"Wrote {path}")
+    return path
+
+
+def main(argv):
+    if len(argv) > 1:
+        raise app.UsageError(f"Unexpected arguments: {' '.join(argv[1:])}")
+    inspect(
+        _CONFIG.value, os.path.abspath(_WORKDIR.value), _ROWS.value, _BATCHES.value, _COLOR.value
+    )
+
+
+def run():
+    """Console entry point."""
+    flags.mark_flags_as_required(["config", "workdir"])
+    app.run(main, flags_parser=cli.parse_flags)
+
+
+if __name__ == "__main__":
+    run()
