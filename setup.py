@@ -25,6 +25,9 @@ INSTALL_REQUIRES = [
     "numpy==2.4.6",
     "ml_dtypes==0.6.0",
     "tqdm>=4.66",
+    # Hugging Face byte-level BPE tokenizers (vocab.json + merges.txt, tokenizer.json); the range
+    # transformers 5.x accepts.
+    "tokenizers==0.23.3",
 ]
 
 EXTRAS_REQUIRE = {
