@@ -34,7 +34,14 @@ def base_config() -> ml_collections.ConfigDict:
     c.seed = 0  # Parameter initialisation and dropout; the data has its own seed.
 
     c.data = ml_collections.ConfigDict()
-    c.data.source = "builtin"  # The procedural task mixture of itune.data.tasks.
+    # Named file sources, each {path, format, field_map, role_map, weight} (itune.data.sources);
+    # empty: the built-in task mixture of itune.data.tasks.
+    c.data.sources = ml_collections.ConfigDict()
+    c.data.mixture = "weights"  # 'weights', 'examples' (capped) or 'temperature' (mixture.py).
+    c.data.mixture_cap = 0  # Examples-proportional cap per source; 0: none.
+    c.data.mixture_temperature = 1.0
+    c.data.on_bad_example = "error"  # 'error' names file, line and field; 'skip' counts it.
+    c.data.eval_examples_per_source = 64  # Held out from each file source for the eval loss.
     c.data.seed = 0  # Picks the examples, and with them the tokenizer trained on them.
     c.data.chat_format = "chatml"
     c.data.seq_len = 256  # Tokens per packed row.

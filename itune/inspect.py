@@ -41,7 +41,7 @@ def inspect(config, workdir: str, num_rows: int, num_batches: int, color: bool) 
     for i, row in enumerate(rows[:num_rows]):
         print(f"--- row {i} ---")
         print(inspection.format_row(spec.tokenizer, row, color=color))
-    summary = inspection.statistics(stats, spec.seq_len, {config.data.source: stats.examples})
+    summary = inspection.statistics(stats, spec.seq_len, dict(stats.sources))
     print(f"--- statistics over {len(rows)} rows ({num_batches} batches) ---")
     print(summary)
     path = os.path.join(workdir, "inspect.html")

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from itune import sharding
-from itune.data import pipeline, tasks
+from itune.data import mixture, pipeline, sources, tasks
 
 
 def _config(**data_overrides):
@@ -93,9 +93,9 @@ def test_eval_batches_cover_every_example_once(tmp_path):
     config = _config()
     spec = pipeline.make_spec(config.data, str(tmp_path))
     batches, stats = pipeline.eval_batches(config.data, spec, 20)
-    assert stats.packed == 20
+    assert list(batches) == ["builtin"] and stats.packed == 20
     segments = sum(
-        int(len(set(row[row > 0].tolist()))) for b in batches for row in b["segment_ids"]
+        int(len(set(row[row > 0].tolist()))) for b in batches["builtin"] for row in b["segment_ids"]
     )
     assert segments == 20
 
@@ -113,3 +113,83 @@ def test_a_missing_tokenizer_file_is_named(tmp_path):
     config = _config(**{"tokenizer.path": str(tmp_path / "nope.model")})
     with pytest.raises(FileNotFoundError, match="nope.model"):
         pipeline.make_spec(config.data, str(tmp_path))
+
+
+def _file_config(tmp_path, shared_dir, **data):
+    config = _config(**data)
+    with config.unlocked():
+        config.data.sources = {
+            "gsm8k": {
+                "path": str(shared_dir / "data/gsm8k/train.jsonl"),
+                "format": "alpaca",
+                "field_map": {"instruction": "question", "output": "answer"},
+                "weight": 1.0,
+            },
+            "chats": {
+                "path": str(shared_dir / "data/fastchat/dummy_conversation.json"),
+                "weight": 3.0,
+            },
+        }
+        config.data.seq_len = 512
+        config.data.eval_examples_per_source = 10
+        config.data.tokenizer.vocab_size = 1024
+    return config
+
+
+def test_file_sources_mix_by_weight_and_hold_out_an_eval_slice(tmp_path, shared_dir):
+    config = _file_config(tmp_path, shared_dir)
+    spec = pipeline.make_spec(config.data, str(tmp_path))
+    by_name = {s.name: s for s in spec.sources}
+    assert set(by_name) == {"gsm8k", "chats"}
+    gsm8k = by_name["gsm8k"]
+    assert len(gsm8k) == 7473 - 10 and len(gsm8k.eval) == 10 and len(by_name["chats"]) == 490
+    assert not {ex["origin"] for ex in gsm8k.train} & {ex["origin"] for ex in gsm8k.eval}
+    chats = list(itertools.islice(mixture.train_stream(config.data, spec.sources), 2000))
+    share = sum(ex["source"] == "chats" for ex in chats) / len(chats)
+    assert 0.70 < share < 0.80  # Weights 1 : 3.
+    # Batches are deterministic and count examples per source.
+    (batch,), stats = _batches(config, spec, 0, 1)
+    (again,), _ = _batches(config, spec, 0, 1)
+    np.testing.assert_array_equal(batch["inputs"], again["inputs"])
+    assert set(stats.sources) == {"gsm8k", "chats"} and batch["loss_mask"].sum() > 0
+    evals, _ = pipeline.eval_batches(config.data, spec, 64)
+    assert set(evals) == {"gsm8k", "chats"}
+
+
+def test_examples_proportional_and_temperature_rates(tmp_path, shared_dir):
+    config = _file_config(tmp_path, shared_dir)
+    spec = pipeline.make_spec(config.data, str(tmp_path))
+    sizes = np.array([len(s) for s in spec.sources], float)
+    with config.unlocked():
+        config.data.mixture = "examples"
+        np.testing.assert_allclose(
+            mixture.mixture_rates(config.data, spec.sources), sizes / sizes.sum()
+        )
+        config.data.mixture_cap = 490
+        np.testing.assert_allclose(
+            mixture.mixture_rates(config.data, spec.sources), [490 / (490 + 490), 490 / 980]
+        )
+        config.data.mixture = "temperature"
+        config.data.mixture_temperature = 2.0
+        rates = np.sqrt(sizes) / np.sqrt(sizes).sum()
+        np.testing.assert_allclose(mixture.mixture_rates(config.data, spec.sources), rates)
+
+
+def test_a_bad_chat_is_an_error_or_a_counted_skip(tmp_path):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(
+        '{"instruction": "hi", "output": "yo"}\n'
+        '{"instruction": "hi", "output": 5}\n'
+        '{"instruction": "again", "output": "ok"}\n'
+    )
+    config = _config()
+    with config.unlocked():
+        config.data.sources = {"tiny": {"path": str(bad)}}
+        config.data.eval_examples_per_source = 0
+        config.data.tokenizer.vocab_size = 1024
+    with pytest.raises(sources.DataError, match="bad.jsonl:2: field 'output'"):
+        pipeline.make_spec(config.data, str(tmp_path))
+    with config.unlocked():
+        config.data.on_bad_example = "skip"
+    spec = pipeline.make_spec(config.data, str(tmp_path))
+    assert len(spec.sources[0]) == 2 and spec.sources[0].stats.skipped == {"wrong type": 1}

@@ -26,6 +26,7 @@ class PackingStats:
     rows: int = 0
     tokens: int = 0
     trained_tokens: int = 0
+    sources: collections.Counter = dataclasses.field(default_factory=collections.Counter)
 
     def efficiency(self, seq_len: int) -> float:
         """Share of row positions that hold a real token rather than padding."""

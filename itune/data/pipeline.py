@@ -20,7 +20,8 @@ import numpy as np
 from jax.experimental import multihost_utils
 import tensorflow as tf
 
-from itune.data import chat, packing, tasks
+from itune.data import chat, mixture, packing, tasks
+from itune.data.sources import DataError
 from itune.data.tokenizer import SentencePieceTokenizer, Tokenizer, cached_sentencepiece
 
 
@@ -43,6 +44,12 @@ class DataSpec:
     chat_format: chat.ChatFormat
     seq_len: int
     global_batch_size: int
+    sources: list[mixture.Source]
+    on_bad_example: str = "error"
+
+    @property
+    def is_builtin(self) -> bool:
+        return len(self.sources) == 1 and self.sources[0].name == mixture.BUILTIN
 
     @property
     def stop_id(self) -> int:
@@ -50,28 +57,41 @@ class DataSpec:
         return self.tokenizer.special_id(fmt.end_of_turn, fmt.special_tokens.get(fmt.end_of_turn))
 
 
-def load_tokenizer(data_config: Any, workdir: str) -> Tokenizer:
-    """The tokenizer of ``data.tokenizer``: a ``.model`` path, or one trained and cached in workdir."""
+def load_tokenizer(
+    data_config: Any, workdir: str, sources: list[mixture.Source] | None = None
+) -> Tokenizer:
+    """The tokenizer of ``data.tokenizer``: a ``.model`` path, or a SentencePiece vocabulary
+    trained on the run's own data and cached in ``<workdir>/tokenizer``."""
     tok_config = data_config.tokenizer
     if tok_config.path:
         return SentencePieceTokenizer.from_file(tok_config.path)
     fmt = chat.get_format(data_config.chat_format)
     seed, n = data_config.seed, tok_config.num_corpus_examples
+    sources = sources or mixture.load_sources(data_config)
+    builtin = sources[0].train is None
 
     def corpus() -> Iterator[str]:
-        yield from tasks.corpus(seed, n)
-        # Some chats as rendered, so that the chat markup's words become pieces too.
-        for i in range(min(n, 2000)):
-            messages = builtin_example(data_config, i, "train")["messages"]
-            yield from filter(None, chat.to_text(chat.render(messages, fmt)).split("\n"))
+        if builtin:
+            yield from tasks.corpus(seed, n)
+            chats = (builtin_example(data_config, i, "train") for i in range(min(n, 2000)))
+        else:
+            chats = itertools.islice(mixture.train_stream(data_config, sources), n)
+        # Chats as rendered, so that the chat markup's words become pieces too.
+        for example in chats:
+            text = chat.to_text(chat.render(example["messages"], fmt))
+            yield from filter(None, text.split("\n"))
 
     def cached() -> Tokenizer:
+        key = {"seed": seed, "corpus_examples": n, "version": 2}
+        key["sources"] = "builtin" if builtin else repr(data_config.sources.to_dict())
         return cached_sentencepiece(
             cache_dir=f"{workdir}/tokenizer",
-            key={"source": "builtin", "seed": seed, "corpus_examples": n, "version": 2},
+            key=key,
             lines_fn=corpus,
             vocab_size=tok_config.vocab_size,
             special_tokens=list(fmt.special_tokens),
+            # Real text has characters the training sample may miss.
+            byte_fallback=not builtin,
         )
 
     if jax.process_count() == 1:
@@ -83,14 +103,22 @@ def load_tokenizer(data_config: Any, workdir: str) -> Tokenizer:
 
 
 def make_spec(data_config: Any, workdir: str) -> DataSpec:
-    tokenizer = load_tokenizer(data_config, workdir)
+    sources = mixture.load_sources(data_config)
+    tokenizer = load_tokenizer(data_config, workdir, sources)
     fmt = chat.get_format(data_config.chat_format)
     if data_config.global_batch_size % jax.process_count():
         raise ValueError(
             f"data.global_batch_size={data_config.global_batch_size} must divide by the "
             f"number of processes ({jax.process_count()})"
         )
-    return DataSpec(tokenizer, fmt, data_config.seq_len, data_config.global_batch_size)
+    return DataSpec(
+        tokenizer,
+        fmt,
+        data_config.seq_len,
+        data_config.global_batch_size,
+        sources,
+        data_config.on_bad_example,
+    )
 
 
 def builtin_example(
@@ -107,10 +135,30 @@ def builtin_example(
 
 
 def encode_example(example: dict, spec: DataSpec) -> dict[str, np.ndarray]:
-    """One chat -> next-token inputs, targets and loss mask (see `packing.to_next_token`)."""
-    pieces = chat.render(example["messages"], spec.chat_format)
+    """One chat -> next-token inputs, targets and loss mask (see `packing.to_next_token`).
+
+    A chat that cannot be rendered raises `DataError` naming where it came from.
+    """
+    try:
+        pieces = chat.render(example["messages"], spec.chat_format)
+    except ValueError as e:
+        raise DataError(
+            example.get("origin", example.get("source", "?")), str(e), reason="bad chat"
+        ) from None
     ids, mask = chat.tokenize(pieces, spec.tokenizer, spec.chat_format)
     return packing.to_next_token(ids, mask)
+
+
+def _encoded(examples, spec: DataSpec, stats: packing.PackingStats):
+    for example in examples:
+        stats.sources[example.get("source", mixture.BUILTIN)] += 1
+        try:
+            yield encode_example(example, spec)
+        except DataError as e:
+            if spec.on_bad_example != "skip":
+                raise
+            stats.examples += 1
+            stats.dropped[e.reason or "bad example"] += 1
 
 
 def _row_signature(seq_len: int) -> dict[str, tf.TensorSpec]:
@@ -128,9 +176,10 @@ def train_rows(
     packer = packing.Packer(spec.seq_len, data_config.pack_open_rows, spec.tokenizer.pad_id)
     if stats is not None:
         packer.stats = stats
-    indices = itertools.count(jax.process_index(), jax.process_count())
-    examples = (encode_example(builtin_example(data_config, i, "train"), spec) for i in indices)
-    yield from packing.pack(examples, packer, flush=False)
+    chats = mixture.train_stream(
+        data_config, spec.sources, jax.process_index(), jax.process_count()
+    )
+    yield from packing.pack(_encoded(chats, spec, packer.stats), packer, flush=False)
 
 
 def train_dataset(
@@ -151,29 +200,47 @@ def train_dataset(
     return ds.prefetch(data_config.prefetch), stats
 
 
+def eval_chats(data_config: Any, spec: DataSpec, num_examples: int) -> dict[str, list[dict]]:
+    """Held-out chats per source: for the built-in mixture, the ``eval`` split (half trained and
+    half held-out templates); for a file source, its eval slice (at most ``num_examples``)."""
+    if spec.is_builtin:
+        return {
+            mixture.BUILTIN: [
+                builtin_example(data_config, i, "eval", held_out=i % 2 == 1)
+                for i in range(num_examples)
+            ]
+        }
+    return {s.name: s.eval[:num_examples] for s in spec.sources if s.eval}
+
+
 def eval_batches(
     data_config: Any, spec: DataSpec, num_examples: int
-) -> tuple[list[dict[str, np.ndarray]], packing.PackingStats]:
-    """A fixed held-out set (``eval`` split, half trained and half held-out templates), packed.
+) -> tuple[dict[str, list[dict[str, np.ndarray]]], packing.PackingStats]:
+    """The held-out chats of each source, packed into this process's rows of global batches.
 
     Every process packs the whole set, which is small, so that all agree on the number of batches;
     each then keeps its own rows of every global batch. The last batch is padded with empty rows.
     """
-    packer = packing.Packer(spec.seq_len, data_config.pack_open_rows, spec.tokenizer.pad_id)
-    examples = (
-        encode_example(builtin_example(data_config, i, "eval", held_out=i % 2 == 1), spec)
-        for i in range(num_examples)
-    )
-    rows = list(packing.pack(examples, packer, flush=True))
-    batch = spec.global_batch_size
-    rows += [{k: np.zeros_like(v) for k, v in rows[0].items()}] * (-len(rows) % batch)
-    per_process = batch // jax.process_count()
-    first = jax.process_index() * per_process
-    batches = []
-    for start in range(0, len(rows), batch):
-        local = rows[start + first : start + first + per_process]
-        batches.append({k: np.stack([r[k] for r in local]) for k in packing.ROW_FIELDS})
-    return batches, packer.stats
+    stats = packing.PackingStats()
+    batches = {}
+    for name, chats in eval_chats(data_config, spec, num_examples).items():
+        packer = packing.Packer(spec.seq_len, data_config.pack_open_rows, spec.tokenizer.pad_id)
+        packer.stats = stats
+        rows = list(packing.pack(_encoded(chats, spec, stats), packer, flush=True))
+        if not rows:
+            continue
+        batch = spec.global_batch_size
+        rows += [{k: np.zeros_like(v) for k, v in rows[0].items()}] * (-len(rows) % batch)
+        per_process = batch // jax.process_count()
+        first = jax.process_index() * per_process
+        batches[name] = [
+            {
+                k: np.stack([r[k] for r in rows[start + first : start + first + per_process]])
+                for k in packing.ROW_FIELDS
+            }
+            for start in range(0, len(rows), batch)
+        ]
+    return batches, stats
 
 
 class BatchIterator:

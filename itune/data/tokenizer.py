@@ -88,7 +88,10 @@ _CONTROL_PIECES = ("<pad>", "<unk>", "<s>", "</s>")
 
 
 def train_sentencepiece(
-    lines: Iterable[str], vocab_size: int, special_tokens: Sequence[str]
+    lines: Iterable[str],
+    vocab_size: int,
+    special_tokens: Sequence[str],
+    byte_fallback: bool = False,
 ) -> bytes:
     """Trains a unigram SentencePiece model on ``lines``; returns the serialized model.
 
@@ -96,13 +99,27 @@ def train_sentencepiece(
     ``vocab_size`` is an upper bound: a small corpus gets the vocabulary it supports.
     """
     model = io.BytesIO()
+    try:
+        _train(model, lines, vocab_size, special_tokens, byte_fallback)
+    except RuntimeError as e:
+        if "Vocabulary size is smaller than required_chars" in str(e):
+            needed = str(e).split("Vocabulary size is smaller than required_chars.")[-1].strip()
+            raise ValueError(
+                f"data.tokenizer.vocab_size={vocab_size} is too small for this corpus ({needed})"
+            ) from None
+        raise
+    return model.getvalue()
+
+
+def _train(model, lines, vocab_size, special_tokens, byte_fallback) -> None:
     spm.SentencePieceTrainer.train(
         sentence_iterator=iter(lines),
         model_writer=model,
         vocab_size=vocab_size,
         model_type="unigram",
-        character_coverage=1.0,
-        byte_fallback=False,
+        # With byte fallback, rare characters are spelled as bytes instead of needing pieces.
+        character_coverage=0.9995 if byte_fallback else 1.0,
+        byte_fallback=byte_fallback,
         hard_vocab_limit=False,
         # The control pieces exist already; every other special token gets a piece of its own.
         user_defined_symbols=[t for t in special_tokens if t not in _CONTROL_PIECES] + ["\n"],
@@ -118,16 +135,26 @@ def train_sentencepiece(
         num_threads=1,
         minloglevel=2,
     )
-    return model.getvalue()
 
 
 def cached_sentencepiece(
-    cache_dir: str, key: dict, lines_fn, vocab_size: int, special_tokens: Sequence[str]
+    cache_dir: str,
+    key: dict,
+    lines_fn,
+    vocab_size: int,
+    special_tokens: Sequence[str],
+    byte_fallback: bool = False,
 ) -> SentencePieceTokenizer:
     """Loads the model trained for ``key`` from ``cache_dir``, training and saving it if absent."""
     digest = hashlib.sha256(
         json.dumps(
-            dict(key, vocab_size=vocab_size, special_tokens=list(special_tokens)), sort_keys=True
+            dict(
+                key,
+                vocab_size=vocab_size,
+                special_tokens=list(special_tokens),
+                byte_fallback=byte_fallback,
+            ),
+            sort_keys=True,
         ).encode()
     ).hexdigest()[:12]
     path = os.path.join(cache_dir, f"spm_{vocab_size}_{digest}.model")
@@ -135,7 +162,7 @@ def cached_sentencepiece(
         logging.info("Reusing SentencePiece model %s", path)
         return SentencePieceTokenizer.from_file(path)
     logging.info("Training a SentencePiece vocabulary of %d on the built-in corpus", vocab_size)
-    proto = train_sentencepiece(lines_fn(), vocab_size, special_tokens)
+    proto = train_sentencepiece(lines_fn(), vocab_size, special_tokens, byte_fallback)
     tf.io.gfile.makedirs(cache_dir)
     tmp = path + ".tmp"
     with tf.io.gfile.GFile(tmp, "wb") as f:

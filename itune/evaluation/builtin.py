@@ -86,7 +86,12 @@ def evaluate_generation(
 
 
 def results_table(results: dict) -> str:
-    """A markdown table of exact match per family, trained against held-out templates."""
+    """A markdown table of exact match per family, trained against held-out templates (or the
+    eval loss per source when there was no generation eval)."""
+    if GROUPS[0] not in results:
+        lines = ["| source | eval loss |", "|---|---|"]
+        lines += [f"| {k} | {v:.4f} |" for k, v in results["eval_loss_per_source"].items()]
+        return "\n".join(lines)
     families = list(results[GROUPS[0]]["per_family"])
     lines = ["| family | trained templates | held-out templates |", "|---|---|---|"]
     for f in families:

@@ -97,10 +97,13 @@ class MetricsWriter:
 
     def write_eval(self, step: int, results: dict) -> None:
         scalars = {"loss": results["eval_loss"], "accuracy": results["eval_accuracy"]}
+        for source, loss in results["eval_loss_per_source"].items():
+            scalars[f"loss/{source}"] = loss
         for group in ("trained_templates", "held_out_templates"):
-            scalars[f"{group}/exact_match"] = results[group]["exact_match"]
-            for family, score in results[group]["per_family"].items():
-                scalars[f"{group}/{family}"] = score
+            if group in results:
+                scalars[f"{group}/exact_match"] = results[group]["exact_match"]
+                for family, score in results[group]["per_family"].items():
+                    scalars[f"{group}/{family}"] = score
         self.write(step, scalars, prefix="eval")
 
     def close(self) -> None:

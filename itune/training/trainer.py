@@ -34,21 +34,29 @@ def evaluate(
     params,
     spec: pipeline.DataSpec,
     eval_step,
-    eval_batches: list[dict[str, jax.Array]],
+    eval_batches: dict[str, list[dict[str, jax.Array]]],
 ) -> dict:
-    """Eval loss on held-out examples, then exact match of greedy answers per task family."""
-    totals = None
-    for batch in eval_batches:
-        sums = eval_step(params, batch)
-        totals = sums if totals is None else jax.tree.map(jnp.add, totals, sums)
-    totals = jax.device_get(totals)
-    weight = max(float(totals["weight_sum"]), 1.0)
-    results, transcripts = builtin_eval.evaluate_generation(
-        layout.graphdef, params, config.data, config.eval, spec
-    )
-    results["eval_loss"] = float(totals["loss_sum"]) / weight
-    results["eval_accuracy"] = float(totals["correct_sum"]) / weight
-    results["transcripts"] = transcripts
+    """Eval loss per source and overall; for the built-in tasks, exact match of greedy answers
+    per task family."""
+    results: dict = {"eval_loss_per_source": {}}
+    overall = None
+    for name, batches in eval_batches.items():
+        totals = None
+        for batch in batches:
+            sums = eval_step(params, batch)
+            totals = sums if totals is None else jax.tree.map(jnp.add, totals, sums)
+        totals = jax.device_get(totals)
+        overall = totals if overall is None else jax.tree.map(lambda a, b: a + b, overall, totals)
+        weight = max(float(totals["weight_sum"]), 1.0)
+        results["eval_loss_per_source"][name] = float(totals["loss_sum"]) / weight
+    weight = max(float(overall["weight_sum"]), 1.0)
+    results["eval_loss"] = float(overall["loss_sum"]) / weight
+    results["eval_accuracy"] = float(overall["correct_sum"]) / weight
+    if spec.is_builtin:
+        generation, transcripts = builtin_eval.evaluate_generation(
+            layout.graphdef, params, config.data, config.eval, spec
+        )
+        results.update(generation, transcripts=transcripts)
     return results
 
 
@@ -99,7 +107,10 @@ def train_and_evaluate(config: Any, workdir: str) -> dict:
         config.data, spec, config.eval.num_loss_examples
     )
     logging.info("Eval data: %s", eval_stats.summary(spec.seq_len))
-    eval_batches = [pipeline.global_batch(b, batch_sharding) for b in local_eval_batches]
+    eval_batches = {
+        name: [pipeline.global_batch(b, batch_sharding) for b in batches]
+        for name, batches in local_eval_batches.items()
+    }
 
     dataset, packing_stats = pipeline.train_dataset(config.data, spec, start_step)
     batches = pipeline.BatchIterator(dataset)

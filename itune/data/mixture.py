@@ -1,0 +1,121 @@
+"""Mixing instruction sources into one deterministic stream of chats.
+
+``config.data.sources`` names file sources (see `itune.data.sources`); with none, the stream is
+the built-in task mixture. A file source is read once, split into a held-out eval slice and a
+training part, and replayed in a new seeded order every epoch. Which source example ``i`` of the
+stream comes from is drawn from ``(data.seed, i)`` with the mixture's rates:
+
+- ``weights``: rates proportional to each source's ``weight``;
+- ``examples``: proportional to the number of training examples, each capped at
+  ``mixture_cap`` examples (FLAN's examples-proportional mixing; 0 means no cap);
+- ``temperature``: proportional to ``size ** (1 / mixture_temperature)``.
+
+The stream is a pure function of the seed and the position, so a resumed run replays it exactly.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import logging
+from typing import Any, Iterator, Sequence
+
+import numpy as np
+
+from itune.data import sources as sources_lib
+from itune.data import tasks
+
+MIXTURES = ("weights", "examples", "temperature")
+BUILTIN = "builtin"
+
+
+@dataclasses.dataclass
+class Source:
+    """One source's training and eval examples (``train is None`` for the infinite built-in)."""
+
+    name: str
+    weight: float
+    train: list[dict] | None
+    eval: list[dict]
+    stats: sources_lib.SourceStats
+
+    def __len__(self) -> int:
+        return len(self.train) if self.train is not None else 0
+
+
+def load_sources(data_config: Any) -> list[Source]:
+    """Reads every configured source; the built-in mixture when none is configured."""
+    if not data_config.sources:
+        return [Source(BUILTIN, 1.0, None, [], sources_lib.SourceStats(BUILTIN))]
+    loaded = []
+    for spec in sources_lib.specs_from_config(data_config.sources):
+        stats = sources_lib.SourceStats(spec.name)
+        examples = list(sources_lib.read_source(spec, data_config.on_bad_example, stats))
+        if stats.skipped:
+            logging.warning("Skipped bad examples in %s", stats.summary())
+        num_eval = min(data_config.eval_examples_per_source, len(examples) // 2)
+        # The eval slice is a fixed random subset, never trained on.
+        order = np.random.default_rng([data_config.seed, 7]).permutation(len(examples))
+        eval_set = {int(i) for i in order[:num_eval]}
+        train = [ex for i, ex in enumerate(examples) if i not in eval_set]
+        held_out = [examples[int(i)] for i in sorted(eval_set)]
+        if not train:
+            raise ValueError(f"data.sources.{spec.name}: {spec.path} has no training examples")
+        loaded.append(Source(spec.name, spec.weight, train, held_out, stats))
+    return loaded
+
+
+def mixture_rates(data_config: Any, sources: Sequence[Source]) -> np.ndarray:
+    """The share of the stream that each source gets."""
+    mode = data_config.mixture
+    if mode not in MIXTURES:
+        raise ValueError(f"data.mixture={mode!r}; expected one of {MIXTURES}")
+    if mode == "weights" or any(s.train is None for s in sources):
+        rates = np.array([s.weight for s in sources], np.float64)
+    else:
+        sizes = np.array([len(s) for s in sources], np.float64)
+        if mode == "examples":
+            rates = np.minimum(sizes, data_config.mixture_cap or np.inf)
+        else:
+            rates = sizes ** (1.0 / data_config.mixture_temperature)
+    return rates / rates.sum()
+
+
+def _epoch_order(seed: int, source: int, epoch: int, n: int) -> np.ndarray:
+    return np.random.default_rng([seed, 11, source, epoch]).permutation(n)
+
+
+def train_stream(
+    data_config: Any, sources: Sequence[Source], process_index: int = 0, process_count: int = 1
+) -> Iterator[dict]:
+    """Infinite chats of this process: stream positions ``process_index + k * process_count``.
+
+    Every process draws the source of every position (cheap), so each source's position counter
+    agrees across processes, and renders only its own positions.
+    """
+    rates = mixture_rates(data_config, sources)
+    counts = [0] * len(sources)
+    orders: dict[tuple[int, int], np.ndarray] = {}
+    for i in itertools.count():
+        if len(sources) == 1:
+            s = 0
+        else:
+            s = int(np.random.default_rng([data_config.seed, 13, i]).choice(len(sources), p=rates))
+        k, counts[s] = counts[s], counts[s] + 1
+        if i % process_count != process_index:
+            continue
+        source = sources[s]
+        if source.train is None:
+            yield tasks.make_example(
+                data_config.seed,
+                k,
+                "train",
+                system_prompt_rate=data_config.builtin.system_prompt_rate,
+                families=data_config.builtin.families or None,
+            ) | {"source": source.name}
+            continue
+        epoch, pos = divmod(k, len(source))
+        if (s, epoch) not in orders:
+            orders = {key: v for key, v in orders.items() if key[0] != s}  # Keep one epoch.
+            orders[(s, epoch)] = _epoch_order(data_config.seed, s, epoch, len(source))
+        yield source.train[int(orders[(s, epoch)][pos])]
