@@ -41,6 +41,8 @@ def base_config() -> ml_collections.ConfigDict:
     c.data.mixture_cap = 0  # Examples-proportional cap per source; 0: none.
     c.data.mixture_temperature = 1.0
     c.data.on_bad_example = "error"  # 'error' names file, line and field; 'skip' counts it.
+    c.data.train_on = "all_assistant"  # Or 'last_assistant', or 'all' tokens.
+    c.data.max_dropped_share = 0.01  # Warn when more examples than this share are dropped.
     c.data.eval_examples_per_source = 64  # Held out from each file source for the eval loss.
     c.data.seed = 0  # Picks the examples, and with them the tokenizer trained on them.
     c.data.chat_format = "chatml"
@@ -52,7 +54,9 @@ def base_config() -> ml_collections.ConfigDict:
     c.data.builtin.system_prompt_rate = 0.25  # Share of chats that open with a system turn.
     c.data.builtin.families = ()  # Task families to use; empty means all.
     c.data.tokenizer = ml_collections.ConfigDict()
-    c.data.tokenizer.path = ""  # A SentencePiece .model; empty trains one on the built-in corpus.
+    # A SentencePiece .model, a Hugging Face tokenizer directory (tokenizer.json, or vocab.json and
+    # merges.txt) or a tokenizer.json; empty trains a SentencePiece vocabulary on the run's data.
+    c.data.tokenizer.path = ""
     c.data.tokenizer.vocab_size = 1024  # Upper bound on a trained vocabulary's size.
     c.data.tokenizer.num_corpus_examples = 20_000  # Examples the vocabulary is trained on.
 

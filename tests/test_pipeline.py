@@ -193,3 +193,14 @@ def test_a_bad_chat_is_an_error_or_a_counted_skip(tmp_path):
         config.data.on_bad_example = "skip"
     spec = pipeline.make_spec(config.data, str(tmp_path))
     assert len(spec.sources[0]) == 2 and spec.sources[0].stats.skipped == {"wrong type": 1}
+
+
+def test_a_hugging_face_tokenizer_directory_can_be_used(tmp_path, shared_dir):
+    config = _config(**{"tokenizer.path": str(shared_dir / "tokenizers/smollm2_bpe")})
+    spec = pipeline.make_spec(config.data, str(tmp_path))
+    assert spec.tokenizer.vocab_size == 49152 and spec.stop_id == 2  # <|im_end|>
+    example = pipeline.encode_example(pipeline.builtin_example(config.data, 0, "train"), spec)
+    # SmolLM2 adds no BOS of its own: the chat starts with <|im_start|> once.
+    assert example["inputs"][0] == 1 and example["inputs"][1] != 1
+    trained = example["targets"][example["loss_mask"] == 1]
+    assert trained[-1] == 2

@@ -366,16 +366,19 @@ def _resolve(
 
 
 def tokenize(
-    pieces: Sequence[Piece], tokenizer: Tokenizer, fmt: ChatFormat, add_bos: bool = True
+    pieces: Sequence[Piece], tokenizer: Tokenizer, fmt: ChatFormat, add_bos: bool | None = None
 ) -> tuple[np.ndarray, np.ndarray]:
     """Token ids and a 0/1 loss mask for rendered pieces.
 
-    ``add_bos`` prepends the tokenizer's BOS unless the format renders a BOS of its own.
+    ``add_bos`` prepends the tokenizer's BOS unless the format renders a BOS of its own; by
+    default it follows the tokenizer's own ``add_bos_token`` where it has one (SmolLM2: none).
 
     >>> # user "2+2?" / assistant "4" in chatml, with a tokenizer that spells digits singly:
     >>> # text  <s> <|im_start|> user\\n2+2? <|im_end|> \\n <|im_start|> assistant\\n 4 <|im_end|> \\n
     >>> # mask   0       0          0  ...       0       0       0           0      1     1      0
     """
+    if add_bos is None:
+        add_bos = getattr(tokenizer, "add_bos_token", None) is not False
     add = add_bos and not fmt.renders_bos and tokenizer.bos_id >= 0
     ids: list[int] = [tokenizer.bos_id] if add else []
     mask: list[int] = [0] * len(ids)

@@ -22,7 +22,8 @@ import tensorflow as tf
 
 from itune.data import chat, mixture, packing, tasks
 from itune.data.sources import DataError
-from itune.data.tokenizer import SentencePieceTokenizer, Tokenizer, cached_sentencepiece
+from itune.data.hf_tokenizer import load_tokenizer_path
+from itune.data.tokenizer import Tokenizer, cached_sentencepiece
 
 
 def configure_tensorflow() -> None:
@@ -46,6 +47,7 @@ class DataSpec:
     global_batch_size: int
     sources: list[mixture.Source]
     on_bad_example: str = "error"
+    train_on: str = "all_assistant"
 
     @property
     def is_builtin(self) -> bool:
@@ -64,7 +66,7 @@ def load_tokenizer(
     trained on the run's own data and cached in ``<workdir>/tokenizer``."""
     tok_config = data_config.tokenizer
     if tok_config.path:
-        return SentencePieceTokenizer.from_file(tok_config.path)
+        return load_tokenizer_path(tok_config.path)
     fmt = chat.get_format(data_config.chat_format)
     seed, n = data_config.seed, tok_config.num_corpus_examples
     sources = sources or mixture.load_sources(data_config)
@@ -118,6 +120,7 @@ def make_spec(data_config: Any, workdir: str) -> DataSpec:
         data_config.global_batch_size,
         sources,
         data_config.on_bad_example,
+        data_config.train_on,
     )
 
 
@@ -140,7 +143,7 @@ def encode_example(example: dict, spec: DataSpec) -> dict[str, np.ndarray]:
     A chat that cannot be rendered raises `DataError` naming where it came from.
     """
     try:
-        pieces = chat.render(example["messages"], spec.chat_format)
+        pieces = chat.render(example["messages"], spec.chat_format, train_on=spec.train_on)
     except ValueError as e:
         raise DataError(
             example.get("origin", example.get("source", "?")), str(e), reason="bad chat"
@@ -284,5 +287,20 @@ def global_batch(
     }
 
 
-def log_stats(name: str, stats: packing.PackingStats, seq_len: int) -> None:
+def log_stats(
+    name: str, stats: packing.PackingStats, seq_len: int, max_dropped_share: float = 1.0
+) -> None:
+    """Logs what the packer did, with a warning when more examples were dropped than allowed."""
     logging.info("%s data: %s", name, stats.summary(seq_len))
+    dropped = sum(stats.dropped.values())
+    if dropped > max_dropped_share * max(1, stats.examples):
+        logging.warning(
+            "%s data: %d of %d examples (%.1f%%) were dropped (%s), more than "
+            "data.max_dropped_share=%.1f%%",
+            name,
+            dropped,
+            stats.examples,
+            100 * dropped / max(1, stats.examples),
+            ", ".join(f"{n} {why}" for why, n in sorted(stats.dropped.items())),
+            100 * max_dropped_share,
+        )

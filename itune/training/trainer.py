@@ -145,7 +145,7 @@ def train_and_evaluate(config: Any, workdir: str) -> dict:
     batches.close()
 
     ckpt.wait_until_finished()
-    pipeline.log_stats("Train", packing_stats, spec.seq_len)
+    pipeline.log_stats("Train", packing_stats, spec.seq_len, config.data.max_dropped_share)
     if not results and start_step >= num_steps:
         logging.info("Already trained to step %d; evaluating the last checkpoint.", num_steps)
         with jax.set_mesh(mesh):
