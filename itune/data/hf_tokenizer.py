@@ -17,7 +17,7 @@ import tensorflow as tf
 import tokenizers
 from tokenizers import AddedToken, decoders, models, pre_tokenizers
 
-from itune.data.tokenizer import SentencePieceTokenizer
+from itune.data.tokenizer import SentencePieceTokenizer, fallback_id
 
 # Pre-tokenizers for a vocab.json + merges.txt, by the names of llama.cpp's `tokenizer.ggml.pre`.
 # SmolLM2 ("smollm") and StarCoder split digits singly before GPT-2's regex, as their
@@ -323,14 +323,7 @@ class HFTokenizer:
         token_id = self._tok.token_to_id(token)
         if token_id is not None:
             return token_id
-        if fallback in ("bos", "eos"):
-            fallback_id = self.bos_id if fallback == "bos" else self.eos_id
-            if fallback_id >= 0:
-                return fallback_id
-        raise ValueError(
-            f"Tokenizer {self.name} has no single piece for special token {token!r} "
-            f"and no {fallback or 'fallback'} token to stand in for it"
-        )
+        return fallback_id(self, token, fallback)
 
 
 def load_tokenizer_path(path: str) -> SentencePieceTokenizer | HFTokenizer:

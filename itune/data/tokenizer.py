@@ -74,14 +74,19 @@ class SentencePieceTokenizer:
         piece_id = self._sp.piece_to_id(token)
         if piece_id != self._sp.unk_id() and self._sp.id_to_piece(piece_id) == token:
             return piece_id
-        if fallback in ("bos", "eos"):
-            fallback_id = self.bos_id if fallback == "bos" else self.eos_id
-            if fallback_id >= 0:
-                return fallback_id
-        raise ValueError(
-            f"Tokenizer {self.name} has no single piece for special token {token!r} "
-            f"and no {fallback or 'fallback'} token to stand in for it"
-        )
+        return fallback_id(self, token, fallback)
+
+
+def fallback_id(tokenizer: Tokenizer, token: str, fallback: str | None) -> int:
+    """The BOS or EOS id standing in for a special token the tokenizer has no piece for."""
+    if fallback in ("bos", "eos"):
+        stand_in = tokenizer.bos_id if fallback == "bos" else tokenizer.eos_id
+        if stand_in >= 0:
+            return stand_in
+    raise ValueError(
+        f"Tokenizer {tokenizer.name} has no single piece for special token {token!r} "
+        f"and no {fallback or 'fallback'} token to stand in for it"
+    )
 
 
 _CONTROL_PIECES = ("<pad>", "<unk>", "<s>", "</s>")
