@@ -204,3 +204,21 @@ def test_a_hugging_face_tokenizer_directory_can_be_used(tmp_path, shared_dir):
     assert example["inputs"][0] == 1 and example["inputs"][1] != 1
     trained = example["targets"][example["loss_mask"] == 1]
     assert trained[-1] == 2
+
+
+def test_a_prepared_tfds_dataset_is_a_source(tmp_path, shared_dir):
+    from itune.data import tfds_sources
+
+    data_dir = str(tmp_path / "tfds")
+    tfds_sources.prepare_jsonl_dataset(
+        "ident", {"train": [str(shared_dir / "data/llamafactory/identity.json")]}, data_dir
+    )
+    config = _config()
+    with config.unlocked():
+        config.data.sources = {"ident": {"tfds": "itune_chat/ident:1.0.0", "data_dir": data_dir}}
+        config.data.eval_examples_per_source = 11
+        config.data.tokenizer.vocab_size = 1024
+    spec = pipeline.make_spec(config.data, str(tmp_path))
+    assert [s.name for s in spec.sources] == ["ident"] and len(spec.sources[0]) == 80
+    (batch,), _ = _batches(config, spec, 0, 1)
+    assert batch["loss_mask"].sum() > 0

@@ -1,7 +1,8 @@
 """Mixing instruction sources into one deterministic stream of chats.
 
-``config.data.sources`` names file sources (see `itune.data.sources`); with none, the stream is
-the built-in task mixture. A file source is read once, split into a held-out eval slice and a
+``config.data.sources`` names file sources (`itune.data.sources`) and TFDS datasets (entries with
+a ``tfds`` key, `itune.data.tfds_sources`); with none, the stream is the built-in task mixture.
+A source is read once, split into a held-out eval slice and a
 training part, and replayed in a new seeded order every epoch. Which source example ``i`` of the
 stream comes from is drawn from ``(data.seed, i)`` with the mixture's rates:
 
@@ -23,7 +24,7 @@ from typing import Any, Iterator, Sequence
 import numpy as np
 
 from itune.data import sources as sources_lib
-from itune.data import tasks
+from itune.data import tasks, tfds_sources
 
 MIXTURES = ("weights", "examples", "temperature")
 BUILTIN = "builtin"
@@ -48,9 +49,9 @@ def load_sources(data_config: Any) -> list[Source]:
     if not data_config.sources:
         return [Source(BUILTIN, 1.0, None, [], sources_lib.SourceStats(BUILTIN))]
     loaded = []
-    for spec in sources_lib.specs_from_config(data_config.sources):
+    for spec in tfds_sources.specs_from_config(data_config.sources):
         stats = sources_lib.SourceStats(spec.name)
-        examples = list(sources_lib.read_source(spec, data_config.on_bad_example, stats))
+        examples = list(tfds_sources.read_any_source(spec, data_config.on_bad_example, stats))
         if stats.skipped:
             logging.warning("Skipped bad examples in %s", stats.summary())
         num_eval = min(data_config.eval_examples_per_source, len(examples) // 2)
