@@ -144,7 +144,9 @@ def test_file_sources_mix_by_weight_and_hold_out_an_eval_slice(tmp_path, shared_
     gsm8k = by_name["gsm8k"]
     assert len(gsm8k) == 7473 - 10 and len(gsm8k.eval) == 10 and len(by_name["chats"]) == 490
     assert not {ex["origin"] for ex in gsm8k.train} & {ex["origin"] for ex in gsm8k.eval}
-    chats = list(itertools.islice(mixture.train_stream(config.data, spec.sources), 2000))
+    chats = [
+        ex for ex, _ in itertools.islice(mixture.train_stream(config.data, spec.sources), 2000)
+    ]
     share = sum(ex["source"] == "chats" for ex in chats) / len(chats)
     assert 0.70 < share < 0.80  # Weights 1 : 3.
     # Batches are deterministic and count examples per source.

@@ -87,17 +87,25 @@ def _epoch_order(seed: int, source: int, epoch: int, n: int) -> np.ndarray:
 
 
 def train_stream(
-    data_config: Any, sources: Sequence[Source], process_index: int = 0, process_count: int = 1
-) -> Iterator[dict]:
-    """Infinite chats of this process: stream positions ``process_index + k * process_count``.
+    data_config: Any,
+    sources: Sequence[Source],
+    process_index: int = 0,
+    process_count: int = 1,
+    start: dict | None = None,
+) -> Iterator[tuple[dict, dict]]:
+    """Infinite ``(chat, position)`` pairs of this process: stream positions ``process_index +
+    k * process_count``, from ``start`` (a position yielded earlier) or from the beginning.
 
-    Every process draws the source of every position (cheap), so each source's position counter
-    agrees across processes, and renders only its own positions.
+    ``position`` is where the stream resumes after that chat: ``{"index", "counts"}``. Every
+    process draws the source of every position (cheap), so each source's counter agrees across
+    processes, and renders only its own positions.
     """
     rates = mixture_rates(data_config, sources)
-    counts = [0] * len(sources)
+    counts = list(start["counts"]) if start else [0] * len(sources)
+    if len(counts) != len(sources):
+        raise ValueError(f"data state has {len(counts)} sources, the config {len(sources)}")
     orders: dict[tuple[int, int], np.ndarray] = {}
-    for i in itertools.count():
+    for i in itertools.count(start["index"] if start else 0):
         if len(sources) == 1:
             s = 0
         else:
@@ -105,18 +113,20 @@ def train_stream(
         k, counts[s] = counts[s], counts[s] + 1
         if i % process_count != process_index:
             continue
+        position = {"index": i + 1, "counts": list(counts)}
         source = sources[s]
         if source.train is None:
-            yield tasks.make_example(
+            example = tasks.make_example(
                 data_config.seed,
                 k,
                 "train",
                 system_prompt_rate=data_config.builtin.system_prompt_rate,
                 families=data_config.builtin.families or None,
-            ) | {"source": source.name}
+            )
+            yield example | {"source": source.name}, position
             continue
         epoch, pos = divmod(k, len(source))
         if (s, epoch) not in orders:
             orders = {key: v for key, v in orders.items() if key[0] != s}  # Keep one epoch.
             orders[(s, epoch)] = _epoch_order(data_config.seed, s, epoch, len(source))
-        yield source.train[int(orders[(s, epoch)][pos])]
+        yield source.train[int(orders[(s, epoch)][pos])], position

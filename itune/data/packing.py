@@ -95,6 +95,29 @@ class Packer:
         self._fill.append(n)
         return emitted
 
+    def state(self) -> dict:
+        """The open rows and counters (part of a checkpoint; arrays are shared, not copied)."""
+        return {
+            "open": [list(row) for row in self._open],
+            # Not dataclasses.asdict, which rebuilds a Counter from (key, count) pairs as keys.
+            "stats": {
+                f.name: dict(v) if isinstance(v := getattr(self.stats, f.name), dict) else v
+                for f in dataclasses.fields(self.stats)
+            },
+        }
+
+    def restore(self, state: dict) -> None:
+        """Continues from a `state` taken earlier, possibly in another process."""
+        self._open = [
+            [{k: np.asarray(v, np.int32) for k, v in ex.items()} for ex in row]
+            for row in state["open"]
+        ]
+        self._fill = [sum(len(ex["inputs"]) for ex in row) for row in self._open]
+        stats = dict(state["stats"])
+        for key in ("dropped", "sources"):
+            stats[key] = collections.Counter(stats.get(key, {}))
+        self.stats.__dict__.update(stats)
+
     def flush(self) -> list[dict[str, np.ndarray]]:
         """Emits every open row (at the end of a finite stream)."""
         return [self._emit(0) for _ in range(len(self._open))]

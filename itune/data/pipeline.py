@@ -77,7 +77,8 @@ def load_tokenizer(
             yield from tasks.corpus(seed, n)
             chats = (builtin_example(data_config, i, "train") for i in range(min(n, 2000)))
         else:
-            chats = itertools.islice(mixture.train_stream(data_config, sources), n)
+            stream = mixture.train_stream(data_config, sources)
+            chats = (example for example, _ in itertools.islice(stream, n))
         # Chats as rendered, so that the chat markup's words become pieces too.
         for example in chats:
             text = chat.to_text(chat.render(example["messages"], fmt))
@@ -164,41 +165,96 @@ def _encoded(examples, spec: DataSpec, stats: packing.PackingStats):
             stats.dropped[e.reason or "bad example"] += 1
 
 
+ROW_ID = "row_id"  # Numbers each row of a training stream; see `RowStates`.
+
+
 def _row_signature(seq_len: int) -> dict[str, tf.TensorSpec]:
-    return {k: tf.TensorSpec((seq_len,), tf.int32) for k in packing.ROW_FIELDS}
+    signature = {k: tf.TensorSpec((seq_len,), tf.int32) for k in packing.ROW_FIELDS}
+    signature[ROW_ID] = tf.TensorSpec((), tf.int64)
+    return signature
+
+
+class RowStates:
+    """The pipeline's state after each of the most recent rows, by row id.
+
+    The input pipeline runs ahead of training (prefetch), so the state to checkpoint is the one
+    after the last row of the last batch that training consumed, looked up here by its id.
+    """
+
+    def __init__(self, capacity: int):
+        self.capacity = capacity
+        self._states: dict[int, dict] = {}
+
+    def record(self, row_id: int, state: dict) -> None:
+        self._states[row_id] = state
+        self._states.pop(row_id - self.capacity, None)
+
+    def after(self, row_id: int) -> dict:
+        if row_id not in self._states:
+            raise KeyError(f"no pipeline state kept for row {row_id} (capacity {self.capacity})")
+        return self._states[row_id]
 
 
 def train_rows(
-    data_config: Any, spec: DataSpec, stats: packing.PackingStats | None = None
+    data_config: Any,
+    spec: DataSpec,
+    stats: packing.PackingStats | None = None,
+    state: dict | None = None,
+    states: RowStates | None = None,
 ) -> Iterator[dict[str, np.ndarray]]:
-    """This process's infinite stream of packed rows (counting into ``stats``).
+    """This process's infinite stream of packed rows, from ``state`` or the beginning.
 
-    Example ``i`` of the stream is a pure function of ``(data.seed, i)``; process ``p`` of ``P``
-    takes examples ``p, p + P, ...``.
+    The chats come from `mixture.train_stream` (process ``p`` of ``P`` renders stream positions
+    ``p, p + P, ...``). Each row carries a ``row_id``; with ``states``, the pipeline's state after
+    each row (stream position, the packer's open rows and counters) is recorded there, ready to be
+    checkpointed and passed back as ``state``.
     """
     packer = packing.Packer(spec.seq_len, data_config.pack_open_rows, spec.tokenizer.pad_id)
     if stats is not None:
         packer.stats = stats
+    if state:
+        packer.restore(state["packer"])
     chats = mixture.train_stream(
-        data_config, spec.sources, jax.process_index(), jax.process_count()
+        data_config,
+        spec.sources,
+        jax.process_index(),
+        jax.process_count(),
+        start=state["stream"] if state else None,
     )
-    yield from packing.pack(_encoded(chats, spec, packer.stats), packer, flush=False)
+    row_id = state["row_id"] if state else 0
+    for chat_example, position in chats:
+        try:
+            encoded = next(_encoded([chat_example], spec, packer.stats))
+        except StopIteration:  # Skipped as a bad example (counted).
+            continue
+        for row in packer.add(encoded):
+            row_id += 1
+            if states is not None:
+                states.record(
+                    row_id, {"stream": position, "packer": packer.state(), "row_id": row_id}
+                )
+            yield row | {ROW_ID: np.int64(row_id)}
 
 
 def train_dataset(
-    data_config: Any, spec: DataSpec, start_step: int = 0
+    data_config: Any,
+    spec: DataSpec,
+    start_step: int = 0,
+    state: dict | None = None,
+    states: RowStates | None = None,
 ) -> tuple[tf.data.Dataset, packing.PackingStats]:
-    """Infinite per-process batches of `train_rows`, starting at batch ``start_step``.
+    """Infinite per-process batches of `train_rows`.
 
-    Resuming replays the packer from the start of the stream, which is cheap for generated data
-    and keeps resume exact.
+    Resumes from a checkpointed pipeline ``state`` when given; otherwise from batch
+    ``start_step``, by replaying the stream from its start (exact, but slower).
     """
     stats = packing.PackingStats()
     ds = tf.data.Dataset.from_generator(
-        lambda: train_rows(data_config, spec, stats), output_signature=_row_signature(spec.seq_len)
+        lambda: train_rows(data_config, spec, stats, state, states),
+        output_signature=_row_signature(spec.seq_len),
     )
     ds = ds.batch(spec.global_batch_size // jax.process_count(), drop_remainder=True)
-    if start_step:
+    if start_step and not state:
         ds = ds.skip(start_step)
     return ds.prefetch(data_config.prefetch), stats
 
@@ -280,10 +336,10 @@ def _close_live_iterators() -> None:
 def global_batch(
     local_batch: dict[str, np.ndarray], sharding: jax.sharding.Sharding
 ) -> dict[str, jax.Array]:
-    """Per-process numpy rows -> global arrays sharded along the mesh's batch axes."""
+    """Per-process numpy rows -> global arrays (the row fields) sharded along the batch axes."""
     return {
-        k: jax.make_array_from_process_local_data(sharding, np.asarray(v))
-        for k, v in local_batch.items()
+        k: jax.make_array_from_process_local_data(sharding, np.asarray(local_batch[k]))
+        for k in packing.ROW_FIELDS
     }
 
 

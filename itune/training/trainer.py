@@ -84,10 +84,20 @@ def train_and_evaluate(config: Any, workdir: str) -> dict:
 
     ckpt = checkpoint.manager(workdir, config.checkpoint)
     restored = checkpoint.restore_latest(ckpt, state_lib.abstract_with_shardings(layout))
+    data_state = None
     if restored is None:
         state = state_lib.init_train_state(layout, model_config, tx, mesh, rules, config.seed)
     else:
-        state, _ = restored
+        state, restored_meta = restored
+        data_states = restored_meta.get("data_state") or []
+        if len(data_states) == jax.process_count():
+            data_state = data_states[jax.process_index()]
+        else:
+            logging.warning(
+                "The checkpoint holds no input-pipeline state for %d processes; replaying the "
+                "data stream to its step instead.",
+                jax.process_count(),
+            )
     start_step = int(state.step)
 
     batch_sharding = sharding.batch_sharding(mesh, rules)
@@ -112,7 +122,11 @@ def train_and_evaluate(config: Any, workdir: str) -> dict:
         for name, batches in local_eval_batches.items()
     }
 
-    dataset, packing_stats = pipeline.train_dataset(config.data, spec, start_step)
+    per_process_batch = spec.global_batch_size // jax.process_count()
+    row_states = pipeline.RowStates(capacity=(config.data.prefetch + 8) * per_process_batch)
+    dataset, packing_stats = pipeline.train_dataset(
+        config.data, spec, start_step, data_state, row_states
+    )
     batches = pipeline.BatchIterator(dataset)
     writer = metrics_lib.MetricsWriter(workdir, enabled=jax.process_index() == 0)
     progress = metrics_lib.Progress(start_step, num_steps, config.train.log_every)
@@ -123,6 +137,7 @@ def train_and_evaluate(config: Any, workdir: str) -> dict:
         for step_num in range(start_step, num_steps):
             with progress.timer("data_wait"):
                 local = next(batches)
+            last_row = int(local.pop(pipeline.ROW_ID)[-1])
             batch = pipeline.global_batch(local, batch_sharding)
             state, step_metrics = train_step(state, batch)
             tokens = int((local["segment_ids"] > 0).sum()) * jax.process_count()
@@ -140,7 +155,8 @@ def train_and_evaluate(config: Any, workdir: str) -> dict:
             every = config.checkpoint.every_steps
             if last or (every and (step_num + 1) % every == 0):
                 with progress.timer("checkpoint"):
-                    checkpoint.save(ckpt, state, meta)
+                    data_state = checkpoint.gather_json(row_states.after(last_row))
+                    checkpoint.save(ckpt, state, dict(meta, data_state=data_state))
         progress.close()
     batches.close()
 
