@@ -49,6 +49,9 @@ def base_config() -> ml_collections.ConfigDict:
     c.data.seq_len = 256  # Tokens per packed row.
     c.data.global_batch_size = 32  # Rows per step, over all processes.
     c.data.pack_open_rows = 8  # Rows the first-fit packer keeps open at once.
+    # An example longer than seq_len: 'truncate_response' (cut the end), 'truncate_prompt_left'
+    # (cut the start) or 'drop'; each is counted.
+    c.data.truncation = "truncate_response"
     c.data.prefetch = 4  # Batches prepared ahead of the train step.
     c.data.builtin = ml_collections.ConfigDict()
     c.data.builtin.system_prompt_rate = 0.25  # Share of chats that open with a system turn.

@@ -1,6 +1,7 @@
 """The packer: rows, segments, positions, truncation and drops."""
 
 import numpy as np
+import pytest
 
 from itune.data import packing
 
@@ -79,3 +80,24 @@ def test_packed_loss_equals_unpacked_loss(builtin_tokenizer):
     unpacked_loss, unpacked_sums = loss_fn(params, graphdef, stack(unpacked))
     assert float(packed_sums["weight_sum"]) == float(unpacked_sums["weight_sum"]) > 0
     np.testing.assert_allclose(float(packed_loss), float(unpacked_loss), rtol=1e-5, atol=1e-5)
+
+
+def test_truncation_policies_cut_the_end_the_start_or_drop():
+    ids = np.arange(1, 14, dtype=np.int32)  # 12 next-token pairs.
+    mask = np.array([0] * 6 + [1] * 7, np.int32)
+    example = packing.to_next_token(ids, mask)
+    rows = {}
+    for policy in packing.TRUNCATION:
+        packer = packing.Packer(seq_len=8, truncation=policy)
+        rows[policy] = list(packing.pack([example], packer))
+        if policy == "drop":
+            assert rows[policy] == [] and packer.stats.dropped == {"longer than seq_len": 1}
+        else:
+            assert packer.stats.truncated == 1 and len(rows[policy]) == 1
+    np.testing.assert_array_equal(rows["truncate_response"][0]["inputs"], np.arange(1, 9))
+    np.testing.assert_array_equal(rows["truncate_prompt_left"][0]["inputs"], np.arange(5, 13))
+    np.testing.assert_array_equal(rows["truncate_prompt_left"][0]["targets"], np.arange(6, 14))
+    # Cutting the prompt keeps the whole answer trained.
+    assert rows["truncate_prompt_left"][0]["loss_mask"].sum() == 7
+    with pytest.raises(ValueError, match="data.truncation='middle'"):
+        packing.Packer(8, truncation="middle")

@@ -13,6 +13,8 @@ from typing import Iterable, Iterator
 import numpy as np
 
 ROW_FIELDS = ("inputs", "targets", "loss_mask", "segment_ids", "positions")
+# What happens to an example longer than a row; see `Packer`.
+TRUNCATION = ("truncate_response", "truncate_prompt_left", "drop")
 
 
 @dataclasses.dataclass
@@ -54,15 +56,25 @@ class Packer:
     """First-fit packing into at most ``max_open_rows`` rows at a time.
 
     An example goes into the first open row with room for it; when none has room and the buffer is
-    full, the fullest open row is emitted. Examples longer than ``seq_len`` keep their first
-    ``seq_len`` tokens (counted as truncated); an example left with no trained token is dropped
-    and counted.
+    full, the fullest open row is emitted. An example longer than ``seq_len`` is, by
+    ``truncation``, cut at the end (``truncate_response``), cut at the start
+    (``truncate_prompt_left``) or dropped (``drop``), and counted; an example left with no trained
+    token is dropped and counted.
     """
 
-    def __init__(self, seq_len: int, max_open_rows: int = 8, pad_id: int = 0):
+    def __init__(
+        self,
+        seq_len: int,
+        max_open_rows: int = 8,
+        pad_id: int = 0,
+        truncation: str = "truncate_response",
+    ):
+        if truncation not in TRUNCATION:
+            raise ValueError(f"data.truncation={truncation!r}; expected one of {TRUNCATION}")
         self.seq_len = seq_len
         self.max_open_rows = max_open_rows
         self.pad_id = pad_id
+        self.truncation = truncation
         self.stats = PackingStats()
         self._open: list[list[dict[str, np.ndarray]]] = []
         self._fill: list[int] = []
@@ -75,7 +87,17 @@ class Packer:
             self.stats.dropped["empty"] += 1
             return []
         if n > self.seq_len:
-            example = {k: v[: self.seq_len] for k, v in example.items()}
+            if self.truncation == "drop":
+                self.stats.dropped["longer than seq_len"] += 1
+                return []
+            # truncate_response keeps the start (cutting the end of the last answer);
+            # truncate_prompt_left keeps the end (cutting the start of the prompt).
+            keep = (
+                slice(None, self.seq_len)
+                if self.truncation == "truncate_response"
+                else (slice(n - self.seq_len, None))
+            )
+            example = {k: v[keep] for k, v in example.items()}
             n = self.seq_len
             self.stats.truncated += 1
         if not example["loss_mask"].any():

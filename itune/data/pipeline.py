@@ -209,7 +209,9 @@ def train_rows(
     each row (stream position, the packer's open rows and counters) is recorded there, ready to be
     checkpointed and passed back as ``state``.
     """
-    packer = packing.Packer(spec.seq_len, data_config.pack_open_rows, spec.tokenizer.pad_id)
+    packer = packing.Packer(
+        spec.seq_len, data_config.pack_open_rows, spec.tokenizer.pad_id, data_config.truncation
+    )
     if stats is not None:
         packer.stats = stats
     if state:
@@ -283,7 +285,9 @@ def eval_batches(
     stats = packing.PackingStats()
     batches = {}
     for name, chats in eval_chats(data_config, spec, num_examples).items():
-        packer = packing.Packer(spec.seq_len, data_config.pack_open_rows, spec.tokenizer.pad_id)
+        packer = packing.Packer(
+            spec.seq_len, data_config.pack_open_rows, spec.tokenizer.pad_id, data_config.truncation
+        )
         packer.stats = stats
         rows = list(packing.pack(_encoded(chats, spec, stats), packer, flush=True))
         if not rows:
