@@ -224,3 +224,26 @@ def test_a_prepared_tfds_dataset_is_a_source(tmp_path, shared_dir):
     assert [s.name for s in spec.sources] == ["ident"] and len(spec.sources[0]) == 80
     (batch,), _ = _batches(config, spec, 0, 1)
     assert batch["loss_mask"].sum() > 0
+
+
+def test_a_source_with_a_template_bank_is_rephrased(tmp_path, shared_dir):
+    from itune.data import templates
+
+    config = _file_config(tmp_path, shared_dir)
+    with config.unlocked():
+        config.data.sources.gsm8k.templates = {
+            "templates": list(templates.GSM8K_BANK.templates),
+            "few_shot": 1,
+            "few_shot_rate": 0.5,
+        }
+    spec = pipeline.make_spec(config.data, str(tmp_path))
+    stream = mixture.train_stream(config.data, spec.sources)
+    gsm8k = [ex for ex, _ in itertools.islice(stream, 400) if ex["source"] == "gsm8k"]
+    assert {ex["template"] for ex in gsm8k} == set(range(len(templates.GSM8K_BANK.templates)))
+    assert {ex["few_shot"] for ex in gsm8k} == {0, 1}
+    for ex in gsm8k:
+        question = ex["messages"][-2]["content"]
+        assert "####" in ex["messages"][-1]["content"]
+        assert (question.count("####") == 1) == (ex["few_shot"] == 1)
+    evals = pipeline.eval_chats(config.data, spec, 10)["gsm8k"]
+    assert all("template" in ex for ex in evals)

@@ -11,6 +11,9 @@ stream comes from is drawn from ``(data.seed, i)`` with the mixture's rates:
   ``mixture_cap`` examples (FLAN's examples-proportional mixing; 0 means no cap);
 - ``temperature``: proportional to ``size ** (1 / mixture_temperature)``.
 
+A source entry may name a template bank (``"templates": "gsm8k"`` or a `TemplateBank` config):
+its single-turn examples are then rephrased FLAN-style, zero- or few-shot (`itune.data.templates`).
+
 The stream is a pure function of the seed and the position, so a resumed run replays it exactly.
 """
 
@@ -25,6 +28,7 @@ import numpy as np
 
 from itune.data import sources as sources_lib
 from itune.data import tasks, tfds_sources
+from itune.data import templates as templates_lib
 
 MIXTURES = ("weights", "examples", "temperature")
 BUILTIN = "builtin"
@@ -39,6 +43,15 @@ class Source:
     train: list[dict] | None
     eval: list[dict]
     stats: sources_lib.SourceStats
+    bank: templates_lib.TemplateBank | None = None  # Rephrases single-turn examples.
+
+    def templated(self, example: dict, seed: int, index: int, pool_index: int | None) -> dict:
+        """``example`` rephrased by the source's template bank (as is without one)."""
+        if self.bank is None:
+            return example
+        return templates_lib.template_example(
+            example, self.bank, seed, index, self.train or (), pool_index
+        )
 
     def __len__(self) -> int:
         return len(self.train) if self.train is not None else 0
@@ -49,7 +62,14 @@ def load_sources(data_config: Any) -> list[Source]:
     if not data_config.sources:
         return [Source(BUILTIN, 1.0, None, [], sources_lib.SourceStats(BUILTIN))]
     loaded = []
-    for spec in tfds_sources.specs_from_config(data_config.sources):
+    entries, banks = {}, {}
+    for name, entry in data_config.sources.items():
+        values = entry.to_dict() if hasattr(entry, "to_dict") else dict(entry)
+        bank = values.pop("templates", None)
+        if bank:
+            banks[name] = templates_lib.TemplateBank.from_config(bank)
+        entries[name] = values
+    for spec in tfds_sources.specs_from_config(entries):
         stats = sources_lib.SourceStats(spec.name)
         examples = list(tfds_sources.read_any_source(spec, data_config.on_bad_example, stats))
         if stats.skipped:
@@ -62,7 +82,7 @@ def load_sources(data_config: Any) -> list[Source]:
         held_out = [examples[int(i)] for i in sorted(eval_set)]
         if not train:
             raise ValueError(f"data.sources.{spec.name}: {spec.path} has no training examples")
-        loaded.append(Source(spec.name, spec.weight, train, held_out, stats))
+        loaded.append(Source(spec.name, spec.weight, train, held_out, stats, banks.get(spec.name)))
     return loaded
 
 
@@ -129,4 +149,5 @@ def train_stream(
         if (s, epoch) not in orders:
             orders = {key: v for key, v in orders.items() if key[0] != s}  # Keep one epoch.
             orders[(s, epoch)] = _epoch_order(data_config.seed, s, epoch, len(source))
-        yield source.train[int(orders[(s, epoch)][pos])], position
+        pool_index = int(orders[(s, epoch)][pos])
+        yield source.templated(source.train[pool_index], data_config.seed, i, pool_index), position

@@ -165,6 +165,7 @@ def _encoded(examples, spec: DataSpec, stats: packing.PackingStats):
             stats.dropped[e.reason or "bad example"] += 1
 
 
+_EVAL_POSITIONS = 2**40
 ROW_ID = "row_id"  # Numbers each row of a training stream; see `RowStates`.
 
 
@@ -271,7 +272,15 @@ def eval_chats(data_config: Any, spec: DataSpec, num_examples: int) -> dict[str,
                 for i in range(num_examples)
             ]
         }
-    return {s.name: s.eval[:num_examples] for s in spec.sources if s.eval}
+    return {
+        s.name: [
+            # Eval positions are drawn apart from the training stream's.
+            s.templated(example, data_config.seed, _EVAL_POSITIONS + i, None)
+            for i, example in enumerate(s.eval[:num_examples])
+        ]
+        for s in spec.sources
+        if s.eval
+    }
 
 
 def eval_batches(
