@@ -26,3 +26,10 @@ def test_train_two_steps_on_a_mixture_of_real_files(tmp_path, shared_dir):
     saved = json.loads((tmp_path / "eval_results.json").read_text())
     assert saved["eval_loss_per_source"] == results["eval_loss_per_source"]
     assert list((tmp_path / "tokenizer").glob("spm_*.model"))
+    # Training metrics carry each source's trained tokens and loss.
+    lines = [json.loads(l) for l in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    train = [l["train"] for l in lines if "train" in l][-1]
+    for name in ("identity", "seed_tasks"):
+        assert f"loss/{name}" in train and f"trained_tokens/{name}" in train
+    total = train["trained_tokens/identity"] + train["trained_tokens/seed_tasks"]
+    assert abs(total - train["trained_tokens"]) < 1e-3

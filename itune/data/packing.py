@@ -12,7 +12,8 @@ from typing import Iterable, Iterator
 
 import numpy as np
 
-ROW_FIELDS = ("inputs", "targets", "loss_mask", "segment_ids", "positions")
+# source_ids: which mixture source each token's example came from (for per-source metrics).
+ROW_FIELDS = ("inputs", "targets", "loss_mask", "segment_ids", "positions", "source_ids")
 # What happens to an example longer than a row; see `Packer`.
 TRUNCATION = ("truncate_response", "truncate_prompt_left", "drop")
 
@@ -154,8 +155,9 @@ class Packer:
         start = 0
         for segment, ex in enumerate(examples, start=1):
             end = start + len(ex["inputs"])
-            for k in ("inputs", "targets", "loss_mask"):
-                row[k][start:end] = ex[k]
+            for k in ("inputs", "targets", "loss_mask", "source_ids"):
+                if k in ex:
+                    row[k][start:end] = ex[k]
             row["segment_ids"][start:end] = segment
             row["positions"][start:end] = np.arange(end - start)
             start = end

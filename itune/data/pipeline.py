@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import atexit
 import dataclasses
+import functools
 import itertools
 import logging
 import weakref
@@ -48,6 +49,14 @@ class DataSpec:
     sources: list[mixture.Source]
     on_bad_example: str = "error"
     train_on: str = "all_assistant"
+
+    @property
+    def source_names(self) -> list[str]:
+        return [s.name for s in self.sources]
+
+    @functools.cached_property
+    def source_index(self) -> dict[str, int]:
+        return {name: i for i, name in enumerate(self.source_names)}
 
     @property
     def is_builtin(self) -> bool:
@@ -150,7 +159,10 @@ def encode_example(example: dict, spec: DataSpec) -> dict[str, np.ndarray]:
             example.get("origin", example.get("source", "?")), str(e), reason="bad chat"
         ) from None
     ids, mask = chat.tokenize(pieces, spec.tokenizer, spec.chat_format)
-    return packing.to_next_token(ids, mask)
+    example_tokens = packing.to_next_token(ids, mask)
+    source = spec.source_index.get(example.get("source", mixture.BUILTIN), 0)
+    example_tokens["source_ids"] = np.full(len(ids) - 1, source, np.int32)
+    return example_tokens
 
 
 def _encoded(examples, spec: DataSpec, stats: packing.PackingStats):

@@ -103,7 +103,13 @@ def train_and_evaluate(config: Any, workdir: str) -> dict:
     batch_sharding = sharding.batch_sharding(mesh, rules)
     replicated = NamedSharding(mesh, PartitionSpec())
     train_step = jax.jit(
-        functools.partial(step.train_step, graphdef=layout.graphdef, tx=tx, schedule=schedule),
+        functools.partial(
+            step.train_step,
+            graphdef=layout.graphdef,
+            tx=tx,
+            schedule=schedule,
+            source_names=tuple(spec.source_names),
+        ),
         in_shardings=(layout.shardings, batch_sharding),
         out_shardings=(layout.shardings, replicated),
         donate_argnums=0,
