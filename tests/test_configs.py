@@ -19,12 +19,16 @@ def _load(path, arg):
 
 
 @pytest.mark.parametrize("path", CONFIGS, ids=[p.stem for p in CONFIGS])
-def test_config_runs_one_step(path, tmp_path):
+def test_config_runs_one_step(path, tmp_path, request):
+    if "NEEDS_SHARED" in path.read_text():
+        request.getfixturevalue("shared_dir")  # Skips (or fails in CI) without ../shared.
     config = _load(path, "runlocal")
     with config.unlocked():
         config.train.num_steps = 1
     results = train_and_evaluate(config, str(tmp_path))
-    assert set(results) >= {"trained_templates", "held_out_templates", "eval_loss"}
+    assert "eval_loss" in results and results["eval_loss_per_source"]
+    if not config.data.sources:
+        assert set(results) >= {"trained_templates", "held_out_templates"}
     saved = json.loads((tmp_path / "config.json").read_text())
     assert saved["train"]["num_steps"] == 1
     assert (tmp_path / "checkpoints" / "1").is_dir()

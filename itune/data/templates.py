@@ -84,12 +84,15 @@ class TemplateBank:
 
     @classmethod
     def from_config(cls, cfg: Any) -> TemplateBank:
-        """From a dict or ``ml_collections.ConfigDict``, or the name of one of `BANKS`.
+        """From a dict or ``ml_collections.ConfigDict``, or the name of one of `BANKS`; a
+        ``bank`` key starts from that built-in bank and changes the other keys given.
 
         >>> TemplateBank.from_config({"templates": ["Q: {instruction}"], "few_shot": 1}).templates
         ('Q: {instruction}',)
         >>> TemplateBank.from_config("gsm8k") is GSM8K_BANK
         True
+        >>> TemplateBank.from_config({"bank": "gsm8k", "few_shot": 2}).few_shot
+        2
         >>> TemplateBank.from_config({"templates": ["{instruction}"], "shots": 2})
         Traceback (most recent call last):
         ValueError: template bank: unknown keys ['shots']; known: ['templates', 'answer_template', \
@@ -100,6 +103,9 @@ class TemplateBank:
                 raise ValueError(f"unknown template bank {cfg!r}; built-in banks: {sorted(BANKS)}")
             return BANKS[cfg]
         values = cfg.to_dict() if hasattr(cfg, "to_dict") else dict(cfg)
+        if "bank" in values:  # A built-in bank with some fields changed, e.g. few_shot.
+            base = cls.from_config(values.pop("bank"))
+            return cls.from_config(dataclasses.asdict(base) | values)
         known = [f.name for f in dataclasses.fields(cls)]
         unknown = sorted(set(values) - set(known))
         if unknown:
