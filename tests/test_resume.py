@@ -63,7 +63,8 @@ def test_pipeline_resumes_exactly_in_a_new_process(tmp_path, shared_dir):
     resumed = _run(shared_dir, tmp_path, "resume", 4, 0)
     state = json.loads((tmp_path / "state.json").read_text())[0]
     # The state holds the stream position, the packer's open rows and the row count.
-    assert state["stream"]["index"] > 0 and state["packer"]["open"] and state["row_id"] == 3 * 8
+    shard = state["shards"]["0"]
+    assert shard["stream"]["index"] > 0 and shard["packer"]["open"] and state["row_id"] == 3 * 8
     assert len(set(uninterrupted)) == 7
     assert resumed == uninterrupted[3:]
 

@@ -208,6 +208,46 @@ class RowStates:
         return self._states[row_id]
 
 
+def data_shards(data_config: Any, spec: DataSpec) -> tuple[int, range]:
+    """The number of data shards and the ones this process packs.
+
+    The stream is split into ``data.shards`` shards (0: one per process), each packed on its own;
+    every global batch takes the same number of rows from each shard, in shard order, and process
+    ``p`` packs a contiguous block of shards. The global batches are therefore the same whatever
+    the number of processes that share the shards.
+    """
+    num_processes = jax.process_count()
+    num_shards = data_config.shards or num_processes
+    if num_shards % num_processes or spec.global_batch_size % num_shards:
+        raise ValueError(
+            f"data.shards={num_shards} must be a multiple of the number of processes "
+            f"({num_processes}) and divide data.global_batch_size={spec.global_batch_size}"
+        )
+    per_process = num_shards // num_processes
+    first = jax.process_index() * per_process
+    return num_shards, range(first, first + per_process)
+
+
+def _shard_rows(data_config, spec, shard, num_shards, stats, state):
+    """One shard's rows, each with the shard's state after it."""
+    packer = packing.Packer(
+        spec.seq_len, data_config.pack_open_rows, spec.tokenizer.pad_id, data_config.truncation
+    )
+    packer.stats = stats
+    if state:
+        packer.restore(state["packer"])
+    chats = mixture.train_stream(
+        data_config, spec.sources, shard, num_shards, start=state["stream"] if state else None
+    )
+    for chat_example, position in chats:
+        try:
+            encoded = next(_encoded([chat_example], spec, packer.stats))
+        except StopIteration:  # Skipped as a bad example (counted).
+            continue
+        for row in packer.add(encoded):
+            yield row, {"stream": position, "packer": packer.state()}
+
+
 def train_rows(
     data_config: Any,
     spec: DataSpec,
@@ -217,38 +257,30 @@ def train_rows(
 ) -> Iterator[dict[str, np.ndarray]]:
     """This process's infinite stream of packed rows, from ``state`` or the beginning.
 
-    The chats come from `mixture.train_stream` (process ``p`` of ``P`` renders stream positions
-    ``p, p + P, ...``). Each row carries a ``row_id``; with ``states``, the pipeline's state after
-    each row (stream position, the packer's open rows and counters) is recorded there, ready to be
-    checkpointed and passed back as ``state``.
+    Rows come from this process's shards (`data_shards`) in turn, ``global_batch_size / shards``
+    from each. Each row carries a ``row_id``; with ``states``, the pipeline's state after each
+    row (per shard: stream position, the packer's open rows and counters) is recorded there, ready
+    to be checkpointed and passed back as ``state``.
     """
-    packer = packing.Packer(
-        spec.seq_len, data_config.pack_open_rows, spec.tokenizer.pad_id, data_config.truncation
-    )
-    if stats is not None:
-        packer.stats = stats
-    if state:
-        packer.restore(state["packer"])
-    chats = mixture.train_stream(
-        data_config,
-        spec.sources,
-        jax.process_index(),
-        jax.process_count(),
-        start=state["stream"] if state else None,
-    )
+    stats = stats if stats is not None else packing.PackingStats()
+    num_shards, shards = data_shards(data_config, spec)
+    shard_states = dict(state["shards"]) if state else {}
+    if state and sorted(map(int, shard_states)) != list(shards):
+        raise ValueError(f"data state holds shards {sorted(shard_states)}, this process {shards}")
+    streams = {
+        s: _shard_rows(data_config, spec, s, num_shards, stats, shard_states.get(str(s)))
+        for s in shards
+    }
+    rows_per_shard = spec.global_batch_size // num_shards
     row_id = state["row_id"] if state else 0
-    for chat_example, position in chats:
-        try:
-            encoded = next(_encoded([chat_example], spec, packer.stats))
-        except StopIteration:  # Skipped as a bad example (counted).
-            continue
-        for row in packer.add(encoded):
-            row_id += 1
-            if states is not None:
-                states.record(
-                    row_id, {"stream": position, "packer": packer.state(), "row_id": row_id}
-                )
-            yield row | {ROW_ID: np.int64(row_id)}
+    while True:
+        for s in shards:
+            for _ in range(rows_per_shard):
+                row, shard_states[str(s)] = next(streams[s])
+                row_id += 1
+                if states is not None:
+                    states.record(row_id, {"shards": dict(shard_states), "row_id": row_id})
+                yield row | {ROW_ID: np.int64(row_id)}
 
 
 def train_dataset(
