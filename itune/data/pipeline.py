@@ -296,11 +296,20 @@ def train_dataset(
     ``start_step``, by replaying the stream from its start (exact, but slower).
     """
     stats = packing.PackingStats()
-    ds = tf.data.Dataset.from_generator(
-        lambda: train_rows(data_config, spec, stats, state, states),
-        output_signature=_row_signature(spec.seq_len),
-    )
-    ds = ds.batch(spec.global_batch_size // jax.process_count(), drop_remainder=True)
+    per_process = spec.global_batch_size // jax.process_count()
+
+    def batches() -> Iterator[dict[str, np.ndarray]]:
+        # Batched here rather than by tf.data: its per-element cost is paid once per batch.
+        rows = train_rows(data_config, spec, stats, state, states)
+        while True:
+            chunk = [next(rows) for _ in range(per_process)]
+            yield {k: np.stack([r[k] for r in chunk]) for k in chunk[0]}
+
+    signature = {
+        k: tf.TensorSpec((per_process,) + v.shape, v.dtype)
+        for k, v in _row_signature(spec.seq_len).items()
+    }
+    ds = tf.data.Dataset.from_generator(batches, output_signature=signature)
     if start_step and not state:
         ds = ds.skip(start_step)
     return ds.prefetch(data_config.prefetch), stats
