@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import atexit
 import dataclasses
+import queue
+import threading
 import functools
 import itertools
 import logging
@@ -369,28 +371,64 @@ def eval_batches(
 
 
 class BatchIterator:
-    """Numpy batches of a tf.data dataset, released at the latest when the interpreter exits.
+    """Numpy batches of a tf.data dataset, read ahead by a background thread.
 
-    A live iterator over a generator-backed dataset blocks interpreter shutdown, so every one is
-    closed by an exit hook (and can be closed earlier with `close`).
+    ``transform`` (e.g. `global_batch`) runs in that thread too, so the training loop finds the
+    next batch ready, on its devices; the time it still waits is the real input stall. A live
+    iterator over a generator-backed dataset blocks interpreter shutdown, so every one is closed
+    by an exit hook (and can be closed earlier with `close`).
     """
 
     _live: "weakref.WeakSet[BatchIterator]" = weakref.WeakSet()
 
-    def __init__(self, dataset: tf.data.Dataset):
-        self._iterator = dataset.as_numpy_iterator()
+    def __init__(self, dataset: tf.data.Dataset, transform=None, buffer: int = 2):
+        self._queue: queue.Queue = queue.Queue(maxsize=buffer)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(
+            target=self._fill, args=(dataset, transform), daemon=True, name="itune-batches"
+        )
+        self._thread.start()
         BatchIterator._live.add(self)
+
+    def _fill(self, dataset: tf.data.Dataset, transform) -> None:
+        iterator = dataset.as_numpy_iterator()
+        try:
+            while not self._stop.is_set():
+                try:
+                    item = next(iterator)
+                    item = transform(item) if transform else item
+                except BaseException as e:  # Handed to the consumer, raised there.
+                    item = _Failure(e)
+                while not self._stop.is_set():
+                    try:
+                        self._queue.put(item, timeout=0.1)
+                        break
+                    except queue.Full:
+                        continue
+                if isinstance(item, _Failure):
+                    return
+        finally:
+            del iterator  # Released in this thread, before the interpreter shuts down.
 
     def __iter__(self) -> "BatchIterator":
         return self
 
-    def __next__(self) -> dict[str, np.ndarray]:
-        if self._iterator is None:
+    def __next__(self):
+        if self._stop.is_set():
             raise StopIteration
-        return next(self._iterator)
+        item = self._queue.get()
+        if isinstance(item, _Failure):
+            raise item.error
+        return item
 
     def close(self) -> None:
-        self._iterator = None
+        self._stop.set()
+        self._thread.join(timeout=10)
+
+
+@dataclasses.dataclass
+class _Failure:
+    error: BaseException
 
 
 @atexit.register

@@ -133,7 +133,13 @@ def train_and_evaluate(config: Any, workdir: str) -> dict:
     dataset, packing_stats = pipeline.train_dataset(
         config.data, spec, start_step, data_state, row_states
     )
-    batches = pipeline.BatchIterator(dataset)
+
+    def to_device(local: dict) -> tuple[int, int, dict]:
+        """(last row id, tokens in the global batch, the global batch on its devices)."""
+        tokens = int((local["segment_ids"] > 0).sum()) * jax.process_count()
+        return int(local[pipeline.ROW_ID][-1]), tokens, pipeline.global_batch(local, batch_sharding)
+
+    batches = pipeline.BatchIterator(dataset, transform=to_device)
     writer = metrics_lib.MetricsWriter(workdir, enabled=jax.process_index() == 0)
     progress = metrics_lib.Progress(start_step, num_steps, config.train.log_every)
     meta = {"config": json.loads(config.to_json_best_effort())}
@@ -142,11 +148,8 @@ def train_and_evaluate(config: Any, workdir: str) -> dict:
     with jax.set_mesh(mesh):
         for step_num in range(start_step, num_steps):
             with progress.timer("data_wait"):
-                local = next(batches)
-            last_row = int(local.pop(pipeline.ROW_ID)[-1])
-            batch = pipeline.global_batch(local, batch_sharding)
+                last_row, tokens, batch = next(batches)
             state, step_metrics = train_step(state, batch)
-            tokens = int((local["segment_ids"] > 0).sum()) * jax.process_count()
             summary = progress.update(step_num + 1, step_metrics, tokens)
             if summary is not None:
                 writer.write(step_num + 1, summary)
