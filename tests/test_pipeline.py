@@ -247,3 +247,33 @@ def test_a_source_with_a_template_bank_is_rephrased(tmp_path, shared_dir):
         assert (question.count("####") == 1) == (ex["few_shot"] == 1)
     evals = pipeline.eval_chats(config.data, spec, 10)["gsm8k"]
     assert all("template" in ex for ex in evals)
+
+
+def test_mistral_format_with_the_shared_bpe_sentencepiece_model(tmp_path, shared_dir):
+    """BOS once, each answer trained with the EOS that ends it, as the tokenizer encodes it."""
+    config = _config(
+        **{"tokenizer.path": str(shared_dir / "tokenizers/bpe_32000_mistral_v1.model")}
+    )
+    with config.unlocked():
+        config.data.chat_format = "mistral"
+    spec = pipeline.make_spec(config.data, str(tmp_path))
+    tok = spec.tokenizer
+    messages = [
+        {"role": "user", "content": "What is 2+2?"},
+        {"role": "assistant", "content": "It is 4."},
+        {"role": "user", "content": "And 3+3?"},
+        {"role": "assistant", "content": "6"},
+    ]
+    ex = pipeline.encode_example({"messages": messages}, spec)
+    ids = np.concatenate([ex["inputs"][:1], ex["targets"]])
+    assert ids[0] == tok.bos_id and (ids == tok.bos_id).sum() == 1
+    trained = ex["targets"][ex["loss_mask"] == 1].tolist()
+    first, second = (
+        trained[: trained.index(tok.eos_id) + 1],
+        trained[trained.index(tok.eos_id) + 1 :],
+    )
+    assert tok.decode(first[:-1]) == "It is 4." and tok.decode(second[:-1]) == "6"
+    assert second[-1] == tok.eos_id
+    # In context the answer follows "[/INST]" with no space: the same ids as the full text's.
+    full = tok.encode("[INST] What is 2+2? [/INST]It is 4.")
+    assert first[:-1] == full[-len(first) + 1 :]
