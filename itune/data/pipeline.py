@@ -381,7 +381,8 @@ class BatchIterator:
 
     _live: "weakref.WeakSet[BatchIterator]" = weakref.WeakSet()
 
-    def __init__(self, dataset: tf.data.Dataset, transform=None, buffer: int = 2):
+    # Four batches ahead absorb the producer's slow moments (it shares the cores with XLA).
+    def __init__(self, dataset: tf.data.Dataset, transform=None, buffer: int = 4):
         self._queue: queue.Queue = queue.Queue(maxsize=buffer)
         self._stop = threading.Event()
         self._thread = threading.Thread(
