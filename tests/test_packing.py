@@ -101,3 +101,17 @@ def test_truncation_policies_cut_the_end_the_start_or_drop():
     assert rows["truncate_prompt_left"][0]["loss_mask"].sum() == 7
     with pytest.raises(ValueError, match="data.truncation='middle'"):
         packing.Packer(8, truncation="middle")
+
+
+def test_a_dropped_share_over_the_threshold_is_a_warning(caplog):
+    from itune.data import pipeline
+
+    stats = packing.PackingStats(examples=100, packed=97)
+    stats.dropped["no trained token"] = 3
+    with caplog.at_level("WARNING"):
+        pipeline.log_stats("Train", stats, 16, max_dropped_share=0.05)
+    assert not [r for r in caplog.records if r.levelname == "WARNING"]
+    with caplog.at_level("WARNING"):
+        pipeline.log_stats("Train", stats, 16, max_dropped_share=0.01)
+    warning = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert warning and "3 of 100 examples (3.0%) were dropped (3 no trained token)" in warning[0]

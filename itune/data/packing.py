@@ -41,6 +41,11 @@ class PackingStats:
             f"{self.examples} examples: {self.packed} packed into {self.rows} rows "
             f"({self.efficiency(seq_len):.1%} non-padding), {self.truncated} truncated, "
             f"dropped: {dropped}"
+            + (
+                f"; per source: {dict(sorted(self.sources.items()))}"
+                if len(self.sources) > 1
+                else ""
+            )
         )
 
 
