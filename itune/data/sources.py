@@ -98,18 +98,21 @@ class SourceSpec:
     @classmethod
     def from_config(cls, cfg: Any, name: str | None = None) -> SourceSpec:
         """From an ``ml_collections.ConfigDict`` or a dict; ``name`` fills in a missing name."""
-        values = cfg.to_dict() if hasattr(cfg, "to_dict") else dict(cfg)
-        if name is not None:
-            values.setdefault("name", name)
-        known = [f.name for f in dataclasses.fields(cls)]
-        unknown = sorted(set(values) - set(known))
-        if unknown:
-            raise ValueError(
-                f"source {values.get('name')!r}: unknown keys {unknown}; known: {known}"
-            )
-        for key in ("field_map", "role_map"):
-            values[key] = dict(values.get(key) or {})
-        return cls(**values)
+        return spec_from_values(cls, cfg, name)
+
+
+def spec_from_values(cls, cfg: Any, name: str | None = None):
+    """A source spec dataclass ``cls`` from a config entry, rejecting keys it does not have."""
+    values = cfg.to_dict() if hasattr(cfg, "to_dict") else dict(cfg)
+    if name is not None:
+        values.setdefault("name", name)
+    known = [f.name for f in dataclasses.fields(cls)]
+    unknown = sorted(set(values) - set(known))
+    if unknown:
+        raise ValueError(f"source {values.get('name')!r}: unknown keys {unknown}; known: {known}")
+    for key in ("field_map", "role_map"):
+        values[key] = dict(values.get(key) or {})
+    return cls(**values)
 
 
 def specs_from_config(sources: Any) -> list[SourceSpec]:

@@ -53,6 +53,7 @@ from itune.data.sources import (
     convert_record,
     detect_format,
     read_source,
+    spec_from_values,
 )
 
 BUILDER_NAME = "itune_chat"
@@ -351,18 +352,7 @@ class TfdsSourceSpec:
     @classmethod
     def from_config(cls, cfg: Any, name: str | None = None) -> TfdsSourceSpec:
         """From an ``ml_collections.ConfigDict`` or a dict; ``name`` fills in a missing name."""
-        values = cfg.to_dict() if hasattr(cfg, "to_dict") else dict(cfg)
-        if name is not None:
-            values.setdefault("name", name)
-        known = [f.name for f in dataclasses.fields(cls)]
-        unknown = sorted(set(values) - set(known))
-        if unknown:
-            raise ValueError(
-                f"source {values.get('name')!r}: unknown keys {unknown}; known: {known}"
-            )
-        for key in ("field_map", "role_map"):
-            values[key] = dict(values.get(key) or {})
-        return cls(**values)
+        return spec_from_values(cls, cfg, name)
 
 
 def tfds_spec_from_config(cfg: Any, name: str | None = None) -> TfdsSourceSpec:
