@@ -53,8 +53,9 @@ def base_config() -> ml_collections.ConfigDict:
     # (cut the start) or 'drop'; each is counted.
     c.data.truncation = "truncate_response"
     c.data.prefetch = 4  # Batches prepared ahead of the train step.
-    # Independently packed shards of the stream (0: one per process); a fixed number makes the
-    # batches the same for any number of processes that divides it.
+    # Shards of the stream (0: one per process), each packed on its own from its own block of
+    # every source's records; a fixed number makes the batches the same for any number of
+    # processes that divides it.
     c.data.shards = 0
     c.data.builtin = ml_collections.ConfigDict()
     c.data.builtin.system_prompt_rate = 0.25  # Share of chats that open with a system turn.

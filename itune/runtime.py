@@ -1,9 +1,13 @@
 """Process set-up shared by the command-line entry points."""
 
+import json
 import logging
 import os
 import sys
 import warnings
+from typing import Any
+
+import numpy as np
 
 
 def initialize() -> None:
@@ -32,3 +36,24 @@ def initialize() -> None:
     # Library chatter (orbax's per-save lines, jax's backend probing) stays at warnings.
     for name in ("absl", "jax", "orbax"):
         logging.getLogger(name).setLevel(logging.WARNING)
+
+
+def _json_default(value):
+    if isinstance(value, (np.ndarray, np.generic)):
+        return value.tolist()
+    raise TypeError(f"{type(value).__name__} is not JSON serializable")
+
+
+def gather_json(value: Any) -> list:
+    """Every process's ``value`` (JSON-serializable, numpy arrays allowed), in process order."""
+    import jax
+    from jax.experimental import multihost_utils
+
+    data = np.frombuffer(json.dumps(value, default=_json_default).encode(), np.uint8)
+    if jax.process_count() == 1:
+        return [json.loads(data.tobytes())]
+    lengths = np.asarray(multihost_utils.process_allgather(np.array([len(data)]))).ravel()
+    padded = np.zeros(int(lengths.max()), np.uint8)
+    padded[: len(data)] = data
+    rows = np.asarray(multihost_utils.process_allgather(padded))
+    return [json.loads(row[:n].tobytes()) for row, n in zip(rows, lengths)]

@@ -12,7 +12,7 @@ from itune import cli
 
 cli.quiet_tensorflow()
 
-from absl import app, flags, logging
+from absl import app, flags
 from ml_collections import config_flags
 
 _CONFIG = config_flags.DEFINE_config_file(

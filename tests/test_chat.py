@@ -3,7 +3,6 @@
 import dataclasses
 
 import ml_collections
-import numpy as np
 import pytest
 
 from itune.data import chat, tasks

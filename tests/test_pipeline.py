@@ -2,7 +2,6 @@
 
 import itertools
 
-import jax
 import numpy as np
 import pytest
 
@@ -143,7 +142,7 @@ def test_file_sources_mix_by_weight_and_hold_out_an_eval_slice(tmp_path, shared_
     assert set(by_name) == {"gsm8k", "chats"}
     gsm8k = by_name["gsm8k"]
     assert len(gsm8k) == 7473 - 10 and len(gsm8k.eval) == 10 and len(by_name["chats"]) == 490
-    assert not {ex["origin"] for ex in gsm8k.train} & {ex["origin"] for ex in gsm8k.eval}
+    assert not {ex["origin"] for ex in gsm8k.pool(0)} & {ex["origin"] for ex in gsm8k.eval}
     chats = [
         ex for ex, _ in itertools.islice(mixture.train_stream(config.data, spec.sources), 2000)
     ]
@@ -277,3 +276,37 @@ def test_mistral_format_with_the_shared_bpe_sentencepiece_model(tmp_path, shared
     # In context the answer follows "[/INST]" with no space: the same ids as the full text's.
     full = tok.encode("[INST] What is 2+2? [/INST]It is 4.")
     assert first[:-1] == full[-len(first) + 1 :]
+
+
+def test_data_shards_own_contiguous_blocks_of_records(tmp_path, shared_dir):
+    config = _file_config(tmp_path, shared_dir, shards=4)
+    every = mixture.load_sources(config.data, (4, range(0, 4)))
+    # What two processes would read before they exchange eval slices and shard sizes.
+    halves = [mixture.load_sources(config.data, (4, range(2 * p, 2 * p + 2))) for p in (0, 1)]
+    for whole, *parts in zip(every, *halves):
+        assert len(whole.eval) == 10
+        assert sorted(map(str, whole.eval)) == sorted(map(str, parts[0].eval + parts[1].eval))
+        assert len(whole) == len(parts[0]) + len(parts[1]) == sum(map(len, whole.shards.values()))
+        assert whole.stats.read == sum(p.stats.read for p in parts)
+        origins = [[e["origin"] for e in whole.pool(s)] for s in range(4)]
+        assert origins[:2] == [[e["origin"] for e in parts[0].pool(s)] for s in (0, 1)]
+        assert origins[2:] == [[e["origin"] for e in parts[1].pool(s)] for s in (2, 3)]
+        held_out = {e["origin"] for e in whole.eval}
+        assert not held_out & {o for block in origins for o in block}
+        with pytest.raises(ValueError, match="does not read shard 3"):
+            parts[0].pool(3)
+    # Shards take their examples only from their own block.
+    gsm8k = next(s for s in every if s.name == "gsm8k")
+    for shard in range(4):
+        stream = mixture.train_stream(config.data, every, shard, 4)
+        seen = {ex["origin"] for ex, _ in itertools.islice(stream, 200) if ex["source"] == "gsm8k"}
+        assert seen and seen <= {e["origin"] for e in gsm8k.pool(shard)}
+
+
+def test_a_shard_without_training_examples_is_an_error(tmp_path):
+    path = tmp_path / "tiny.jsonl"
+    path.write_text('{"prompt": "a", "completion": "b"}\n' * 3)
+    config = _config(sources={"tiny": {"path": str(path)}}, eval_examples_per_source=0)
+    with pytest.raises(ValueError, match=r"data.sources.tiny .*tiny.jsonl.* data shard\(s\) \[0\]"):
+        mixture.load_sources(config.data, (4, range(4)))
+    assert len(mixture.load_sources(config.data, (2, range(2)))[0]) == 3

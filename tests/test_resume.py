@@ -1,6 +1,5 @@
 """Exact resume: the input pipeline's state is checkpointed and continued in a new process."""
 
-import hashlib
 import json
 import os
 import subprocess
@@ -16,7 +15,7 @@ _SCRIPT = """
 import hashlib, json, sys
 from configs import smoke
 from itune.data import pipeline
-from itune.training import checkpoint
+from itune import runtime
 shared, workdir, mode, n, k = sys.argv[1:6]
 config = smoke.get_config("runlocal")
 with config.unlocked():
@@ -38,7 +37,7 @@ for step in range(int(n)):
     digest = hashlib.sha256(b"".join(batch[key].tobytes() for key in sorted(batch))).hexdigest()
     print("BATCH", digest)
     if mode == "first" and step + 1 == int(k):
-        json.dump(checkpoint.gather_json(states.after(last_row)), open(workdir + "/state.json", "w"))
+        json.dump(runtime.gather_json(states.after(last_row)), open(workdir + "/state.json", "w"))
 batches.close()
 """
 

@@ -246,6 +246,38 @@ def test_jsonl_and_json_files_with_origins(tmp_path):
     assert list(read_source(SourceSpec("e", str(tmp_path / "e.json")))) == []
 
 
+def test_a_jsonl_record_range_parses_only_its_lines(tmp_path):
+    records = [json.dumps({"prompt": f"q{i}", "completion": f"a{i}"}) for i in range(6)]
+    # Line indices: 3 is blank, 5 is broken; no newline at the end.
+    lines = records[:3] + [""] + records[3:4] + ["{broken"] + records[4:]
+    path = tmp_path / "d.jsonl"
+    path.write_text("\n".join(lines))
+    spec = SourceSpec("d", str(path))
+    assert sources.count_records(spec) == 8
+
+    def read(first, stop, mode="error"):
+        stats = SourceStats()
+        got = sources.read_records(spec, mode, stats, first, stop)
+        return {i: e["messages"][-1]["content"] for i, e in got}, stats.read
+
+    assert read(0, 5) == ({0: "a0", 1: "a1", 2: "a2", 4: "a3"}, 4)
+    assert read(6, 8) == ({6: "a4", 7: "a5"}, 2)  # The broken line is outside: never parsed.
+    with pytest.raises(DataError, match=f"{path}:6: malformed JSON"):
+        read(5, 6)
+    assert read(0, 8, "skip")[0] == read(0, 5)[0] | read(6, 8)[0]
+
+
+def test_a_json_list_record_range(tmp_path):
+    records = [{"prompt": f"q{i}", "completion": f"a{i}"} for i in range(7)]
+    path = tmp_path / "d.json"
+    path.write_text(json.dumps(records, indent=1))
+    spec = SourceSpec("d", str(path))
+    assert sources.count_records(spec) == 7
+    got = list(sources.read_records(spec, first=3, stop=5))
+    assert [(i, e["messages"][-1]["content"]) for i, e in got] == [(3, "a3"), (4, "a4")]
+    assert got[0][1]["origin"] == f"{path}:{2 + 4 * 3}"
+
+
 def test_missing_file_and_unknown_mode(tmp_path):
     with pytest.raises(FileNotFoundError, match=f"no such file: {tmp_path}/nope.jsonl"):
         read_source(SourceSpec("n", str(tmp_path / "nope.jsonl")))

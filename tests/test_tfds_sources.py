@@ -126,6 +126,18 @@ def test_read_tfds_slices_renames_and_counts(prepared):
     assert expected[1]["origin"].endswith("alpaca.jsonl:4")  # Past the blank line.
 
 
+def test_a_record_range_of_a_sliced_split_reads_only_its_records(prepared):
+    _, files, data_dir = prepared
+    every = _expected("mine", files["train"])[1:] + _expected("mine", files["validation"])
+    spec = TfdsSourceSpec("mine", "itune_chat/mine", "train[1:]+validation", data_dir)
+    assert tfds_sources.count_any_records(spec) == len(every) == 6
+    stats = SourceStats()
+    got = list(tfds_sources.read_any_records(spec, "error", stats, 2, 5))
+    assert got == [(i, {**every[i], "source": "mine"}) for i in (2, 3, 4)]
+    assert stats.read == 3
+    assert list(tfds_sources.read_any_records(spec, first=6, stop=9)) == []
+
+
 def test_prepare_reuses_refuses_a_changed_recipe_and_overwrites(prepared, tmp_path):
     builder, files, data_dir = prepared
     again = prepare_jsonl_dataset("mine", files, data_dir)

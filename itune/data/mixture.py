@@ -1,10 +1,14 @@
-"""Mixing instruction sources into one deterministic stream of chats.
+"""Mixing instruction sources into one deterministic stream of chats, split into data shards.
 
 ``config.data.sources`` names file sources (`itune.data.sources`) and TFDS datasets (entries with
 a ``tfds`` key, `itune.data.tfds_sources`); with none, the stream is the built-in task mixture.
-A source is read once, split into a held-out eval slice and a
-training part, and replayed in a new seeded order every epoch. Which source example ``i`` of the
-stream comes from is drawn from ``(data.seed, i)`` with the mixture's rates:
+
+The stream is split into ``data.shards`` shards (`data_shards`): shard ``s`` holds stream
+positions ``s, s + shards, ...`` and draws its examples from its own contiguous block of each
+source's records, which it replays in a new seeded order every epoch. A process owns a block of
+shards and reads only their records, plus each source's held-out eval slice (a fixed random
+subset of records, gathered from the processes that read them). Which source position ``i``
+comes from is drawn from ``(data.seed, i)`` with the mixture's rates:
 
 - ``weights``: rates proportional to each source's ``weight``;
 - ``examples``: proportional to the number of training examples, each capped at
@@ -14,7 +18,8 @@ stream comes from is drawn from ``(data.seed, i)`` with the mixture's rates:
 A source entry may name a template bank (``"templates": "gsm8k"`` or a `TemplateBank` config):
 its single-turn examples are then rephrased FLAN-style, zero- or few-shot (`itune.data.templates`).
 
-The stream is a pure function of the seed and the position, so a resumed run replays it exactly.
+A shard's stream is a pure function of the seed, the shard count and the position, so a resumed
+run replays it exactly, and the global batches do not depend on the number of processes.
 """
 
 from __future__ import annotations
@@ -24,8 +29,10 @@ import itertools
 import logging
 from typing import Any, Iterator, Sequence
 
+import jax
 import numpy as np
 
+from itune import runtime
 from itune.data import sources as sources_lib
 from itune.data import tasks, tfds_sources
 from itune.data import templates as templates_lib
@@ -34,34 +41,67 @@ MIXTURES = ("weights", "examples", "temperature")
 BUILTIN = "builtin"
 
 
+def data_shards(data_config: Any) -> tuple[int, range]:
+    """The number of data shards and the ones this process owns (a contiguous block).
+
+    ``data.shards`` (0: one per process) must be a multiple of the number of processes and divide
+    the global batch size, whose rows come from every shard alike.
+    """
+    num_processes = jax.process_count()
+    num_shards = data_config.shards or num_processes
+    if num_shards % num_processes or data_config.global_batch_size % num_shards:
+        raise ValueError(
+            f"data.shards={num_shards} must be a multiple of the number of processes "
+            f"({num_processes}) and divide data.global_batch_size={data_config.global_batch_size}"
+        )
+    per_process = num_shards // num_processes
+    first = jax.process_index() * per_process
+    return num_shards, range(first, first + per_process)
+
+
 @dataclasses.dataclass
 class Source:
-    """One source's training and eval examples (``train is None`` for the infinite built-in)."""
+    """One source: this process's training examples by shard (None for the infinite built-in)
+    and the whole held-out eval slice."""
 
     name: str
     weight: float
-    train: list[dict] | None
+    shards: dict[int, list[dict]] | None
     eval: list[dict]
     stats: sources_lib.SourceStats
+    size: int = 0  # Training examples over all shards: the source's size in a mixture.
     bank: templates_lib.TemplateBank | None = None  # Rephrases single-turn examples.
 
-    def templated(self, example: dict, seed: int, index: int, pool_index: int | None) -> dict:
-        """``example`` rephrased by the source's template bank (as is without one)."""
+    @property
+    def is_builtin(self) -> bool:
+        return self.shards is None
+
+    def pool(self, shard: int) -> list[dict]:
+        """The training examples of ``shard``, which this process must own."""
+        if self.shards is None or shard not in self.shards:
+            raise ValueError(f"source {self.name!r}: this process does not read shard {shard}")
+        return self.shards[shard]
+
+    def templated(
+        self, example: dict, seed: int, index: int, pool: Sequence[dict], pool_index: int | None
+    ) -> dict:
+        """``example`` rephrased by the source's template bank, few-shot exemplars from ``pool``
+        (where the example is at ``pool_index``); as is without a bank."""
         if self.bank is None:
             return example
-        return templates_lib.template_example(
-            example, self.bank, seed, index, self.train or (), pool_index
-        )
+        return templates_lib.template_example(example, self.bank, seed, index, pool, pool_index)
 
     def __len__(self) -> int:
-        return len(self.train) if self.train is not None else 0
+        return self.size
 
 
-def load_sources(data_config: Any) -> list[Source]:
-    """Reads every configured source; the built-in mixture when none is configured."""
+def load_sources(data_config: Any, shards: tuple[int, range] | None = None) -> list[Source]:
+    """Reads this process's share of every configured source (``shards``: `data_shards`); the
+    built-in mixture when none is configured. Every process must call it (they exchange the
+    eval slices and the shard sizes)."""
     if not data_config.sources:
         return [Source(BUILTIN, 1.0, None, [], sources_lib.SourceStats(BUILTIN))]
-    loaded = []
+    num_shards, own = shards or data_shards(data_config)
     entries, banks = {}, {}
     for name, entry in data_config.sources.items():
         values = entry.to_dict() if hasattr(entry, "to_dict") else dict(entry)
@@ -69,20 +109,44 @@ def load_sources(data_config: Any) -> list[Source]:
         if bank:
             banks[name] = templates_lib.TemplateBank.from_config(bank)
         entries[name] = values
+    loaded, local = [], []
     for spec in tfds_sources.specs_from_config(entries):
+        num_records = tfds_sources.count_any_records(spec)
+        num_eval = min(data_config.eval_examples_per_source, num_records // 2)
+        # The eval slice is a fixed random subset of the records, never trained on.
+        order = np.random.default_rng([data_config.seed, 7]).permutation(num_records)
+        eval_records = {int(i) for i in order[:num_eval]}
+        bounds = [s * num_records // num_shards for s in range(num_shards + 1)]
+        pools: dict[int, list[dict]] = {s: [] for s in own}
+        held_out, shard = [], own.start
         stats = sources_lib.SourceStats(spec.name)
-        examples = list(tfds_sources.read_any_source(spec, data_config.on_bad_example, stats))
+        records = tfds_sources.read_any_records(
+            spec, data_config.on_bad_example, stats, bounds[own.start], bounds[own.stop]
+        )
+        for index, example in records:
+            if index in eval_records:
+                held_out.append((index, example))
+                continue
+            while index >= bounds[shard + 1]:
+                shard += 1
+            pools[shard].append(example)
         if stats.skipped:
             logging.warning("Skipped bad examples in %s", stats.summary())
-        num_eval = min(data_config.eval_examples_per_source, len(examples) // 2)
-        # The eval slice is a fixed random subset, never trained on.
-        order = np.random.default_rng([data_config.seed, 7]).permutation(len(examples))
-        eval_set = {int(i) for i in order[:num_eval]}
-        train = [ex for i, ex in enumerate(examples) if i not in eval_set]
-        held_out = [examples[int(i)] for i in sorted(eval_set)]
-        if not train:
-            raise ValueError(f"data.sources.{spec.name}: {spec.path} has no training examples")
-        loaded.append(Source(spec.name, spec.weight, train, held_out, stats, banks.get(spec.name)))
+        loaded.append(Source(spec.name, spec.weight, pools, [], stats, 0, banks.get(spec.name)))
+        local.append({"eval": held_out, "sizes": {s: len(p) for s, p in pools.items()}})
+    # Every process learns every source's eval slice and the size of each shard.
+    for i, source in enumerate(loaded):
+        parts = [process[i] for process in runtime.gather_json(local)]
+        source.eval = [example for _, example in sorted(e for p in parts for e in p["eval"])]
+        sizes = {int(s): n for p in parts for s, n in p["sizes"].items()}
+        source.size = sum(sizes.values())
+        if empty := sorted(s for s, n in sizes.items() if n == 0):
+            spec = entries[source.name]
+            where = f"data.sources.{source.name} ({spec.get('path') or spec.get('tfds')})"
+            raise ValueError(
+                f"{where} has no training examples in data shard(s) {empty} of {num_shards} "
+                f"({source.stats.summary()}); give it more examples or use fewer data.shards"
+            )
     return loaded
 
 
@@ -91,7 +155,7 @@ def mixture_rates(data_config: Any, sources: Sequence[Source]) -> np.ndarray:
     mode = data_config.mixture
     if mode not in MIXTURES:
         raise ValueError(f"data.mixture={mode!r}; expected one of {MIXTURES}")
-    if mode == "weights" or any(s.train is None for s in sources):
+    if mode == "weights" or any(s.is_builtin for s in sources):
         rates = np.array([s.weight for s in sources], np.float64)
     else:
         sizes = np.array([len(s) for s in sources], np.float64)
@@ -102,52 +166,53 @@ def mixture_rates(data_config: Any, sources: Sequence[Source]) -> np.ndarray:
     return rates / rates.sum()
 
 
-def _epoch_order(seed: int, source: int, epoch: int, n: int) -> np.ndarray:
-    return np.random.default_rng([seed, 11, source, epoch]).permutation(n)
+def _epoch_order(seed: int, source: int, shard: int, epoch: int, n: int) -> np.ndarray:
+    return np.random.default_rng([seed, 11, source, shard, epoch]).permutation(n)
 
 
 def train_stream(
     data_config: Any,
     sources: Sequence[Source],
-    process_index: int = 0,
-    process_count: int = 1,
+    shard: int = 0,
+    num_shards: int = 1,
     start: dict | None = None,
 ) -> Iterator[tuple[dict, dict]]:
-    """Infinite ``(chat, position)`` pairs of this process: stream positions ``process_index +
-    k * process_count``, from ``start`` (a position yielded earlier) or from the beginning.
+    """Infinite ``(chat, position)`` pairs of one data shard: stream positions ``shard + k *
+    num_shards``, from ``start`` (a position yielded earlier) or from the beginning.
 
-    ``position`` is where the stream resumes after that chat: ``{"index", "counts"}``. Every
-    process draws the source of every position (cheap), so each source's counter agrees across
-    processes, and renders only its own positions.
+    ``position`` is where the stream resumes after that chat: ``{"index", "counts"}``, the next
+    position and how many examples the shard has taken from each source.
     """
     rates = mixture_rates(data_config, sources)
     counts = list(start["counts"]) if start else [0] * len(sources)
     if len(counts) != len(sources):
         raise ValueError(f"data state has {len(counts)} sources, the config {len(sources)}")
+    first = start["index"] if start else shard
+    if first % num_shards != shard:
+        raise ValueError(f"data state position {first} is not in shard {shard} of {num_shards}")
     orders: dict[tuple[int, int], np.ndarray] = {}
-    for i in itertools.count(start["index"] if start else 0):
+    for i in itertools.count(first, num_shards):
         if len(sources) == 1:
             s = 0
         else:
             s = int(np.random.default_rng([data_config.seed, 13, i]).choice(len(sources), p=rates))
         k, counts[s] = counts[s], counts[s] + 1
-        if i % process_count != process_index:
-            continue
-        position = {"index": i + 1, "counts": list(counts)}
+        position = {"index": i + num_shards, "counts": list(counts)}
         source = sources[s]
-        if source.train is None:
+        if source.is_builtin:
             example = tasks.make_example(
                 data_config.seed,
-                k,
+                i,
                 "train",
                 system_prompt_rate=data_config.builtin.system_prompt_rate,
                 families=data_config.builtin.families or None,
             )
             yield example | {"source": source.name}, position
             continue
-        epoch, pos = divmod(k, len(source))
+        pool = source.pool(shard)
+        epoch, pos = divmod(k, len(pool))
         if (s, epoch) not in orders:
             orders = {key: v for key, v in orders.items() if key[0] != s}  # Keep one epoch.
-            orders[(s, epoch)] = _epoch_order(data_config.seed, s, epoch, len(source))
+            orders[(s, epoch)] = _epoch_order(data_config.seed, s, shard, epoch, len(pool))
         pool_index = int(orders[(s, epoch)][pos])
-        yield source.templated(source.train[pool_index], data_config.seed, i, pool_index), position
+        yield source.templated(pool[pool_index], data_config.seed, i, pool, pool_index), position

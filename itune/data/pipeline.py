@@ -2,8 +2,8 @@
 
 Reads ``config.data``. The training stream is infinite and a pure function of the seed and the
 example index, so a run resumed at step k starts again exactly at batch k. In a multi-process run
-each process renders only its share of the examples, and `global_batch` assembles the global
-`jax.Array` from the per-process parts.
+each process reads and renders only its data shards (`mixture.data_shards`), and `global_batch`
+assembles the global `jax.Array` from the per-process parts.
 """
 
 from __future__ import annotations
@@ -81,14 +81,16 @@ def load_tokenizer(
     fmt = chat.get_format(data_config.chat_format)
     seed, n = data_config.seed, tok_config.num_corpus_examples
     sources = sources or mixture.load_sources(data_config)
-    builtin = sources[0].train is None
+    builtin = sources[0].is_builtin
+    num_shards, _ = mixture.data_shards(data_config)
 
     def corpus() -> Iterator[str]:
         if builtin:
             yield from tasks.corpus(seed, n)
             chats = (builtin_example(data_config, i, "train") for i in range(min(n, 2000)))
         else:
-            stream = mixture.train_stream(data_config, sources)
+            # Shard 0, which process 0 (the one that trains the vocabulary) reads.
+            stream = mixture.train_stream(data_config, sources, 0, num_shards)
             chats = (example for example, _ in itertools.islice(stream, n))
         # Chats as rendered, so that the chat markup's words become pieces too.
         for example in chats:
@@ -210,26 +212,6 @@ class RowStates:
         return self._states[row_id]
 
 
-def data_shards(data_config: Any, spec: DataSpec) -> tuple[int, range]:
-    """The number of data shards and the ones this process packs.
-
-    The stream is split into ``data.shards`` shards (0: one per process), each packed on its own;
-    every global batch takes the same number of rows from each shard, in shard order, and process
-    ``p`` packs a contiguous block of shards. The global batches are therefore the same whatever
-    the number of processes that share the shards.
-    """
-    num_processes = jax.process_count()
-    num_shards = data_config.shards or num_processes
-    if num_shards % num_processes or spec.global_batch_size % num_shards:
-        raise ValueError(
-            f"data.shards={num_shards} must be a multiple of the number of processes "
-            f"({num_processes}) and divide data.global_batch_size={spec.global_batch_size}"
-        )
-    per_process = num_shards // num_processes
-    first = jax.process_index() * per_process
-    return num_shards, range(first, first + per_process)
-
-
 def _shard_rows(data_config, spec, shard, num_shards, stats, state):
     """One shard's rows, each with the shard's state after it."""
     packer = packing.Packer(
@@ -259,13 +241,13 @@ def train_rows(
 ) -> Iterator[dict[str, np.ndarray]]:
     """This process's infinite stream of packed rows, from ``state`` or the beginning.
 
-    Rows come from this process's shards (`data_shards`) in turn, ``global_batch_size / shards``
-    from each. Each row carries a ``row_id``; with ``states``, the pipeline's state after each
-    row (per shard: stream position, the packer's open rows and counters) is recorded there, ready
-    to be checkpointed and passed back as ``state``.
+    Rows come from this process's shards (`mixture.data_shards`) in turn, ``global_batch_size /
+    shards`` from each. Each row carries a ``row_id``; with ``states``, the pipeline's state after
+    each row (per shard: stream position, the packer's open rows and counters) is recorded there,
+    ready to be checkpointed and passed back as ``state``.
     """
     stats = stats if stats is not None else packing.PackingStats()
-    num_shards, shards = data_shards(data_config, spec)
+    num_shards, shards = mixture.data_shards(data_config)
     shard_states = dict(state["shards"]) if state else {}
     if state and sorted(map(int, shard_states)) != list(shards):
         raise ValueError(f"data state holds shards {sorted(shard_states)}, this process {shards}")
@@ -329,8 +311,9 @@ def eval_chats(data_config: Any, spec: DataSpec, num_examples: int) -> dict[str,
         }
     return {
         s.name: [
-            # Eval positions are drawn apart from the training stream's.
-            s.templated(example, data_config.seed, _EVAL_POSITIONS + i, None)
+            # Eval positions are drawn apart from the training stream's; few-shot exemplars
+            # come from the rest of the eval slice.
+            s.templated(example, data_config.seed, _EVAL_POSITIONS + i, s.eval, i)
             for i, example in enumerate(s.eval[:num_examples])
         ]
         for s in spec.sources

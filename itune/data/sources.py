@@ -145,22 +145,58 @@ def read_source(
     with the file as a whole raise in either mode: a JSON list that does not parse (there is no
     next record to go on from), or ``auto`` finding no known format in the first record.
     """
+    return (example for _, example in read_records(spec, on_bad_example, stats))
+
+
+def read_records(
+    spec: SourceSpec,
+    on_bad_example: str = "error",
+    stats: SourceStats | None = None,
+    first: int = 0,
+    stop: int | None = None,
+) -> Iterator[tuple[int, dict]]:
+    """``(record index, example)`` for the records ``first <= index < stop`` of a source.
+
+    A record's index is its 0-based line in a JSONL file (a blank line is a record that yields
+    nothing) and its 0-based position in a JSON list, so `count_records` tells the range of
+    indices without parsing a JSONL file. Records outside the range are not parsed (a JSON list
+    is still decoded whole) and not counted in ``stats``.
+    """
     if on_bad_example not in ON_BAD_EXAMPLE:
         raise ValueError(f"on_bad_example={on_bad_example!r}; expected one of {ON_BAD_EXAMPLE}")
-    if not tf.io.gfile.exists(spec.path):
-        raise FileNotFoundError(f"source {spec.name!r}: no such file: {spec.path}")
+    _check_exists(spec)
     stats = stats if stats is not None else SourceStats()
     stats.name = stats.name or spec.name
-    return _read(spec, on_bad_example == "skip", stats)
+    stop = count_records(spec) if stop is None else stop
+    return _read(spec, on_bad_example == "skip", stats, first, stop)
 
 
-def _read(spec: SourceSpec, skip: bool, stats: SourceStats) -> Iterator[dict]:
-    records = _json_list(spec.path) if _is_json_list(spec.path) else _jsonl(spec.path)
+def count_records(spec: SourceSpec) -> int:
+    """The number of record indices of a source (see `read_records`): for JSONL, its lines."""
+    _check_exists(spec)
+    if _is_json_list(spec.path):
+        return sum(1 for _ in _json_list(spec.path, 0, math.inf))
+    lines, last = 0, b"\n"
+    with tf.io.gfile.GFile(spec.path, "rb") as f:
+        while chunk := f.read(1 << 22):
+            lines, last = lines + chunk.count(b"\n"), chunk[-1:]
+    return lines + (last != b"\n")
+
+
+def _check_exists(spec: SourceSpec) -> None:
+    if not tf.io.gfile.exists(spec.path):
+        raise FileNotFoundError(f"source {spec.name!r}: no such file: {spec.path}")
+
+
+def _read(
+    spec: SourceSpec, skip: bool, stats: SourceStats, first: int, stop: int
+) -> Iterator[tuple[int, dict]]:
+    reader = _json_list if _is_json_list(spec.path) else _jsonl
     fmt = None if spec.format == "auto" else spec.format
     convert = functools.partial(
         _convert, field_map=spec.field_map, role_map=spec.role_map, source=spec.name
     )
-    for origin, location, record in records:
+    for index, origin, location, record in reader(spec.path, first, stop):
         stats.read += 1
         try:
             if isinstance(record, DataError):
@@ -176,7 +212,7 @@ def _read(spec: SourceSpec, skip: bool, stats: SourceStats) -> Iterator[dict]:
                 logging.warning("source %s: skipped %s", spec.name, e)
             continue
         stats.yielded += 1
-        yield example
+        yield index, example
 
 
 def _is_json_list(path: str) -> bool:
@@ -189,27 +225,32 @@ def _is_json_list(path: str) -> bool:
     return False
 
 
-def _jsonl(path: str) -> Iterator[tuple[str, str, Any]]:
-    """``(origin, location, record or DataError)`` per non-blank line, streamed."""
+def _jsonl(path: str, first: int, stop: int) -> Iterator[tuple[int, str, str, Any]]:
+    """``(index, origin, location, record or DataError)`` per non-blank line of the range."""
     with tf.io.gfile.GFile(path, "rb") as f:
-        for number, raw in enumerate(f, start=1):
-            if number == 1:
+        for index, raw in enumerate(f):
+            if index >= stop:
+                return
+            if index < first:
+                continue
+            if index == 0:
                 raw = raw.removeprefix(codecs.BOM_UTF8)
             if not raw.strip():
                 continue
-            origin = f"{path}:{number}"
+            origin = f"{path}:{index + 1}"
             try:
-                yield origin, origin, json.loads(raw.rstrip().decode("utf-8"))
+                yield index, origin, origin, json.loads(raw.rstrip().decode("utf-8"))
             except UnicodeDecodeError as e:
                 problem = f"invalid UTF-8 byte {raw[e.start:e.start + 1]!r} at column {e.start + 1}"
-                yield origin, origin, DataError(origin, problem, reason="invalid UTF-8")
+                yield index, origin, origin, DataError(origin, problem, reason="invalid UTF-8")
             except json.JSONDecodeError as e:
                 problem = f"malformed JSON: {e.msg} (column {e.colno})"
-                yield origin, origin, DataError(origin, problem, reason="malformed JSON")
+                yield index, origin, origin, DataError(origin, problem, reason="malformed JSON")
 
 
-def _json_list(path: str) -> Iterator[tuple[str, str, Any]]:
-    """``(origin, location, record or DataError)`` per element of a top-level JSON list.
+def _json_list(path: str, first: int, stop: int) -> Iterator[tuple[int, str, str, Any]]:
+    """``(index, origin, location, record or DataError)`` per element of a top-level JSON list
+    in the range; the whole list is decoded (and checked) whatever the range.
 
     Decodes element by element to learn the line each starts on. Undecodable bytes are kept as
     surrogates, so that only the records holding them are bad.
@@ -231,12 +272,13 @@ def _json_list(path: str) -> Iterator[tuple[str, str, Any]]:
             ) from None
         line += text.count("\n", counted, i)
         counted, index = i, index + 1
-        origin = f"{path}:{line}"
-        location = f"{origin} (record {index})"
-        if undecodable and (bad := _UNDECODABLE.search(text, i, end)):
-            byte = bad.group().encode("utf-8", errors="surrogateescape")
-            record = DataError(location, f"invalid UTF-8 byte {byte!r}", reason="invalid UTF-8")
-        yield origin, location, record
+        if first < index <= stop:
+            origin = f"{path}:{line}"
+            location = f"{origin} (record {index})"
+            if undecodable and (bad := _UNDECODABLE.search(text, i, end)):
+                byte = bad.group().encode("utf-8", errors="surrogateescape")
+                record = DataError(location, f"invalid UTF-8 byte {byte!r}", reason="invalid UTF-8")
+            yield index - 1, origin, location, record
         i = _WHITESPACE.match(text, end).end()
         if text.startswith(",", i):
             i = _WHITESPACE.match(text, i + 1).end()

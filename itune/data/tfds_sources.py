@@ -51,7 +51,9 @@ from itune.data.sources import (
     SourceSpec,
     SourceStats,
     convert_record,
+    count_records,
     detect_format,
+    read_records,
     read_source,
     spec_from_values,
 )
@@ -225,23 +227,76 @@ def read_tfds(
     ``source`` to rename them). Nothing is downloaded unless ``try_gcs``; a dataset that is not
     prepared under ``data_dir`` raises `DatasetNotPreparedError`.
     """
+    maps = dict(field_map or {}), dict(role_map or {})
+    spec = TfdsSourceSpec(source or name, name, split, data_dir, format, *maps, try_gcs=try_gcs)
+    records = read_tfds_records(spec, on_bad_example, stats, keep_name=source is None)
+    return (example for _, example in records)
+
+
+def read_tfds_records(
+    spec: TfdsSourceSpec,
+    on_bad_example: str = "error",
+    stats: SourceStats | None = None,
+    first: int = 0,
+    stop: int | None = None,
+    keep_name: bool = False,
+) -> Iterator[tuple[int, dict]]:
+    """``(record index, example)`` for the records ``first <= index < stop`` of a TFDS source;
+    only those are read from disk (the split is sliced). ``keep_name``: examples of an
+    ``itune_chat`` dataset keep the source name they were prepared with."""
     if on_bad_example not in ON_BAD_EXAMPLE:
         raise ValueError(f"on_bad_example={on_bad_example!r}; expected one of {ON_BAD_EXAMPLE}")
-    field_map, role_map = dict(field_map or {}), dict(role_map or {})
-    SourceSpec(source or name, name, format, field_map, role_map)  # Checks them as for a file.
-    builder = load_builder(name, data_dir, try_gcs)
-    dataset = builder.as_dataset(split=split, shuffle_files=False)
+    builder = load_builder(spec.tfds, spec.data_dir, spec.try_gcs)
     stats = stats if stats is not None else SourceStats()
-    stats.name = stats.name or source or name
-    convert = dict(field_map=field_map, role_map=role_map)
-    return _read(builder, dataset, split, format, convert, source, name, on_bad_example, stats)
+    stats.name = stats.name or spec.name
+    split = _record_range(builder, spec.split, first, stop)
+    if split is None:
+        return iter(())
+    dataset = builder.as_dataset(split=split, shuffle_files=False)
+    source = None if keep_name else spec.name
+    return _read(builder, dataset, spec, source, on_bad_example, stats, first)
 
 
-def _read(builder, dataset, split, fmt, convert, source, name, on_bad_example, stats):
-    features, prefix = builder.info.features, f"tfds:{builder.info.full_name}/{split}"
+def count_tfds_records(spec: TfdsSourceSpec) -> int:
+    """The number of records of a TFDS source's split (from the dataset's metadata)."""
+    builder = load_builder(spec.tfds, spec.data_dir, spec.try_gcs)
+    return sum(end - start for _, start, end in _absolute(builder, spec.split))
+
+
+def _absolute(builder, split: str) -> list[tuple[str, int, int]]:
+    """``(split name, start, end)`` of each part of a split string (TFDS leaves None for the
+    ends of a split)."""
+    splits = builder.info.splits
+    return [
+        (
+            part.splitname,
+            part.from_ or 0,
+            splits[part.splitname].num_examples if part.to is None else part.to,
+        )
+        for part in tfds.core.ReadInstruction.from_spec(split).to_absolute(splits)
+    ]
+
+
+def _record_range(builder, split: str, first: int, stop: int | None) -> str | None:
+    """The split string of records ``[first, stop)`` of ``split`` (which may be sliced or a sum
+    of splits); None for an empty range."""
+    pieces, offset = [], 0
+    for name, begin, end in _absolute(builder, split):
+        start = max(begin, begin + first - offset)
+        finish = end if stop is None else min(end, begin + stop - offset)
+        if start < finish:
+            pieces.append(f"{name}[{start}:{finish}]")
+        offset += end - begin
+    return "+".join(pieces) or None
+
+
+def _read(builder, dataset, spec, source, on_bad_example, stats, first):
+    features = builder.info.features
+    prefix = f"tfds:{builder.info.full_name}/{spec.split}"
     provenance = builder.name == BUILDER_NAME
-    fmt = None if fmt == "auto" else fmt
-    for index, raw in enumerate(tfds.as_numpy(dataset)):
+    convert = dict(field_map=spec.field_map, role_map=spec.role_map)
+    fmt = None if spec.format == "auto" else spec.format
+    for index, raw in enumerate(tfds.as_numpy(dataset), start=first):
         stats.read += 1
         origin = f"{prefix}#{index}"
         try:
@@ -249,8 +304,8 @@ def _read(builder, dataset, split, fmt, convert, source, name, on_bad_example, s
             if provenance:
                 origin = record["origin"]
             if fmt is None:
-                fmt = detect_format(record, convert["field_map"], origin)
-            source_name = source or (record["source"] if provenance else name)
+                fmt = detect_format(record, spec.field_map, origin)
+            source_name = source or (record["source"] if provenance else spec.tfds)
             example = convert_record(record, fmt, origin=origin, source=source_name, **convert)
         except DataError as e:
             if on_bad_example == "error" or e.reason == "unknown format":
@@ -260,7 +315,7 @@ def _read(builder, dataset, split, fmt, convert, source, name, on_bad_example, s
                 logging.warning("source %s: skipped %s", stats.name, e)
             continue
         stats.yielded += 1
-        yield example
+        yield index, example
 
 
 def load_builder(name: str, data_dir: str | None = None, try_gcs: bool = False):
@@ -380,20 +435,27 @@ def read_any_source(
     stats: SourceStats | None = None,
 ) -> Iterator[dict]:
     """`read_source` for a file spec, `read_tfds` for a TFDS one."""
-    if not isinstance(spec, TfdsSourceSpec):
-        return read_source(spec, on_bad_example, stats)
-    return read_tfds(
-        spec.tfds,
-        spec.split,
-        spec.data_dir,
-        spec.field_map,
-        spec.format,
-        spec.try_gcs,
-        role_map=spec.role_map,
-        source=spec.name,
-        on_bad_example=on_bad_example,
-        stats=stats,
-    )
+    return (example for _, example in read_any_records(spec, on_bad_example, stats))
+
+
+def read_any_records(
+    spec: SourceSpec | TfdsSourceSpec,
+    on_bad_example: str = "error",
+    stats: SourceStats | None = None,
+    first: int = 0,
+    stop: int | None = None,
+) -> Iterator[tuple[int, dict]]:
+    """`read_records` for a file spec, `read_tfds_records` for a TFDS one."""
+    if isinstance(spec, TfdsSourceSpec):
+        return read_tfds_records(spec, on_bad_example, stats, first, stop)
+    return read_records(spec, on_bad_example, stats, first, stop)
+
+
+def count_any_records(spec: SourceSpec | TfdsSourceSpec) -> int:
+    """`count_records` for a file spec, `count_tfds_records` for a TFDS one."""
+    if isinstance(spec, TfdsSourceSpec):
+        return count_tfds_records(spec)
+    return count_records(spec)
 
 
 def main(argv: Sequence[str] | None = None) -> None:

@@ -2,14 +2,10 @@
 
 from __future__ import annotations
 
-import json
 import logging
 from typing import Any
 
-import jax
-import numpy as np
 import orbax.checkpoint as ocp
-from jax.experimental import multihost_utils
 
 from itune.training.step import TrainState
 
@@ -52,24 +48,3 @@ def restore_latest(
         ),
     )
     return restored.state, dict(restored.meta)
-
-
-def _json_default(value):
-    if isinstance(value, (np.ndarray, np.generic)):
-        return value.tolist()
-    raise TypeError(f"{type(value).__name__} is not JSON serializable")
-
-
-def gather_json(value: Any) -> list:
-    """Every process's ``value`` (JSON-serializable, numpy arrays allowed), in process order.
-
-    Each process has its own input pipeline state; the checkpoint keeps all of them.
-    """
-    data = np.frombuffer(json.dumps(value, default=_json_default).encode(), np.uint8)
-    if jax.process_count() == 1:
-        return [json.loads(data.tobytes())]
-    lengths = np.asarray(multihost_utils.process_allgather(np.array([len(data)]))).ravel()
-    padded = np.zeros(int(lengths.max()), np.uint8)
-    padded[: len(data)] = data
-    rows = np.asarray(multihost_utils.process_allgather(padded))
-    return [json.loads(row[:n].tobytes()) for row, n in zip(rows, lengths)]

@@ -6,7 +6,6 @@ from typing import Any
 
 import jax
 import optax
-from flax import nnx
 
 
 def learning_rate_schedule(optim_config: Any, num_steps: int) -> optax.Schedule:

@@ -8,7 +8,6 @@ the shardings, and then parameters and optimizer state are initialised inside `j
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
 
 import jax
 import jax.numpy as jnp

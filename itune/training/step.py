@@ -6,7 +6,6 @@ with explicit input and output shardings; nothing here knows about the mesh.
 
 from __future__ import annotations
 
-from typing import Any
 
 import jax
 import jax.numpy as jnp

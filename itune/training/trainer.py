@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import NamedSharding, PartitionSpec
 
-from itune import sharding
+from itune import runtime, sharding
 from itune.data import pipeline
 from itune.evaluation import builtin as builtin_eval
 from itune.model.decoder import ModelConfig
@@ -164,7 +164,7 @@ def train_and_evaluate(config: Any, workdir: str) -> dict:
             every = config.checkpoint.every_steps
             if last or (every and (step_num + 1) % every == 0):
                 with progress.timer("checkpoint"):
-                    data_state = checkpoint.gather_json(row_states.after(last_row))
+                    data_state = runtime.gather_json(row_states.after(last_row))
                     checkpoint.save(ckpt, state, dict(meta, data_state=data_state))
         progress.close()
     batches.close()
