@@ -42,7 +42,8 @@ def inspect(config, workdir: str, num_rows: int, num_batches: int, color: bool) 
         print(f"--- row {i} ---")
         print(inspection.format_row(spec.tokenizer, row, color=color))
     summary = inspection.statistics(stats, spec.seq_len, dict(stats.sources))
-    print(f"--- statistics over {len(rows)} rows ({num_batches} batches) ---")
+    batches = "1 batch" if num_batches == 1 else f"{num_batches} batches"
+    print(f"--- statistics over {len(rows)} rows ({batches}) ---")
     print(summary)
     path = os.path.join(workdir, "inspect.html")
     with open(path, "w", encoding="utf-8") as f:
