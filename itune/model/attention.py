@@ -1,21 +1,50 @@
-"""Rotary position embedding and segment-aware causal attention.
+"""Rotary position embedding and segment-aware causal attention, in three implementations.
 
-Reference implementation in plain XLA ops: scores in float32, a mask that is causal within a
-segment and never crosses segments of a packed row.
+``xla`` is the reference, in plain XLA ops: scores in float32, a mask that is causal within a
+segment and never crosses segments of a packed row. ``jax`` calls `jax.nn.dot_product_attention`,
+which on GPU picks cuDNN's fused (flash) attention and elsewhere XLA's. ``splash`` runs the Pallas
+splash attention kernel of TPUs (elsewhere only in Pallas's interpreter, for tests).
 """
+
+from __future__ import annotations
+
+import functools
+from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
+
+IMPLEMENTATIONS = ("xla", "jax", "splash")
 
 
-def apply_rope(x: jax.Array, positions: jax.Array, theta: float) -> jax.Array:
+def rope_frequencies(cfg: Any) -> np.ndarray:
+    """Inverse frequencies ``[head_dim / 2]`` (float32), with Llama-3 scaling if configured."""
+    dim = cfg.head_dim
+    exponents = np.arange(0, dim, 2, dtype=np.float32) / np.float32(dim)
+    inv_freq = (1.0 / np.float32(cfg.rope_theta) ** exponents).astype(np.float32)
+    if cfg.rope_scaling == "llama3":
+        factor, low, high = (
+            cfg.rope_scaling_factor,
+            cfg.rope_low_freq_factor,
+            cfg.rope_high_freq_factor,
+        )
+        old_len = cfg.rope_original_max_len
+        wavelen = 2 * np.pi / inv_freq
+        scaled = np.where(wavelen > old_len / low, inv_freq / factor, inv_freq)
+        smooth = (old_len / wavelen - low) / (high - low)
+        smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+        medium = (wavelen >= old_len / high) & (wavelen <= old_len / low)
+        inv_freq = np.where(medium, smoothed, scaled).astype(np.float32)
+    return inv_freq
+
+
+def apply_rope(x: jax.Array, positions: jax.Array, inv_freq: np.ndarray) -> jax.Array:
     """Rotates ``x [batch, length, heads, head_dim]`` by ``positions [batch, length]``.
 
     Rotate-half convention (as in Hugging Face LLaMA): dimension i pairs with i + head_dim / 2.
     """
-    head_dim = x.shape[-1]
-    inv_freq = 1.0 / (theta ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim))
-    angles = positions.astype(jnp.float32)[..., None] * inv_freq  # [b, t, head_dim / 2]
+    angles = positions.astype(jnp.float32)[..., None] * jnp.asarray(inv_freq)  # [b, t, d / 2]
     sin = jnp.sin(angles)[:, :, None, :]
     cos = jnp.cos(angles)[:, :, None, :]
     x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
@@ -23,26 +52,91 @@ def apply_rope(x: jax.Array, positions: jax.Array, theta: float) -> jax.Array:
     return rotated.astype(x.dtype)
 
 
-def attention_mask(segment_ids: jax.Array) -> jax.Array:
-    """``[batch, q, k]`` booleans: same segment and not in the future.
+def attention_mask(segment_ids: jax.Array, sliding_window: int = 0) -> jax.Array:
+    """``[batch, q, k]`` booleans: same segment, not in the future (nor, with a sliding window,
+    ``sliding_window`` or more tokens back).
 
     Padding (segment 0) attends to padding only, which keeps every softmax row non-empty.
     """
     length = segment_ids.shape[-1]
-    causal = jnp.tril(jnp.ones((length, length), dtype=jnp.bool_))
+    offset = jnp.arange(length)[:, None] - jnp.arange(length)[None, :]
+    allowed = offset >= 0
+    if sliding_window:
+        allowed &= offset < sliding_window
     same_segment = segment_ids[:, :, None] == segment_ids[:, None, :]
-    return same_segment & causal[None]
+    return same_segment & allowed[None]
 
 
-def dot_product_attention(q, k, v, segment_ids):
+def attend(q, k, v, segment_ids, implementation: str = "xla", sliding_window: int = 0):
     """Grouped-query attention. q: ``[b, t, heads, d]``; k, v: ``[b, s, kv_heads, d]``."""
+    if implementation == "xla":
+        return dot_product_attention(q, k, v, segment_ids, sliding_window)
+    if implementation == "jax":
+        mask = attention_mask(segment_ids, sliding_window)[:, None]
+        out = jax.nn.dot_product_attention(q, k, v, mask=mask)
+        return out.astype(q.dtype)
+    if implementation == "splash":
+        return splash_attention(q, k, v, segment_ids, sliding_window)
+    raise ValueError(
+        f"attention implementation {implementation!r}; expected one of {IMPLEMENTATIONS}"
+    )
+
+
+def dot_product_attention(q, k, v, segment_ids, sliding_window: int = 0):
+    """The reference: grouped-query attention in XLA ops, scores and softmax in float32."""
     b, t, num_heads, head_dim = q.shape
     num_kv_heads = k.shape[2]
     q = q.reshape(b, t, num_kv_heads, num_heads // num_kv_heads, head_dim)
     scores = jnp.einsum("btkgd,bskd->bkgts", q, k, preferred_element_type=jnp.float32)
     scores = scores * head_dim**-0.5
-    mask = attention_mask(segment_ids)[:, None, None]
+    mask = attention_mask(segment_ids, sliding_window)[:, None, None]
     scores = jnp.where(mask, scores, jnp.finfo(jnp.float32).min)
     probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
     out = jnp.einsum("bkgts,bskd->btkgd", probs, v)
     return out.reshape(b, t, num_heads, head_dim)
+
+
+def splash_attention(q, k, v, segment_ids, sliding_window: int = 0, block: int = 128):
+    """The Pallas splash attention kernel (TPU); Pallas's interpreter elsewhere.
+
+    The kernel runs per example and per key/value head (an MQA kernel over that head's group of
+    query heads); the sequence length must be a multiple of ``block``.
+    """
+    from jax.experimental.pallas.ops.tpu.splash_attention import (  # noqa: PLC0415
+        splash_attention_kernel as kernel_lib,
+        splash_attention_mask as mask_lib,
+    )
+
+    b, t, num_heads, head_dim = q.shape
+    num_kv_heads = k.shape[2]
+    group = num_heads // num_kv_heads
+    if t % block:
+        raise ValueError(f"splash attention needs a length divisible by {block}, got {t}")
+    if sliding_window:
+        window = mask_lib.LocalMask((t, t), (sliding_window - 1, 0), offset=0)
+        mask = mask_lib.MultiHeadMask([window] * group)
+    else:
+        mask = mask_lib.MultiHeadMask([mask_lib.CausalMask((t, t))] * group)
+    sizes = kernel_lib.BlockSizes(
+        block_q=block,
+        block_kv=block,
+        block_kv_compute=block,
+        block_q_dkv=block,
+        block_kv_dkv=block,
+        block_kv_dkv_compute=block,
+        block_q_dq=block,
+        block_kv_dq=block,
+    )
+    interpret = jax.default_backend() != "tpu"
+    kernel = kernel_lib.make_splash_mqa_single_device(mask, block_sizes=sizes, interpret=interpret)
+    # [b, kv, group, t, d] queries, pre-scaled: the kernel does not scale.
+    qs = (q * head_dim**-0.5).reshape(b, t, num_kv_heads, group, head_dim).transpose(0, 2, 3, 1, 4)
+    ks, vs = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)
+    segments = segment_ids.astype(jnp.int32)
+
+    def one_head(qh, kh, vh, seg):
+        return kernel(qh, kh, vh, segment_ids=kernel_lib.SegmentIds(q=seg, kv=seg))
+
+    per_head = jax.vmap(one_head, in_axes=(0, 0, 0, None))
+    out = jax.vmap(per_head)(qs, ks, vs, segments)  # [b, kv, group, t, d]
+    return out.transpose(0, 3, 1, 2, 4).reshape(b, t, num_heads, head_dim).astype(q.dtype)

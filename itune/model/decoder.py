@@ -1,12 +1,16 @@
-"""A LLaMA-family decoder in Flax NNX.
+"""A LLaMA-family decoder in Flax NNX: Llama 2/3, Mistral, Qwen2, Gemma and SmolLM2 by config.
 
-Token embedding, pre-norm blocks of grouped-query attention and a SwiGLU MLP, RMSNorm, rotary
-position embedding, and an optional tied output embedding. Every parameter carries logical axis
-names (``('embed', 'mlp')``...) as its ``out_sharding`` metadata; `itune.sharding` turns those
-names into mesh axes through the rules in ``config.mesh``, so the model never names a mesh axis.
+Token embedding (optionally scaled by ``sqrt(d_model)``, Gemma), pre-norm blocks of grouped- or
+multi-query attention (optional q/k/v bias, Qwen2) and a gated MLP (SwiGLU or GeGLU), RMSNorm
+(optionally scaling by ``1 + w``, Gemma), rotary position embedding (rotate-half, with optional
+Llama-3 frequency scaling), and a tied or separate output embedding. Every parameter carries
+logical axis names (``('embed', 'mlp')``...) as its ``out_sharding`` metadata; `itune.sharding`
+turns those names into mesh axes through the rules in ``config.mesh``, so the model never names a
+mesh axis.
 
-The blocks are stacked along a leading ``'layers'`` axis and run under `jax.lax.scan`, so compile
-time does not grow with depth.
+The blocks' parameters are stacked along a leading ``'layers'`` axis. They run under
+`jax.lax.scan` (compile time does not grow with depth) or, with ``scan_layers=False``, unrolled
+over the same stacked parameters, so checkpoints do not depend on the choice.
 
 Inputs are packed rows: ``tokens``, ``positions`` (restarting at 0 in each segment) and
 ``segment_ids`` (0 marks padding). A token attends only to earlier tokens of its own segment.
@@ -15,6 +19,7 @@ Inputs are packed rows: ``tokens``, ``positions`` (restarting at 0 in each segme
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Any, Sequence
 
 import jax
@@ -23,6 +28,13 @@ from flax import nnx
 
 from itune.model import attention
 from itune.sharding import LogicalRules, constrain
+
+MLP_ACTIVATIONS = {
+    "silu": jax.nn.silu,  # SwiGLU (Llama, Mistral, Qwen2).
+    "gelu_tanh": lambda x: jax.nn.gelu(x, approximate=True),  # GeGLU (Gemma).
+    "gelu": lambda x: jax.nn.gelu(x, approximate=False),
+}
+ROPE_SCALINGS = ("none", "llama3")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -37,8 +49,24 @@ class ModelConfig:
     head_dim: int
     mlp_dim: int
     rope_theta: float = 10_000.0
+    # Llama-3 frequency scaling: frequencies of wavelengths above original_max_len /
+    # low_freq_factor are divided by the factor, those below original_max_len / high_freq_factor
+    # kept, and those between interpolated.
+    rope_scaling: str = "none"  # One of ROPE_SCALINGS.
+    rope_scaling_factor: float = 8.0
+    rope_low_freq_factor: float = 1.0
+    rope_high_freq_factor: float = 4.0
+    rope_original_max_len: int = 8192
+    max_seq_len: int = 8192  # The longest sequence the model was made for (exported as such).
     norm_eps: float = 1e-5
+    norm_plus_one: bool = False  # RMSNorm scales by (1 + w) (Gemma) rather than w.
+    mlp_activation: str = "silu"  # The gate's activation: one of MLP_ACTIVATIONS.
+    qkv_bias: bool = False  # Bias on the q, k and v projections (Qwen2).
+    embed_scale: bool = False  # Embeddings multiplied by sqrt(d_model) (Gemma).
     tie_embeddings: bool = True
+    sliding_window: int = 0  # Attend to at most this many previous tokens (0: all; Mistral v0.1).
+    attention: str = "xla"  # One of attention.IMPLEMENTATIONS.
+    scan_layers: bool = True  # False: the layers are unrolled (same parameters).
     param_dtype: str = "float32"
     dtype: str = "float32"  # Computation dtype; softmax and the loss always run in float32.
     remat: str = "none"  # 'none' | 'full' | 'save_dots'
@@ -49,14 +77,26 @@ class ModelConfig:
                 f"model.num_heads ({self.num_heads}) must be a multiple of model.num_kv_heads "
                 f"({self.num_kv_heads})"
             )
-        if self.remat not in REMAT_POLICIES:
-            raise ValueError(
-                f"model.remat={self.remat!r}; expected one of {sorted(REMAT_POLICIES)}"
-            )
+        for field, value, allowed in (
+            ("remat", self.remat, sorted(REMAT_POLICIES)),
+            ("mlp_activation", self.mlp_activation, sorted(MLP_ACTIVATIONS)),
+            ("rope_scaling", self.rope_scaling, ROPE_SCALINGS),
+            ("attention", self.attention, attention.IMPLEMENTATIONS),
+        ):
+            if value not in allowed:
+                raise ValueError(f"model.{field}={value!r}; expected one of {list(allowed)}")
+        for field in ("param_dtype", "dtype"):
+            if getattr(self, field) not in ("float32", "bfloat16", "float16"):
+                raise ValueError(
+                    f"model.{field}={getattr(self, field)!r}; expected float32, "
+                    "bfloat16 or float16"
+                )
 
     @classmethod
     def from_config(cls, model_config: Any, vocab_size: int | None = None) -> "ModelConfig":
-        """Builds from a ``config.model`` section; ``vocab_size`` fills a 0 there (from the tokenizer)."""
+        """Builds from a ``config.model`` section; ``vocab_size`` fills a 0 there (from the
+        tokenizer). A ``preset`` names the base values (`itune.model.presets`), which the
+        section's other non-default fields override."""
         fields = {f.name for f in dataclasses.fields(cls)}
         values = {k: v for k, v in dict(model_config).items() if k in fields}
         if not values.get("vocab_size"):
@@ -67,9 +107,21 @@ class ModelConfig:
 
     def num_params(self) -> int:
         attn = self.d_model * self.head_dim * (2 * self.num_heads + 2 * self.num_kv_heads)
+        if self.qkv_bias:
+            attn += self.head_dim * (self.num_heads + 2 * self.num_kv_heads)
         block = attn + 3 * self.d_model * self.mlp_dim + 2 * self.d_model
         head = 0 if self.tie_embeddings else self.vocab_size * self.d_model
         return self.num_layers * block + self.vocab_size * self.d_model + head + self.d_model
+
+    def flops_per_token(self, seq_len: int) -> float:
+        """Training FLOPs per token (forward and backward, no recomputation): 6 per weight of a
+        matmul (the embedding lookup is not one; a tied table is again as the output
+        projection), plus attention's two matmuls over the causal half of the sequence."""
+        table = self.vocab_size * self.d_model
+        matmul_weights = self.num_params() - table + (table if self.tie_embeddings else 0)
+        matmul_weights -= (2 * self.num_layers + 1) * self.d_model  # Norm scales.
+        attention_flops = 6 * self.num_layers * self.num_heads * self.head_dim * seq_len
+        return 6 * matmul_weights + attention_flops
 
 
 REMAT_POLICIES = {
@@ -86,15 +138,23 @@ def _param(rngs: nnx.Rngs, init, shape: Sequence[int], dtype, axes: tuple[str | 
 
 
 class RMSNorm(nnx.Module):
+    """Root-mean-square norm in float32; scales by ``w`` or, with ``plus_one``, ``1 + w``."""
 
-    def __init__(self, dim: int, eps: float, *, param_dtype, rngs: nnx.Rngs):
-        self.eps = eps
-        self.scale = _param(rngs, nnx.initializers.ones, (dim,), param_dtype, ("embed",))
+    def __init__(self, dim: int, eps: float, plus_one: bool, *, param_dtype, rngs: nnx.Rngs):
+        self.eps, self.plus_one = eps, plus_one
+        init = nnx.initializers.zeros if plus_one else nnx.initializers.ones
+        self.scale = _param(rngs, init, (dim,), param_dtype, ("embed",))
 
     def __call__(self, x: jax.Array) -> jax.Array:
         x32 = x.astype(jnp.float32)
         normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
-        return (normed * self.scale[...].astype(jnp.float32)).astype(x.dtype)
+        scale = self.scale[...].astype(jnp.float32)
+        return (normed * (1.0 + scale if self.plus_one else scale)).astype(x.dtype)
+
+
+def _norm(cfg: ModelConfig, rngs: nnx.Rngs) -> RMSNorm:
+    p = jnp.dtype(cfg.param_dtype)
+    return RMSNorm(cfg.d_model, cfg.norm_eps, cfg.norm_plus_one, param_dtype=p, rngs=rngs)
 
 
 class Attention(nnx.Module):
@@ -109,22 +169,39 @@ class Attention(nnx.Module):
         self.k = _param(rngs, init, (d, kv, hd), p, ("embed", "kv_heads", "head_dim"))
         self.v = _param(rngs, init, (d, kv, hd), p, ("embed", "kv_heads", "head_dim"))
         self.o = _param(rngs, out_init, (h, hd, d), p, ("heads", "head_dim", "embed"))
+        if cfg.qkv_bias:
+            zeros = nnx.initializers.zeros
+            self.q_bias = _param(rngs, zeros, (h, hd), p, ("heads", "head_dim"))
+            self.k_bias = _param(rngs, zeros, (kv, hd), p, ("kv_heads", "head_dim"))
+            self.v_bias = _param(rngs, zeros, (kv, hd), p, ("kv_heads", "head_dim"))
 
-    def __call__(self, x, positions, segment_ids):
-        cfg, dt = self.cfg, jnp.dtype(self.cfg.dtype)
+    def project(self, x):
+        """q, k, v ``[batch, length, heads, head_dim]`` before the rotary embedding."""
+        dt = jnp.dtype(self.cfg.dtype)
         q = jnp.einsum("btd,dhk->bthk", x, self.q[...].astype(dt))
         k = jnp.einsum("btd,dhk->bthk", x, self.k[...].astype(dt))
         v = jnp.einsum("btd,dhk->bthk", x, self.v[...].astype(dt))
+        if self.cfg.qkv_bias:
+            q = q + self.q_bias[...].astype(dt)
+            k = k + self.k_bias[...].astype(dt)
+            v = v + self.v_bias[...].astype(dt)
+        return q, k, v
+
+    def __call__(self, x, positions, segment_ids):
+        cfg, dt = self.cfg, jnp.dtype(self.cfg.dtype)
+        q, k, v = self.project(x)
         q = constrain(
             q, ("activation_batch", "activation_length", "activation_heads", None), self.rules
         )
-        q = attention.apply_rope(q, positions, cfg.rope_theta)
-        k = attention.apply_rope(k, positions, cfg.rope_theta)
-        out = attention.dot_product_attention(q, k, v, segment_ids)
+        frequencies = attention.rope_frequencies(cfg)
+        q = attention.apply_rope(q, positions, frequencies)
+        k = attention.apply_rope(k, positions, frequencies)
+        out = attention.attend(q, k, v, segment_ids, cfg.attention, cfg.sliding_window)
         return jnp.einsum("bthk,hkd->btd", out, self.o[...].astype(dt))
 
 
 class MLP(nnx.Module):
+    """Gated MLP: ``down(act(gate(x)) * up(x))``, SwiGLU or GeGLU by ``mlp_activation``."""
 
     def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
         self.cfg = cfg
@@ -136,7 +213,8 @@ class MLP(nnx.Module):
 
     def __call__(self, x):
         dt = jnp.dtype(self.cfg.dtype)
-        hidden = jax.nn.silu(x @ self.gate[...].astype(dt)) * (x @ self.up[...].astype(dt))
+        act = MLP_ACTIVATIONS[self.cfg.mlp_activation]
+        hidden = act(x @ self.gate[...].astype(dt)) * (x @ self.up[...].astype(dt))
         return hidden @ self.down[...].astype(dt)
 
 
@@ -144,11 +222,10 @@ class Block(nnx.Module):
     """Pre-norm residual block: x + attn(norm(x)), then x + mlp(norm(x))."""
 
     def __init__(self, cfg: ModelConfig, rules: LogicalRules, *, rngs: nnx.Rngs):
-        p = jnp.dtype(cfg.param_dtype)
         self.rules = rules
-        self.attn_norm = RMSNorm(cfg.d_model, cfg.norm_eps, param_dtype=p, rngs=rngs)
+        self.attn_norm = _norm(cfg, rngs)
         self.attn = Attention(cfg, rules, rngs=rngs)
-        self.mlp_norm = RMSNorm(cfg.d_model, cfg.norm_eps, param_dtype=p, rngs=rngs)
+        self.mlp_norm = _norm(cfg, rngs)
         self.mlp = MLP(cfg, rngs=rngs)
 
     def __call__(self, x, positions, segment_ids):
@@ -179,7 +256,7 @@ class Decoder(nnx.Module):
             return Block(cfg, rules, rngs=rngs)
 
         self.blocks = make_blocks(rngs)
-        self.final_norm = RMSNorm(cfg.d_model, cfg.norm_eps, param_dtype=p, rngs=rngs)
+        self.final_norm = _norm(cfg, rngs)
         if not cfg.tie_embeddings:
             self.lm_head = _param(
                 rngs,
@@ -189,13 +266,20 @@ class Decoder(nnx.Module):
                 ("embed", "vocab"),
             )
 
-    def hidden_states(self, tokens, positions, segment_ids):
-        """Final-norm hidden states ``[batch, length, d_model]`` in the computation dtype."""
+    def embed_tokens(self, tokens):
         dt = jnp.dtype(self.cfg.dtype)
         # Gather the whole table first: a lookup into a sharded table makes XLA replicate its output.
         table = constrain(self.embed[...], (None, None), self.rules)
         x = jnp.take(table, tokens, axis=0).astype(dt)
-        x = constrain(x, ("activation_batch", "activation_length", "activation_embed"), self.rules)
+        if self.cfg.embed_scale:  # Gemma scales in the computation dtype.
+            x = x * jnp.asarray(math.sqrt(self.cfg.d_model), dt)
+        return constrain(
+            x, ("activation_batch", "activation_length", "activation_embed"), self.rules
+        )
+
+    def hidden_states(self, tokens, positions, segment_ids):
+        """Final-norm hidden states ``[batch, length, d_model]`` in the computation dtype."""
+        x = self.embed_tokens(tokens)
         graphdef, block_state = nnx.split(self.blocks)
 
         def layer(carry, state):
@@ -204,7 +288,11 @@ class Decoder(nnx.Module):
         policy = REMAT_POLICIES[self.cfg.remat]
         if self.cfg.remat != "none":
             layer = jax.checkpoint(layer, policy=policy, prevent_cse=False)
-        x, _ = jax.lax.scan(layer, x, block_state)
+        if self.cfg.scan_layers:
+            x, _ = jax.lax.scan(layer, x, block_state)
+        else:
+            for i in range(self.cfg.num_layers):
+                x, _ = layer(x, jax.tree.map(lambda a: a[i], block_state))
         return self.final_norm(x)
 
     def logits(self, hidden):
