@@ -28,10 +28,19 @@ INSTALL_REQUIRES = [
     # Hugging Face byte-level BPE tokenizers (vocab.json + merges.txt, tokenizer.json); the range
     # transformers 5.x accepts.
     "tokenizers==0.23.3",
+    # Reading and writing Hugging Face checkpoints, and reading GGUF files (itune.convert).
+    "safetensors==0.8.0",
+    "gguf==0.19.0",
 ]
 
 EXTRAS_REQUIRE = {
-    "test": ["pytest>=8"],
+    "test": [
+        "pytest>=8",
+        # The reference for model numerics. 2.13.0 resolves to the CPU build here; an unpinned
+        # torch pulls a CUDA build of several GB.
+        "torch==2.13.0",
+        "transformers==5.23.0",
+    ],
     # Ahead-of-time compilation for TPU slices, also from a CPU host.
     "tpu": ["jax[tpu]==0.10.2"],
 }
@@ -51,6 +60,7 @@ setup(
         "console_scripts": [
             "itune-train=itune.train:run",
             "itune-inspect=itune.inspect:run",
+            "itune-plan=itune.plan:run",
         ],
     },
 )

@@ -6,9 +6,12 @@ A config file defines ``get_config(arg=None)`` returning a locked `ml_collection
 
 from __future__ import annotations
 
+import dataclasses
+import typing
+
 import ml_collections
 
-from itune import sharding
+from itune.model import decoder, presets
 
 
 def parse_arg(arg: str | None, **defaults):
@@ -67,26 +70,17 @@ def base_config() -> ml_collections.ConfigDict:
     c.data.tokenizer.vocab_size = 1024  # Upper bound on a trained vocabulary's size.
     c.data.tokenizer.num_corpus_examples = 20_000  # Examples the vocabulary is trained on.
 
-    c.model = ml_collections.ConfigDict()
-    c.model.vocab_size = 0  # 0: the tokenizer's vocabulary size.
-    c.model.d_model = 256
-    c.model.num_layers = 4
-    c.model.num_heads = 4
-    c.model.num_kv_heads = 2
-    c.model.head_dim = 64
-    c.model.mlp_dim = 768
-    c.model.rope_theta = 10_000.0
-    c.model.norm_eps = 1e-5
-    c.model.tie_embeddings = True
-    c.model.param_dtype = "float32"
-    c.model.dtype = "float32"  # Computation dtype.
-    c.model.remat = "none"  # 'none', 'full' or 'save_dots': what the backward pass recomputes.
+    c.model = model_section("tiny")
 
     c.mesh = ml_collections.ConfigDict()
     c.mesh.data = 1  # Pure data parallelism: replicas.
     c.mesh.fsdp = -1  # Data parallelism with sharded parameters; -1 takes all remaining devices.
     c.mesh.tensor = 1  # Tensor (model) parallelism inside each layer.
-    c.mesh.rules = sharding.DEFAULT_RULES  # Logical axis name -> mesh axes.
+    # 'dp', 'fsdp', 'tp' or 'fsdp_tp' (`itune.sharding.STRATEGIES`): how parameters and the
+    # batch map onto the mesh axes.
+    c.mesh.strategy = "fsdp_tp"
+    # Logical axis name -> mesh axes; when set, replaces the strategy's table.
+    c.mesh.rules = ()
 
     c.optim = ml_collections.ConfigDict()
     c.optim.learning_rate = 1e-3  # Peak, reached after the warmup.
@@ -114,3 +108,22 @@ def base_config() -> ml_collections.ConfigDict:
     c.checkpoint.every_steps = 200  # Also saved at the end; 0 saves only at the end.
     c.checkpoint.max_to_keep = 2
     return c
+
+
+def model_section(preset: str = "tiny", **values) -> ml_collections.ConfigDict:
+    """``config.model``: a ``preset`` (`itune.model.presets`) and one field per `ModelConfig`
+    field, None where the preset (or, failing that, ModelConfig's default) decides.
+
+    Fields stay typed, so ``--config.model.num_layers=8`` overrides one on the command line.
+    ``vocab_size`` 0 takes the tokenizer's size.
+    """
+    section = ml_collections.ConfigDict()
+    section.preset = preset
+    hints = typing.get_type_hints(decoder.ModelConfig)
+    for field in dataclasses.fields(decoder.ModelConfig):
+        section[field.name] = ml_collections.FieldReference(None, field_type=hints[field.name])
+    for key, value in values.items():
+        if key not in section:
+            raise ValueError(f"model_section: unknown field {key!r}")
+        section[key] = value
+    return section

@@ -1,8 +1,10 @@
 """The device mesh and the one place where logical axis names become mesh axes.
 
 Layers name their dimensions (``'embed'``, ``'mlp'``, ``'heads'``, ``'activation_batch'``...);
-``config.mesh.rules`` maps each name to a mesh axis, a tuple of mesh axes, or None (replicated).
-Changing strategy (data parallel, FSDP, tensor parallel) is a change of rules, never of the model.
+a rules table maps each name to a mesh axis, a tuple of mesh axes, or None (replicated).
+Changing strategy (data parallel, FSDP, tensor parallel) is a change of rules, never of the model:
+``config.mesh.strategy`` picks one of `STRATEGIES`, and ``config.mesh.rules``, when given,
+replaces its table.
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ from typing import Any, Sequence
 import jax
 import numpy as np
 from flax import nnx
-from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
+from jax.sharding import AbstractMesh, AxisType, Mesh, NamedSharding, PartitionSpec
 
 MESH_AXES = ("data", "fsdp", "tensor")
 
@@ -38,36 +40,85 @@ DEFAULT_RULES: LogicalRules = (
 )
 
 
-def make_mesh(mesh_config: Any, devices: Sequence[jax.Device] | None = None) -> Mesh:
-    """A mesh with axes ``data, fsdp, tensor`` sized by ``config.mesh``.
+# Every device a data-parallel replica: parameters replicated, the batch split over all axes.
+DATA_PARALLEL_RULES: LogicalRules = (
+    ("batch", ("data", "fsdp", "tensor")),
+    ("activation_batch", ("data", "fsdp", "tensor")),
+)
+# Fully sharded data parallel: the batch over data and fsdp, parameters split along 'embed' over
+# fsdp (gathered layer by layer in the forward and backward passes).
+FSDP_RULES: LogicalRules = (
+    ("batch", ("data", "fsdp")),
+    ("activation_batch", ("data", "fsdp")),
+    ("embed", "fsdp"),
+)
+# Tensor parallel (Megatron style): heads, MLP and vocabulary split over tensor; the batch over
+# data only.
+TENSOR_PARALLEL_RULES: LogicalRules = (
+    ("batch", "data"),
+    ("activation_batch", "data"),
+    ("activation_heads", "tensor"),
+    ("activation_vocab", "tensor"),
+    ("vocab", "tensor"),
+    ("mlp", "tensor"),
+    ("heads", "tensor"),
+    ("kv_heads", "tensor"),
+)
+STRATEGIES: dict[str, LogicalRules] = {
+    "dp": DATA_PARALLEL_RULES,
+    "fsdp": FSDP_RULES,
+    "tp": TENSOR_PARALLEL_RULES,
+    "fsdp_tp": DEFAULT_RULES,
+}
+
+
+def mesh_shape(mesh_config: Any, num_devices: int) -> tuple[int, ...]:
+    """The ``(data, fsdp, tensor)`` sizes of ``config.mesh`` for ``num_devices`` devices.
 
     One axis size may be -1: it takes all devices left over by the others.
     """
-    devices = list(jax.devices() if devices is None else devices)
     shape = [int(mesh_config[name]) for name in MESH_AXES]
     if shape.count(-1) > 1:
         raise ValueError(f"config.mesh: at most one of {MESH_AXES} may be -1, got {shape}")
     if -1 in shape:
         known = math.prod(s for s in shape if s != -1)
-        if len(devices) % known:
+        if num_devices % known:
             raise ValueError(
-                f"config.mesh {dict(zip(MESH_AXES, shape))}: {len(devices)} devices do "
+                f"config.mesh {dict(zip(MESH_AXES, shape))}: {num_devices} devices do "
                 f"not divide by {known}"
             )
-        shape[shape.index(-1)] = len(devices) // known
-    if math.prod(shape) != len(devices):
+        shape[shape.index(-1)] = num_devices // known
+    if math.prod(shape) != num_devices:
         raise ValueError(
             f"config.mesh {dict(zip(MESH_AXES, shape))} needs {math.prod(shape)} "
-            f"devices, but {len(devices)} are available"
+            f"devices, but {num_devices} are available"
         )
+    return tuple(shape)
+
+
+def make_mesh(mesh_config: Any, devices: Sequence[jax.Device] | None = None) -> Mesh:
+    """A mesh with axes ``data, fsdp, tensor`` sized by ``config.mesh`` (see `mesh_shape`)."""
+    devices = list(jax.devices() if devices is None else devices)
+    shape = mesh_shape(mesh_config, len(devices))
     # Auto axes: Flax layers and sharding propagation expect them (Explicit is jax's new default).
     return Mesh(
         np.array(devices).reshape(shape), MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES)
     )
 
 
+def abstract_mesh(shape: Sequence[int]) -> AbstractMesh:
+    """A mesh of the given ``(data, fsdp, tensor)`` sizes without devices: for plans."""
+    return AbstractMesh(tuple(shape), MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES))
+
+
 def rules_from_config(mesh_config: Any) -> LogicalRules:
-    rules = mesh_config.get("rules") or DEFAULT_RULES
+    """``config.mesh.rules`` if given, else the table of ``config.mesh.strategy``."""
+    rules = mesh_config.get("rules")
+    if not rules:
+        strategy = mesh_config.get("strategy") or "fsdp_tp"
+        if strategy not in STRATEGIES:
+            raise ValueError(f"mesh.strategy={strategy!r}; expected one of {sorted(STRATEGIES)}")
+        rules = STRATEGIES[strategy]
     return tuple(
         (str(name), tuple(axes) if isinstance(axes, list) else axes) for name, axes in rules
     )
@@ -134,18 +185,28 @@ def batch_sharding(mesh: Mesh, rules: LogicalRules) -> NamedSharding:
     return NamedSharding(mesh, logical_to_spec(("batch", None), rules, None, mesh))
 
 
-def describe(state: Any) -> list[tuple[str, tuple[int, ...], Any, str]]:
-    """(path, shape, logical names, sharding spec) per array of a sharded state, for plans."""
+def plan(
+    abstract_state: Any, mesh: Mesh | AbstractMesh, rules: LogicalRules
+) -> list[dict[str, Any]]:
+    """How each array of an abstract `nnx.State` is laid out on ``mesh``: ``path``, ``shape``,
+    ``dtype``, logical ``axes``, the ``spec`` (mesh axes per dimension) and ``bytes_per_device``."""
     rows = []
-    for path, variable in nnx.to_flat_state(state):
-        value = variable.get_value()
-        spec = getattr(getattr(value, "sharding", None), "spec", None)
+    for path, variable in nnx.to_flat_state(abstract_state):
+        names = variable.get_metadata().get("out_sharding") or (None,) * len(variable.shape)
+        spec = logical_to_spec(names, rules, variable.shape, mesh)
+        shards = 1
+        for axes in spec:
+            for axis in (axes,) if isinstance(axes, str) else axes or ():
+                shards *= mesh.shape[axis]
+        size = math.prod(variable.shape) * np.dtype(variable.dtype).itemsize
         rows.append(
-            (
-                "/".join(map(str, path)),
-                tuple(value.shape),
-                variable.get_metadata().get("out_sharding"),
-                str(spec),
+            dict(
+                path="/".join(map(str, path)),
+                shape=tuple(variable.shape),
+                dtype=str(np.dtype(variable.dtype)),
+                axes=tuple(names),
+                spec=spec,
+                bytes_per_device=size // shards,
             )
         )
     return rows

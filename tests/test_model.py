@@ -1,8 +1,11 @@
 """The decoder: packed segments are independent, positions restart per segment."""
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 from flax import nnx
 
 from itune.model.decoder import Decoder
@@ -64,3 +67,151 @@ def test_scan_over_layers_matches_running_them_one_by_one():
         x = block(x, pos, seg)
     expected = model.logits(model.final_norm(x))
     np.testing.assert_allclose(_logits(model, batch), np.asarray(expected), rtol=1e-5, atol=1e-5)
+
+
+def _loss_and_grads(model, batch):
+    tokens, pos, seg = (jnp.asarray(batch[k]) for k in ("inputs", "positions", "segment_ids"))
+    targets = jnp.asarray(batch["targets"])
+
+    def loss_fn(model):
+        logits = model(tokens, pos, seg)
+        logp = jax.nn.log_softmax(logits)
+        return -jnp.take_along_axis(logp, targets[..., None], -1).mean()
+
+    return nnx.value_and_grad(loss_fn)(model)
+
+
+def _same_params(cfg_a, cfg_b, seed=0):
+    """Two models of the two configs with the same parameters."""
+    a = Decoder(cfg_a, rngs=nnx.Rngs(seed))
+    b = Decoder(cfg_b, rngs=nnx.Rngs(seed))
+    nnx.update(b, nnx.state(a))
+    return a, b
+
+
+@pytest.mark.parametrize("implementation", ["jax", "splash"])
+def test_attention_implementations_match_the_xla_reference(implementation):
+    # Splash runs in Pallas's interpreter off TPU; its rows must be a multiple of 128.
+    cfg = tiny_model_config(head_dim=32, d_model=64)
+    ref, model = _same_params(cfg, dataclasses.replace(cfg, attention=implementation))
+    batch = packed_batch(4, batch=2, length=128, vocab=128, segment_lengths=(50, 40, 20))
+    np.testing.assert_allclose(_logits(model, batch), _logits(ref, batch), rtol=1e-5, atol=1e-5)
+    (ref_loss, ref_grads), (loss, grads) = _loss_and_grads(ref, batch), _loss_and_grads(
+        model, batch
+    )
+    np.testing.assert_allclose(loss, ref_loss, rtol=1e-5)
+    for a, b in zip(jax.tree.leaves(grads), jax.tree.leaves(ref_grads)):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("implementation", ["xla", "jax", "splash"])
+def test_sliding_window_attends_to_the_last_tokens_only(implementation):
+    cfg = tiny_model_config(head_dim=32, d_model=64, sliding_window=16, attention=implementation)
+    model = Decoder(cfg, rngs=nnx.Rngs(5))
+    batch = packed_batch(5, batch=1, length=128, vocab=128, segment_lengths=(128,))
+    before = _logits(model, batch)
+    batch["inputs"][:, 10] = (batch["inputs"][:, 10] % 100) + 5
+    after = _logits(model, batch)
+    # Two layers see 2 * 15 tokens back at most.
+    np.testing.assert_array_equal(before[:, 10 + 2 * 15 + 1 :], after[:, 10 + 2 * 15 + 1 :])
+    assert not np.allclose(before[:, 10:26], after[:, 10:26])
+
+
+@pytest.mark.parametrize(
+    "change",
+    [dict(scan_layers=False), dict(remat="full"), dict(remat="save_dots")],
+    ids=["unrolled", "remat_full", "remat_save_dots"],
+)
+def test_unrolled_layers_and_remat_give_the_same_loss_and_gradients(change):
+    cfg = tiny_model_config(num_layers=3)
+    ref, model = _same_params(cfg, dataclasses.replace(cfg, **change))
+    assert jax.tree.structure(nnx.state(ref)) == jax.tree.structure(nnx.state(model))
+    batch = packed_batch(6, batch=2, length=16, vocab=128, segment_lengths=(9, 7))
+    (ref_loss, ref_grads), (loss, grads) = _loss_and_grads(ref, batch), _loss_and_grads(
+        model, batch
+    )
+    np.testing.assert_allclose(loss, ref_loss, rtol=1e-6)
+    for a, b in zip(jax.tree.leaves(grads), jax.tree.leaves(ref_grads)):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_bfloat16_parameters_and_computation_stay_close_to_float32():
+    cfg = tiny_model_config()
+    ref = Decoder(cfg, rngs=nnx.Rngs(7))
+    low = Decoder(
+        dataclasses.replace(cfg, param_dtype="bfloat16", dtype="bfloat16"), rngs=nnx.Rngs(7)
+    )
+    assert low.blocks.attn.q[...].dtype == jnp.bfloat16
+    nnx.update(low, jax.tree.map(lambda x: x.astype(jnp.bfloat16), nnx.state(ref)))
+    batch = packed_batch(7, batch=2, length=16, vocab=128, segment_lengths=(16,))
+    out, expected = _logits(low, batch), _logits(ref, batch)
+    assert out.dtype == np.float32
+    assert np.abs(out - expected).max() < 0.05 * np.abs(expected).max()
+
+
+def test_feature_switches_change_the_numbers_they_should():
+    base = tiny_model_config()
+    batch = packed_batch(8, batch=1, length=16, vocab=128, segment_lengths=(16,))
+    ref = _logits(Decoder(base, rngs=nnx.Rngs(8)), batch)
+    for change in (
+        dict(mlp_activation="gelu_tanh"),
+        dict(embed_scale=True),
+        dict(rope_theta=500_000.0),
+        dict(rope_scaling="llama3", rope_scaling_factor=8.0, rope_original_max_len=4),
+        dict(tie_embeddings=False),
+    ):
+        out = _logits(Decoder(dataclasses.replace(base, **change), rngs=nnx.Rngs(8)), batch)
+        assert not np.allclose(out, ref), change
+    # Gemma's norm stores w and scales by 1 + w: initialised at zero it is the identity too.
+    gemma = Decoder(dataclasses.replace(base, norm_plus_one=True), rngs=nnx.Rngs(8))
+    assert float(jnp.abs(gemma.final_norm.scale[...]).max()) == 0.0
+    np.testing.assert_allclose(_logits(gemma, batch), ref, rtol=1e-6)
+    with_bias = Decoder(dataclasses.replace(base, qkv_bias=True), rngs=nnx.Rngs(8))
+    with_bias.blocks.attn.k_bias[...] = jnp.ones_like(with_bias.blocks.attn.k_bias[...])
+    assert not np.allclose(_logits(with_bias, batch), ref)
+
+
+def test_llama3_frequency_scaling_matches_its_definition():
+    from itune.model import attention
+
+    cfg = tiny_model_config(
+        head_dim=128,
+        rope_theta=500_000.0,
+        rope_scaling="llama3",
+        rope_scaling_factor=8.0,
+        rope_low_freq_factor=1.0,
+        rope_high_freq_factor=4.0,
+        rope_original_max_len=8192,
+    )
+    scaled = attention.rope_frequencies(cfg)
+    plain = attention.rope_frequencies(dataclasses.replace(cfg, rope_scaling="none"))
+    wavelen = 2 * np.pi / plain
+    np.testing.assert_array_equal(scaled[wavelen < 8192 / 4], plain[wavelen < 8192 / 4])
+    np.testing.assert_allclose(scaled[wavelen > 8192], plain[wavelen > 8192] / 8, rtol=1e-6)
+    between = (wavelen >= 8192 / 4) & (wavelen <= 8192)
+    assert between.any()
+    assert np.all(scaled[between] <= plain[between]) and np.all(
+        scaled[between] >= plain[between] / 8
+    )
+
+
+def test_presets_have_the_published_sizes():
+    from itune import configlib
+    from itune.model.decoder import ModelConfig
+
+    sizes = {
+        "smollm2-135m": 134_515_008,
+        "llama3-8b": 8_030_261_248,
+        "llama3-70b": 70_553_706_496,
+        "mistral-7b": 7_248_023_552,
+        "qwen2.5-0.5b": 494_032_768,
+        "gemma-2b": 2_506_172_416,
+    }
+    for name, size in sizes.items():
+        assert ModelConfig.from_config(configlib.model_section(name)).num_params() == size, name
+    tiny = ModelConfig.from_config(configlib.model_section("tiny"), vocab_size=300)
+    assert tiny.vocab_size == 300 and tiny.num_params() < 1_000_000
+    overridden = ModelConfig.from_config(configlib.model_section("llama3-8b", num_layers=2))
+    assert overridden.num_layers == 2 and overridden.d_model == 4096
+    with pytest.raises(ValueError, match="known presets"):
+        ModelConfig.from_config(configlib.model_section("llama9"))

@@ -14,10 +14,9 @@ from tests.util import optim_config, packed_batch, tiny_model_config
 MODEL = tiny_model_config(num_heads=4, num_kv_heads=4, d_model=32, mlp_dim=64, vocab_size=128)
 
 
-def _one_step(mesh_shape, batch):
+def _one_step(mesh_shape, batch, rules=sharding.DEFAULT_RULES):
     devices = jax.devices()[: int(np.prod(mesh_shape))]
     mesh = sharding.make_mesh(dict(zip(sharding.MESH_AXES, mesh_shape)), devices)
-    rules = sharding.DEFAULT_RULES
     tx = optimizer.make_optimizer(optim_config(), num_steps=10)
     schedule = optimizer.learning_rate_schedule(optim_config(), 10)
     layout = state_lib.state_layout(MODEL, tx, mesh, rules, seed=0)
@@ -42,12 +41,44 @@ def _one_step(mesh_shape, batch):
     ids=["fsdp2x_tensor4", "fsdp4x_tensor2", "data2x_fsdp4", "data4x_tensor2"],
 )
 def test_train_step_on_a_mesh_matches_one_device(mesh_shape):
+    _check_against_one_device(mesh_shape, sharding.DEFAULT_RULES, params_sharded=True)
+
+
+@pytest.mark.parametrize(
+    "strategy, mesh_shape, params_sharded",
+    [
+        ("dp", (2, 2, 2), False),
+        ("fsdp", (1, 8, 1), True),
+        ("tp", (2, 1, 4), True),
+        ("fsdp_tp", (2, 2, 2), True),
+    ],
+)
+def test_each_strategy_is_a_rules_table_and_matches_one_device(
+    strategy, mesh_shape, params_sharded
+):
+    rules = sharding.rules_from_config({"strategy": strategy, "rules": ()})
+    assert rules == sharding.STRATEGIES[strategy]
+    live_state = _check_against_one_device(mesh_shape, rules, params_sharded)
+    q = live_state.params["blocks"]["attn"]["q"].get_value()
+    spec = q.sharding.spec
+    if strategy == "dp":
+        assert all(axes is None for axes in spec)
+    elif strategy == "fsdp":
+        assert tuple(spec) == (None, "fsdp", None, None)
+    elif strategy == "tp":
+        assert tuple(spec) == (None, None, "tensor", None)
+    else:
+        assert tuple(spec) == (None, "fsdp", "tensor", None)
+
+
+def _check_against_one_device(mesh_shape, rules, params_sharded):
     batch = packed_batch(0, batch=8, length=16, vocab=MODEL.vocab_size)
     ref_init, ref_state, ref_metrics, _ = _one_step((1, 1, 1), batch)
-    init, new_state, metrics, live_state = _one_step(mesh_shape, batch)
-    # Parameters are really sharded on the mesh.
+    init, new_state, metrics, live_state = _one_step(mesh_shape, batch, rules)
+    # Parameters are really sharded on the mesh (or, data parallel, replicated on all of it).
     q = live_state.params["blocks"]["attn"]["q"].get_value()
-    assert len(q.sharding.device_set) == 8 and q.addressable_shards[0].data.size < q.size
+    assert len(q.sharding.device_set) == 8
+    assert (q.addressable_shards[0].data.size < q.size) == params_sharded
     for a, b in zip(jax.tree.leaves(ref_init), jax.tree.leaves(init)):
         np.testing.assert_array_equal(a, b)
     np.testing.assert_allclose(metrics["loss"], ref_metrics["loss"], rtol=1e-5)
@@ -58,6 +89,7 @@ def test_train_step_on_a_mesh_matches_one_device(mesh_shape):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
     # The step really changed the parameters.
     assert not np.allclose(jax.tree.leaves(ref_init)[0], jax.tree.leaves(ref_state.params)[0])
+    return live_state
 
 
 def test_rules_map_logical_names_and_replicate_indivisible_dimensions():
@@ -85,3 +117,21 @@ def test_mesh_errors_name_the_problem():
         "fsdp": 4,
         "tensor": 1,
     }
+
+
+def test_plan_of_llama3_8b_on_a_2x2x2_mesh_needs_no_devices():
+    from configs import llama3_8b_sft
+    from itune import plan
+
+    config = llama3_8b_sft.get_config()
+    with config.unlocked():
+        config.mesh.data, config.mesh.fsdp, config.mesh.tensor = 2, 2, 2
+    text = plan.format_plan(config, num_devices=8)  # This host has 8 CPU devices, not a pod.
+    lines = {line.split(" | ")[0].strip("| "): line for line in text.splitlines()}
+    assert "8,030.3M parameters" in text and "mesh (data 2, fsdp 2, tensor 2)" in text
+    gate = lines["blocks/mlp/gate"]
+    assert "(32, 4096, 14336)" in gate and "(layers, embed, mlp)" in gate
+    assert "(-, fsdp, tensor)" in gate and "1.75 GiB" in gate  # 32 * 4096 * 14336 * 4 B / 4.
+    assert "(-, fsdp, tensor, -)" in lines["blocks/attn/k"]
+    # 8.03e9 parameters * 4 B over 4 shards (fsdp x tensor; data holds replicas).
+    assert "parameters 7.48 GiB, AdamW moments 14.96 GiB" in text

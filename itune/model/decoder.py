@@ -94,15 +94,29 @@ class ModelConfig:
 
     @classmethod
     def from_config(cls, model_config: Any, vocab_size: int | None = None) -> "ModelConfig":
-        """Builds from a ``config.model`` section; ``vocab_size`` fills a 0 there (from the
-        tokenizer). A ``preset`` names the base values (`itune.model.presets`), which the
-        section's other non-default fields override."""
+        """Builds from a ``config.model`` section: its ``preset`` (`itune.model.presets`), then
+        the section's fields that are not None; a ``vocab_size`` of 0 (or None) takes
+        ``vocab_size`` (the tokenizer's)."""
+        from itune.model import presets  # noqa: PLC0415  (presets are plain data)
+
         fields = {f.name for f in dataclasses.fields(cls)}
-        values = {k: v for k, v in dict(model_config).items() if k in fields}
+        section = dict(model_config)
+        unknown = sorted(set(section) - fields - {"preset"})
+        if unknown:
+            raise ValueError(f"config.model: unknown fields {unknown}; known: {sorted(fields)}")
+        values = presets.preset(section["preset"]) if section.get("preset") else {}
+        values.update({k: v for k, v in section.items() if k in fields and v is not None})
         if not values.get("vocab_size"):
             if not vocab_size:
                 raise ValueError("model.vocab_size is 0 and no tokenizer vocabulary size was given")
             values["vocab_size"] = vocab_size
+        missing = sorted(
+            f.name
+            for f in dataclasses.fields(cls)
+            if f.default is dataclasses.MISSING and f.name not in values
+        )
+        if missing:
+            raise ValueError(f"config.model: no value for {missing} (set them or a preset)")
         return cls(**values)
 
     def num_params(self) -> int:

@@ -1,0 +1,110 @@
+"""``itune-plan``: how a config's parameters and optimizer state lie on a mesh, without devices.
+
+  itune-plan --config=configs/smoke.py --config.model.preset=llama3-8b \\
+      --config.mesh.data=2 --config.mesh.fsdp=2 --config.mesh.tensor=2
+
+Prints each parameter's shape, logical axes, mesh axes and bytes per device, then the totals per
+device for the parameters and the optimizer's two moments (AdamW, float32). The mesh is abstract:
+``--devices`` (default: this host's count) only resolves a ``-1`` axis.
+"""
+
+from __future__ import annotations
+
+from itune import cli
+
+cli.quiet_tensorflow()
+
+from absl import app, flags
+from ml_collections import config_flags
+
+_CONFIG = config_flags.DEFINE_config_file(
+    "config", None, "Config file (path[:arg]).", lock_config=True
+)
+_DEVICES = flags.DEFINE_integer("devices", None, "Devices of the mesh (default: jax's count).")
+
+
+def _bytes(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if n < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
+        n /= 1024
+
+
+def _spec(spec) -> str:
+    parts = []
+    for axes in spec:
+        if axes is None:
+            parts.append("-")
+        else:
+            parts.append("+".join((axes,) if isinstance(axes, str) else axes))
+    return "(" + ", ".join(parts) + ")"
+
+
+def format_plan(config, num_devices: int) -> str:
+    """The plan of ``config`` on ``num_devices`` devices, as a markdown table and totals."""
+    from itune import sharding
+    from itune.convert import weights
+    from itune.model.decoder import ModelConfig
+
+    model_config = ModelConfig.from_config(config.model, _vocab_size(config))
+    rules = sharding.rules_from_config(config.mesh)
+    shape = sharding.mesh_shape(config.mesh, num_devices)
+    mesh = sharding.abstract_mesh(shape)
+    _, abstract = weights.abstract_params(model_config, rules)
+    rows = sharding.plan(abstract, mesh, rules)
+    mesh_text = ", ".join(f"{a} {n}" for a, n in zip(sharding.MESH_AXES, shape))
+    strategy = "custom rules" if config.mesh.get("rules") else f"strategy {config.mesh.strategy}"
+    lines = [
+        f"Sharding plan: {model_config.num_params() / 1e6:,.1f}M parameters "
+        f"({model_config.param_dtype}), mesh ({mesh_text}), {strategy}",
+        "",
+        "| parameter | shape | logical axes | mesh axes | bytes per device |",
+        "|---|---|---|---|---|",
+    ]
+    for row in rows:
+        axes = "(" + ", ".join(a or "-" for a in row["axes"]) + ")"
+        lines.append(
+            f"| {row['path']} | {row['shape']} | {axes} | {_spec(row['spec'])} | "
+            f"{_bytes(row['bytes_per_device'])} |"
+        )
+    params = sum(r["bytes_per_device"] for r in rows)
+    moments = sum(2 * r["bytes_per_device"] * 4 // max(1, _itemsize(r["dtype"])) for r in rows)
+    lines += [
+        "",
+        f"per device: parameters {_bytes(params)}, AdamW moments {_bytes(moments)}, "
+        f"total {_bytes(params + moments)} (activations not included)",
+    ]
+    return "\n".join(lines)
+
+
+def _itemsize(dtype: str) -> int:
+    import numpy as np
+
+    return np.dtype(dtype).itemsize
+
+
+def _vocab_size(config) -> int | None:
+    """The tokenizer's vocabulary size when the model takes it from there (vocab_size 0)."""
+    if config.model.get("vocab_size") or not config.data.tokenizer.path:
+        return None
+    from itune.data.hf_tokenizer import load_tokenizer_path
+
+    return load_tokenizer_path(config.data.tokenizer.path).vocab_size
+
+
+def main(argv):
+    if len(argv) > 1:
+        raise app.UsageError(f"Unexpected arguments: {' '.join(argv[1:])}")
+    import jax
+
+    print(format_plan(_CONFIG.value, _DEVICES.value or jax.device_count()))
+
+
+def run():
+    """Console entry point."""
+    flags.mark_flags_as_required(["config"])
+    app.run(main, flags_parser=cli.parse_flags)
+
+
+if __name__ == "__main__":
+    run()
