@@ -10,6 +10,8 @@ model to the ``tiny`` preset for a few CPU steps.
 from configs import sft_mix
 from itune import configlib
 
+NEEDS_SHARED = True  # The data mixture of sft_mix.
+
 
 def get_config(arg=None):
     arg = configlib.parse_arg(arg, runlocal=False)

@@ -123,6 +123,11 @@ class HFTokenizer:
         self._byte_level = isinstance(self._tok.decoder, decoders.ByteLevel)
         self._bytes: list[bytes | None] | None = None
 
+    @property
+    def backend(self) -> tokenizers.Tokenizer:
+        """The wrapped ``tokenizers.Tokenizer`` (to save it as a ``tokenizer.json``)."""
+        return self._tok
+
     def _resolve(self, token: str | int | None, what: str) -> int:
         if token is None:
             return -1
@@ -166,7 +171,7 @@ class HFTokenizer:
         ``pre_tokenizer`` names the split before BPE (llama.cpp's ``tokenizer.ggml.pre``):
         ``'gpt2'``, or ``'smollm'`` for SmolLM2, which also splits digits singly.
         """
-        pre = _pre_tokenizer(pre_tokenizer)
+        _pre_tokenizer(pre_tokenizer)  # An unknown name fails before any file is read.
         vocab = _read_json(vocab_json, "vocab.json")
         merges = []
         for n, line in enumerate(_read_text(merges_txt, "merges.txt").split("\n")):
@@ -177,7 +182,28 @@ class HFTokenizer:
             if len(pair) != 2:
                 raise ValueError(f"{merges_txt}:{n + 1}: expected two tokens, got {line!r}")
             merges.append((pair[0], pair[1]))
-        tok = tokenizers.Tokenizer(models.BPE(vocab, merges))
+        kwargs.setdefault("name", os.path.dirname(vocab_json) or vocab_json)
+        return cls.from_vocab_and_merges(
+            vocab, merges, special_tokens, bos, eos, pad, pre_tokenizer, **kwargs
+        )
+
+    @classmethod
+    def from_vocab_and_merges(
+        cls,
+        vocab: Mapping[str, int],
+        merges: Sequence[tuple[str, str]],
+        special_tokens: Sequence[str | AddedToken] = (),
+        bos: str | int | None = None,
+        eos: str | int | None = None,
+        pad: str | int | None = None,
+        pre_tokenizer: str = "gpt2",
+        **kwargs,
+    ) -> "HFTokenizer":
+        """A byte-level BPE from its vocabulary (token -> id, tokens spelled in GPT-2's byte
+        alphabet) and merges, as `from_files` reads them or a GGUF's metadata holds them."""
+        pre = _pre_tokenizer(pre_tokenizer)
+        vocab = dict(vocab)
+        tok = tokenizers.Tokenizer(models.BPE(vocab, list(merges)))
         tok.pre_tokenizer = pre
         tok.decoder = decoders.ByteLevel()
         listed = {t.content if isinstance(t, AddedToken) else t for t in special_tokens}
@@ -191,7 +217,6 @@ class HFTokenizer:
                 for t in specials
             ]
         )
-        kwargs.setdefault("name", os.path.dirname(vocab_json) or vocab_json)
         return cls(tok, bos=bos, eos=eos, pad=pad, **kwargs)
 
     @classmethod
