@@ -7,8 +7,9 @@ The weights come from a Hugging Face checkpoint (``itune-convert``); ``:runlocal
 model to the ``tiny`` preset for a few CPU steps.
 """
 
-from configs import sft_mix
 from itune import configlib
+
+sft_mix = configlib.sibling(__file__, "sft_mix")
 
 NEEDS_SHARED = True  # The data mixture of sft_mix.
 

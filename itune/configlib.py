@@ -7,6 +7,9 @@ A config file defines ``get_config(arg=None)`` returning a locked `ml_collection
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
+import os
+import types
 import typing
 
 import ml_collections
@@ -127,3 +130,13 @@ def model_section(preset: str = "tiny", **values) -> ml_collections.ConfigDict:
             raise ValueError(f"model_section: unknown field {key!r}")
         section[key] = value
     return section
+
+
+def sibling(config_file: str, name: str) -> types.ModuleType:
+    """The config module ``name`` from the folder of ``config_file`` (pass ``__file__``), so that
+    one config can build on another however it was loaded."""
+    path = os.path.join(os.path.dirname(os.path.abspath(config_file)), f"{name}.py")
+    spec = importlib.util.spec_from_file_location(f"itune_config_{name}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
