@@ -61,6 +61,8 @@ setup(
             "itune-train=itune.train:run",
             "itune-inspect=itune.inspect:run",
             "itune-plan=itune.plan:run",
+            "itune-convert=itune.convert.main:run",
+            "itune-generate=itune.generate:run",
         ],
     },
 )

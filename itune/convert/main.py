@@ -1,0 +1,98 @@
+"""``itune-convert SRC DST``: between Hugging Face folders, GGUF files, itune model folders and
+training workdirs.
+
+  itune-convert model.gguf /tmp/smollm2                 # GGUF -> itune model folder
+  itune-convert /tmp/smollm2 /tmp/smollm2_hf            # itune -> Hugging Face folder
+  itune-convert /tmp/run/workdir /tmp/tuned_hf --to=hf  # a training run's newest checkpoint
+
+What SRC is comes from the path (``--from`` names it otherwise); DST is an itune folder when SRC
+is a Hugging Face folder or a GGUF file, and a Hugging Face folder otherwise (``--to`` decides).
+Nothing is written under DST until the conversion has succeeded: a failure (unknown
+architecture, missing tensor, shape mismatch, unsupported config field) stops with a one-line
+message naming it.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import sys
+
+from itune import cli, runtime
+
+cli.quiet_tensorflow()
+
+from absl import app, flags
+
+_FROM = flags.DEFINE_enum("from", None, ["itune", "hf", "gguf", "workdir"], "What SRC is.")
+_TO = flags.DEFINE_enum("to", None, ["itune", "hf"], "What to write at DST.")
+_DTYPE = flags.DEFINE_enum(
+    "dtype", None, ["float32", "bfloat16", "float16"], "Parameter dtype to write (default: kept)."
+)
+_MAX_SHARD_GB = flags.DEFINE_float(
+    "max_shard_gb", 5.0, "Hugging Face export: safetensors files above this size are split."
+)
+
+
+def convert(
+    src: str,
+    dst: str,
+    source_kind=None,
+    target_kind=None,
+    dtype=None,
+    max_shard_bytes: int = 5 * 2**30,
+) -> str:
+    """Converts ``src`` to ``dst``; returns the kind written (``itune`` or ``hf``)."""
+    from itune.convert import hf, model_dir  # noqa: PLC0415
+
+    source_kind = source_kind or model_dir.kind_of(src)
+    target_kind = target_kind or ("itune" if source_kind in ("hf", "gguf") else "hf")
+    if os.path.exists(dst):
+        raise FileExistsError(f"{dst} exists; choose a new path")
+    overrides = {"param_dtype": dtype} if dtype else {}
+    loaded = model_dir.load_model(src, kind=source_kind, **overrides)
+    if target_kind == "itune":  # Written atomically by save_model itself.
+        model_dir.save_model(
+            dst, loaded.config, loaded.params, loaded.tokenizer, loaded.chat_format
+        )
+        return target_kind
+    partial = dst.rstrip("/") + ".partial"
+    if os.path.exists(partial):
+        shutil.rmtree(partial)
+    try:
+        hf.save_hf(
+            partial,
+            loaded.config,
+            loaded.params,
+            loaded.tokenizer,
+            loaded.chat_format,
+            max_shard_bytes=max_shard_bytes,
+        )
+    except BaseException:
+        shutil.rmtree(partial, ignore_errors=True)
+        raise
+    os.rename(partial, dst)
+    return target_kind
+
+
+def main(argv):
+    if len(argv) != 3:
+        raise app.UsageError("usage: itune-convert SRC DST [--from=...] [--to=...]")
+    src, dst = argv[1:]
+    runtime.initialize()
+    try:
+        kind = convert(
+            src, dst, _FROM.value, _TO.value, _DTYPE.value, int(_MAX_SHARD_GB.value * 2**30)
+        )
+    except (ValueError, FileNotFoundError, FileExistsError, KeyError) as e:
+        sys.exit(f"itune-convert: {e}")
+    print(f"Wrote {'an itune model folder' if kind == 'itune' else 'a Hugging Face folder'}: {dst}")
+
+
+def run():
+    """Console entry point."""
+    app.run(main, flags_parser=cli.parse_flags)
+
+
+if __name__ == "__main__":
+    run()

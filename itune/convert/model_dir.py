@@ -1,0 +1,192 @@
+"""itune's own model folder, and loading a model from whatever a user points at.
+
+An itune model folder::
+
+    model.json      {"format": "itune-model", "model": ModelConfig fields, "chat_format": ...}
+    params/         an orbax checkpoint of the parameters
+    tokenizer/      the tokenizer, in Hugging Face layout (or a SentencePiece tokenizer.model)
+
+`load_model` also reads a Hugging Face folder (``config.json`` + safetensors), a GGUF file, and a
+training workdir (its ``config.json``, ``tokenizer/`` and newest checkpoint); parameters are
+placed straight into their shards on the given mesh.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from typing import Any
+
+import jax
+import orbax.checkpoint as ocp
+from flax import nnx
+from jax.sharding import Mesh
+
+from itune import sharding
+from itune.convert import weights
+from itune.model.decoder import ModelConfig
+
+MODEL_JSON = "model.json"
+KINDS = ("itune", "hf", "gguf", "workdir")
+
+
+@dataclasses.dataclass
+class LoadedModel:
+    config: ModelConfig
+    graphdef: nnx.GraphDef
+    params: nnx.State
+    tokenizer: Any
+    chat_format: str | dict | None
+
+    @property
+    def model(self) -> nnx.Module:
+        return nnx.merge(self.graphdef, self.params)
+
+
+def kind_of(path: str) -> str:
+    """What ``path`` holds: one of `KINDS`; a clear error when it is none of them."""
+    if os.path.isfile(path):
+        if path.endswith(".gguf"):
+            return "gguf"
+        raise ValueError(f"{path}: a file, but not a .gguf; expected a GGUF file or a folder")
+    if not os.path.isdir(path):
+        raise FileNotFoundError(f"{path}: no such file or folder")
+    if os.path.exists(os.path.join(path, MODEL_JSON)):
+        return "itune"
+    config = os.path.join(path, "config.json")
+    if os.path.exists(config):
+        with open(config, encoding="utf-8") as f:
+            values = json.load(f)
+        if "model_type" in values or "architectures" in values:
+            return "hf"
+        if "model" in values and os.path.isdir(os.path.join(path, "checkpoints")):
+            return "workdir"
+    raise ValueError(
+        f"{path}: not a model: expected model.json (itune), config.json with safetensors "
+        "(Hugging Face), a training workdir (config.json and checkpoints/) or a .gguf file"
+    )
+
+
+def save_model(
+    path: str, config: ModelConfig, params: nnx.State, tokenizer: Any, chat_format: Any = None
+) -> None:
+    """Writes an itune model folder (see the module docstring); ``path`` must not exist yet.
+
+    Files are written to ``path.partial`` and renamed at the end, so a failure never leaves a
+    half-written model behind.
+    """
+    from itune.convert import hf  # noqa: PLC0415
+
+    if os.path.exists(path):
+        raise FileExistsError(f"{path} exists; choose a new folder")
+    partial = path.rstrip("/") + ".partial"
+    if os.path.exists(partial):
+        import shutil  # noqa: PLC0415
+
+        shutil.rmtree(partial)
+    os.makedirs(os.path.join(partial, "tokenizer"))
+    checkpointer = ocp.StandardCheckpointer()
+    checkpointer.save(os.path.abspath(os.path.join(partial, "params")), params)
+    checkpointer.wait_until_finished()
+    hf.save_tokenizer(os.path.join(partial, "tokenizer"), tokenizer, chat_format)
+    meta = {
+        "format": "itune-model",
+        "model": dataclasses.asdict(config),
+        "chat_format": chat_format,
+    }
+    with open(os.path.join(partial, MODEL_JSON), "w", encoding="utf-8") as f:
+        json.dump(meta, f, indent=2)
+    os.rename(partial, path)
+
+
+def load_model(
+    path: str,
+    mesh: Mesh | None = None,
+    rules: sharding.LogicalRules = sharding.DEFAULT_RULES,
+    kind: str | None = None,
+    **overrides: Any,
+) -> LoadedModel:
+    """The model at ``path`` (an itune folder, Hugging Face folder, GGUF file or training
+    workdir; ``kind`` names it when the path does not tell), on ``mesh`` (the first device
+    without one). ``overrides`` set `ModelConfig` fields that do not change the parameters'
+    shapes (``dtype``, ``attention``, ``remat``...)."""
+    kind = kind or kind_of(path)
+    if kind not in KINDS:
+        raise ValueError(f"unknown model kind {kind!r}; expected one of {KINDS}")
+    if kind == "gguf":
+        from itune.convert import gguf  # noqa: PLC0415
+
+        config, graphdef, params = gguf.load_gguf(path, mesh, rules, **overrides)
+        tokenizer, chat_format = gguf.load_gguf_tokenizer(path)
+        return LoadedModel(config, graphdef, params, tokenizer, chat_format)
+    if kind == "hf":
+        from itune.convert import hf  # noqa: PLC0415
+
+        config, graphdef, params = hf.load_hf(path, mesh, rules, **overrides)
+        tokenizer, chat_format = hf.load_hf_tokenizer(path)
+        return LoadedModel(config, graphdef, params, tokenizer, chat_format)
+    if kind == "workdir":
+        return _load_workdir(path, mesh, rules, **overrides)
+    return _load_itune(path, mesh, rules, **overrides)
+
+
+def _default_mesh(mesh: Mesh | None) -> Mesh:
+    if mesh is not None:
+        return mesh
+    return sharding.make_mesh({"data": 1, "fsdp": 1, "tensor": 1}, jax.devices()[:1])
+
+
+def _restore_params(directory: str, config: ModelConfig, mesh: Mesh, rules) -> tuple:
+    graphdef, abstract = weights.abstract_params(config, rules)
+    shardings = sharding.state_shardings(abstract, mesh, rules)
+    target = jax.tree.map(
+        lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings
+    )
+    params = ocp.StandardCheckpointer().restore(os.path.abspath(directory), target)
+    return graphdef, params
+
+
+def _load_itune(path: str, mesh, rules, **overrides) -> LoadedModel:
+    from itune.convert import hf  # noqa: PLC0415
+
+    with open(os.path.join(path, MODEL_JSON), encoding="utf-8") as f:
+        meta = json.load(f)
+    config = dataclasses.replace(ModelConfig(**meta["model"]), **overrides)
+    graphdef, params = _restore_params(
+        os.path.join(path, "params"), config, _default_mesh(mesh), rules
+    )
+    tokenizer, guessed = hf.load_hf_tokenizer(os.path.join(path, "tokenizer"))
+    return LoadedModel(config, graphdef, params, tokenizer, meta.get("chat_format") or guessed)
+
+
+def _load_workdir(path: str, mesh, rules, **overrides) -> LoadedModel:
+    """The newest checkpoint of a training run, with the run's tokenizer and chat format."""
+    import ml_collections  # noqa: PLC0415
+
+    from itune.data import pipeline  # noqa: PLC0415
+    from itune.training import optimizer, state as state_lib  # noqa: PLC0415
+
+    with open(os.path.join(path, "config.json"), encoding="utf-8") as f:
+        run_config = ml_collections.ConfigDict(json.load(f))
+    tokenizer = pipeline.load_tokenizer(run_config.data, path)
+    config = ModelConfig.from_config(run_config.model, tokenizer.vocab_size)
+    config = dataclasses.replace(config, **overrides)
+    mesh = _default_mesh(mesh)
+    tx = optimizer.make_optimizer(run_config.optim, run_config.train.num_steps)
+    layout = state_lib.state_layout(config, tx, mesh, rules, run_config.seed)
+    manager = ocp.CheckpointManager(
+        os.path.abspath(os.path.join(path, "checkpoints")), item_names=("state", "meta")
+    )
+    step = manager.latest_step()
+    if step is None:
+        raise FileNotFoundError(f"{path}: the run has no checkpoint yet")
+    restored = manager.restore(
+        step,
+        args=ocp.args.Composite(
+            state=ocp.args.StandardRestore(state_lib.abstract_with_shardings(layout))
+        ),
+    )
+    return LoadedModel(
+        config, layout.graphdef, restored.state.params, tokenizer, run_config.data.chat_format
+    )

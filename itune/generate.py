@@ -1,0 +1,106 @@
+"""``itune-generate``: answers from a model, in its chat format, through itune's own decoding.
+
+  itune-generate --checkpoint=/tmp/smollm2 --prompt="What is the capital of France?"
+  itune-generate --checkpoint=model.gguf --prompts_file=prompts.jsonl --output=answers.jsonl
+
+``--checkpoint`` is anything `itune.convert.model_dir.load_model` reads: an itune model folder, a
+Hugging Face folder, a GGUF file or a training workdir. Decoding is greedy. Prompts come from
+``--prompt`` (repeatable) or a JSONL file whose lines hold a ``prompt`` (or ``messages``).
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+
+from itune import cli, runtime
+
+cli.quiet_tensorflow()
+
+from absl import app, flags
+
+_CHECKPOINT = flags.DEFINE_string("checkpoint", None, "Model to load.")
+_PROMPT = flags.DEFINE_multi_string("prompt", [], "A user message (repeatable).")
+_PROMPTS_FILE = flags.DEFINE_string("prompts_file", None, "JSONL of {prompt} or {messages}.")
+_SYSTEM = flags.DEFINE_string("system", None, "A system message before each prompt.")
+_MAX_NEW_TOKENS = flags.DEFINE_integer("max_new_tokens", 256, "Tokens to generate at most.")
+_OUTPUT = flags.DEFINE_string("output", None, "Write {prompt, answer} lines to this JSONL file.")
+_CHAT_FORMAT = flags.DEFINE_string("chat_format", None, "Override the model's chat format.")
+
+
+def conversations(prompts, prompts_file, system) -> list[list[dict]]:
+    """The chats to answer, each ending with a user turn."""
+    chats = [[{"role": "user", "content": p}] for p in prompts]
+    if prompts_file:
+        with open(prompts_file, encoding="utf-8") as f:
+            for number, line in enumerate(f, start=1):
+                if not line.strip():
+                    continue
+                try:
+                    record = json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise ValueError(f"{prompts_file}:{number}: malformed JSON: {e.msg}") from None
+                if "messages" in record:
+                    chats.append(list(record["messages"]))
+                elif isinstance(record.get("prompt"), str):
+                    chats.append([{"role": "user", "content": record["prompt"]}])
+                else:
+                    raise ValueError(
+                        f"{prompts_file}:{number}: expected a 'prompt' string or " "'messages'"
+                    )
+    if system:
+        chats = [[{"role": "system", "content": system}] + c for c in chats]
+    if not chats:
+        raise ValueError("no prompts: pass --prompt or --prompts_file")
+    return chats
+
+
+def answer(loaded, chats, max_new_tokens: int, chat_format=None) -> list[str]:
+    """Greedy answers of a `LoadedModel` to each chat, in its chat format."""
+    from itune.data import chat  # noqa: PLC0415
+    from itune.evaluation.generate import greedy_generate  # noqa: PLC0415
+
+    fmt = chat.get_format(chat_format or loaded.chat_format or "chatml")
+    tokenizer = loaded.tokenizer
+    prompts = [chat.prompt_ids(messages, tokenizer, fmt) for messages in chats]
+    stop_id = tokenizer.special_id(fmt.end_of_turn, fmt.special_tokens.get(fmt.end_of_turn))
+    outputs = greedy_generate(
+        loaded.graphdef,
+        loaded.params,
+        prompts,
+        max_new_tokens=max_new_tokens,
+        stop_id=stop_id,
+        pad_id=max(tokenizer.pad_id, 0),
+    )
+    return [tokenizer.decode(ids).strip() for ids in outputs]
+
+
+def main(argv):
+    if len(argv) > 1:
+        raise app.UsageError(f"Unexpected arguments: {' '.join(argv[1:])}")
+    from itune.convert import model_dir  # noqa: PLC0415
+
+    runtime.initialize()
+    try:
+        chats = conversations(_PROMPT.value, _PROMPTS_FILE.value, _SYSTEM.value)
+        loaded = model_dir.load_model(_CHECKPOINT.value)
+    except (ValueError, FileNotFoundError) as e:
+        sys.exit(f"itune-generate: {e}")
+    answers = answer(loaded, chats, _MAX_NEW_TOKENS.value, _CHAT_FORMAT.value)
+    out = open(_OUTPUT.value, "w", encoding="utf-8") if _OUTPUT.value else None
+    for messages, text in zip(chats, answers):
+        print(f">>> {messages[-1]['content']}\n{text}\n")
+        if out:
+            out.write(json.dumps({"messages": messages, "answer": text}, ensure_ascii=False) + "\n")
+    if out:
+        out.close()
+
+
+def run():
+    """Console entry point."""
+    flags.mark_flags_as_required(["checkpoint"])
+    app.run(main, flags_parser=cli.parse_flags)
+
+
+if __name__ == "__main__":
+    run()
