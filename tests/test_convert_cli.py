@@ -1,0 +1,98 @@
+"""itune-convert and itune-generate end to end on the real SmolLM2 GGUF, and on a training run."""
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from tests.conftest import REPO
+
+GGUF = "models/smollm2-135m-instruct/SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def _run(module, *args, timeout=600):
+    env = dict(os.environ, PYTHONPATH=str(REPO))
+    env.pop("XLA_FLAGS", None)  # One CPU device, as a user would have.
+    cmd = [sys.executable, "-m", module, *map(str, args)]
+    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout, cwd=REPO)
+
+
+@pytest.fixture(scope="module")
+def converted(shared_dir, tmp_path_factory):
+    """The GGUF converted to an itune folder, and that folder to a Hugging Face one."""
+    root = tmp_path_factory.mktemp("convert")
+    itune_dir, hf_dir = root / "smollm2", root / "smollm2_hf"
+    first = _run("itune.convert.main", shared_dir / GGUF, itune_dir)
+    assert first.returncode == 0, first.stderr[-3000:]
+    second = _run("itune.convert.main", itune_dir, hf_dir)
+    assert second.returncode == 0, second.stderr[-3000:]
+    return itune_dir, hf_dir
+
+
+def test_gguf_to_itune_to_hugging_face_keeps_the_logits(converted):
+    import torch
+    import transformers
+
+    from itune.convert import model_dir
+
+    itune_dir, hf_dir = converted
+    assert json.loads((itune_dir / "model.json").read_text())["chat_format"] == "chatml"
+    assert (hf_dir / "config.json").exists() and (hf_dir / "model.safetensors").exists()
+    loaded = model_dir.load_model(str(itune_dir))
+    ids = loaded.tokenizer.encode("The capital of France is Paris, and the capital of Italy is")
+    tokens = np.asarray([ids], np.int32)
+    ours = np.asarray(
+        loaded.model(tokens, np.arange(len(ids))[None], np.ones_like(tokens)), np.float32
+    )
+    reference = transformers.AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32)
+    with torch.no_grad():
+        theirs = reference(torch.tensor(tokens, dtype=torch.long)).logits.numpy()
+    error = np.abs(ours - theirs).max() / np.abs(theirs).max()
+    print(f"itune folder vs transformers on its Hugging Face export: max relative error {error:.2e}")
+    assert error < 1e-4
+    hf_tokenizer = transformers.AutoTokenizer.from_pretrained(hf_dir)
+    assert hf_tokenizer.encode("Natalia sold 48 clips.", add_special_tokens=False) == (
+        loaded.tokenizer.encode("Natalia sold 48 clips.")
+    )
+
+
+def test_itune_generate_answers_a_question_with_the_converted_model(converted, tmp_path):
+    itune_dir, _ = converted
+    out = tmp_path / "answers.jsonl"
+    result = _run(
+        "itune.generate",
+        f"--checkpoint={itune_dir}",
+        "--prompt=What is the capital of France?",
+        "--max_new_tokens=16",
+        f"--output={out}",
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    print(result.stdout)
+    answer = json.loads(out.read_text().splitlines()[0])["answer"]
+    assert "Paris" in answer and "Paris" in result.stdout
+
+
+def test_conversion_errors_are_one_line_and_leave_nothing_behind(converted, tmp_path):
+    itune_dir, _ = converted
+    not_a_model = tmp_path / "empty"
+    not_a_model.mkdir()
+    result = _run("itune.convert.main", not_a_model, tmp_path / "out")
+    assert result.returncode != 0 and "not a model" in result.stderr
+    assert "Traceback" not in result.stderr and not (tmp_path / "out").exists()
+    result = _run("itune.convert.main", itune_dir, itune_dir)
+    assert result.returncode != 0 and "exists" in result.stderr
+    # A tensor of the wrong shape in a Hugging Face folder: named, and no output written.
+    broken = tmp_path / "broken"
+    result = _run("itune.convert.main", itune_dir, broken)
+    assert result.returncode == 0, result.stderr[-2000:]
+    config = json.loads((broken / "config.json").read_text())
+    config["intermediate_size"] += 1
+    (broken / "config.json").write_text(json.dumps(config))
+    result = _run("itune.convert.main", broken, tmp_path / "from_broken")
+    assert result.returncode != 0 and "Traceback" not in result.stderr
+    assert "mlp" in result.stderr and "shape" in result.stderr
+    assert not (tmp_path / "from_broken").exists()
+    assert not (tmp_path / "from_broken.partial").exists()
