@@ -40,6 +40,8 @@ EXTRAS_REQUIRE = {
         # torch pulls a CUDA build of several GB.
         "torch==2.13.0",
         "transformers==5.23.0",
+        # Renders chat templates in the export tests (transformers only suggests it).
+        "jinja2>=3.1",
     ],
     # Ahead-of-time compilation for TPU slices, also from a CPU host.
     "tpu": ["jax[tpu]==0.10.2"],
