@@ -42,6 +42,8 @@ EXTRAS_REQUIRE = {
         "transformers==5.23.0",
         # Renders chat templates in the export tests (transformers only suggests it).
         "jinja2>=3.1",
+        # transformers refuses to load a GGUF model without it.
+        "accelerate==1.15.0",
     ],
     # Ahead-of-time compilation for TPU slices, also from a CPU host.
     "tpu": ["jax[tpu]==0.10.2"],

@@ -1,0 +1,509 @@
+"""GGUF import: SmolLM2-135M-Instruct (Q4_1) against transformers' GGUF loader, tiny written files.
+
+The real file (../shared) gives the config, logit and greedy-decoding parity with transformers
+and the tokenizer; small GGUF files written here with `gguf.GGUFWriter` cover layout (llama.cpp's
+q/k permutation, an untied output, several quantization types, a sharded load), Llama 3 RoPE
+scaling and the errors.
+"""
+
+import json
+import re
+
+import gguf
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from itune import sharding
+from itune.convert import gguf as gguf_import
+from itune.convert.weights import host_params
+from itune.data import chat
+
+GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
+SYSTEM = "You are a helpful AI assistant named SmolLM, trained by Hugging Face"
+
+
+def messages(question: str) -> list[dict]:
+    # SmolLM2's template adds this system turn when there is none; itune's chatml does not.
+    return [{"role": "system", "content": SYSTEM}, {"role": "user", "content": question}]
+
+
+# --- The real SmolLM2 file ---------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def gguf_path(shared_dir):
+    path = shared_dir / "models" / "smollm2-135m-instruct" / GGUF_NAME
+    assert path.is_file(), f"{path} is missing from the shared folder"
+    return path
+
+
+@pytest.fixture(scope="module")
+def itune_model(gguf_path):
+    return gguf_import.load_gguf(gguf_path)
+
+
+@pytest.fixture(scope="module")
+def tokenizer(gguf_path):
+    return gguf_import.load_gguf_tokenizer(gguf_path)
+
+
+@pytest.fixture(scope="module")
+def hf_model(gguf_path):
+    import importlib.util
+
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    if importlib.util.find_spec("accelerate") is None:
+        pytest.fail("transformers loads a GGUF model only with accelerate installed (test extra)")
+    model = AutoModelForCausalLM.from_pretrained(
+        gguf_path.parent, gguf_file=gguf_path.name, dtype=torch.float32
+    )
+    return model.eval()
+
+
+@pytest.fixture(scope="module")
+def hf_tokenizer(gguf_path):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
+
+
+@pytest.fixture(scope="module")
+def questions(shared_dir):
+    """A question of GSM8K, an instruction of self-instruct's seed tasks, and a short one."""
+
+    def first(name):
+        with open(shared_dir / "data" / name, encoding="utf-8") as f:
+            return json.loads(f.readline())
+
+    return [
+        first("gsm8k/train.jsonl")["question"],
+        first("self_instruct/seed_tasks.jsonl")["instruction"],
+        "What is the capital of France?",
+    ]
+
+
+@pytest.fixture(scope="module")
+def prompts(tokenizer, questions):
+    """ChatML prompts (with SmolLM2's system turn) ending in an open assistant turn."""
+    tok, _ = tokenizer
+    return [chat.prompt_ids(messages(q), tok, chat.CHATML) for q in questions]
+
+
+def test_config_from_metadata(gguf_path, itune_model):
+    cfg = gguf_import.gguf_config(gguf_path)
+    assert cfg == itune_model[0]
+    assert (cfg.num_layers, cfg.d_model, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim) == (
+        30,
+        576,
+        9,
+        3,
+        64,
+    )
+    assert (cfg.mlp_dim, cfg.vocab_size, cfg.max_seq_len) == (1536, 49152, 8192)
+    assert cfg.rope_theta == 100_000.0 and cfg.rope_scaling == "none"
+    assert np.float32(cfg.norm_eps) == np.float32(1e-5)
+    assert cfg.tie_embeddings and cfg.mlp_activation == "silu" and not cfg.qkv_bias
+    assert not cfg.norm_plus_one and not cfg.embed_scale and cfg.sliding_window == 0
+    assert cfg.num_params() == 134_515_008  # SmolLM2-135M.
+
+
+def test_logits_match_transformers(itune_model, hf_model, prompts):
+    import torch
+
+    _, graphdef, params = itune_model
+    length = max(map(len, prompts))
+    tokens = np.full((len(prompts), length), 2, np.int32)
+    for i, prompt in enumerate(prompts):
+        tokens[i, : len(prompt)] = prompt
+    positions = np.broadcast_to(np.arange(length, dtype=np.int32), tokens.shape)
+    ours = np.asarray(
+        nnx.merge(graphdef, params)(tokens, positions, np.ones_like(tokens)), np.float32
+    )
+    with torch.no_grad():
+        theirs = hf_model(torch.from_numpy(tokens.astype(np.int64))).logits.numpy()
+    # Padding follows each prompt, so causal attention keeps it out of the prompt's logits.
+    errors = [
+        np.abs(ours[i, : len(p)] - theirs[i, : len(p)]).max() / np.abs(theirs[i, : len(p)]).max()
+        for i, p in enumerate(prompts)
+    ]
+    print(f"\nmax relative logit error vs transformers (float32): {max(errors):.3g}")
+    assert max(errors) < 1e-4
+    # The next-token predictions agree too.
+    for i, p in enumerate(prompts):
+        np.testing.assert_array_equal(ours[i, : len(p)].argmax(-1), theirs[i, : len(p)].argmax(-1))
+
+
+def test_greedy_generation_matches_transformers(itune_model, hf_model, tokenizer, prompts):
+    import torch
+
+    from itune.evaluation.generate import greedy_generate
+
+    _, graphdef, params = itune_model
+    tok, _ = tokenizer
+    ours = greedy_generate(
+        graphdef, params, prompts, max_new_tokens=32, stop_id=tok.eos_id, pad_id=tok.pad_id
+    )
+    theirs = []
+    for prompt in prompts:
+        with torch.no_grad():
+            out = hf_model.generate(
+                torch.tensor([prompt.tolist()]),
+                attention_mask=torch.ones((1, len(prompt)), dtype=torch.long),
+                do_sample=False,
+                max_new_tokens=32,
+                eos_token_id=tok.eos_id,
+                pad_token_id=tok.pad_id,
+            )
+        generated = out[0, len(prompt) :].tolist()
+        theirs.append(
+            generated[: generated.index(tok.eos_id)] if tok.eos_id in generated else generated
+        )
+    for prompt, a, b in zip(prompts, ours, theirs):
+        print(f"\n{len(a)} tokens, equal={a == b}: {tok.decode(a)!r}")
+    assert ours == theirs
+    assert all(len(a) > 0 for a in ours)
+
+
+def splits_numbers_apart(text: str) -> bool:
+    """Whether SmolLM2's pre-tokenizer (llama.cpp's 'smollm': numbers split off singly first, as
+    in SmolLM2's own tokenizer.json) can split ``text`` otherwise than GPT-2's regex, which
+    transformers' GGUF tokenizer falls back to for 'smollm'. They differ on a number after
+    two spaces (one run of spaces vs a space and " 1") and on a non-ASCII number such as "¼"
+    after a space (where GPT-2's regex keeps " ¼" together)."""
+    return any(
+        c.isnumeric()
+        and text[i - 1 : i].isspace()
+        and (text[i - 2 : i - 1].isspace() or c not in "0123456789")
+        for i, c in enumerate(text)
+    )
+
+
+def test_tokenizer_matches_transformers(shared_dir, tokenizer, hf_tokenizer):
+    from tokenizers import pre_tokenizers
+
+    tok, fmt = tokenizer
+    assert fmt == "chatml"
+    assert (tok.bos_id, tok.eos_id, tok.pad_id, tok.vocab_size) == (1, 2, 2, 49152)
+    assert tok.add_bos_token is False
+    texts = []
+    with open(shared_dir / "data" / "gsm8k" / "train.jsonl", encoding="utf-8") as f:
+        for line in f:
+            row = json.loads(line)
+            texts += [row["question"], row["answer"]]
+    texts += [
+        "<|im_start|>user\nHow many are 12 + 30?<|im_end|>\n<|im_start|>assistant\n42<|im_end|>\n",
+        "<|endoftext|><repo_name>itune<file_sep>x = 1<jupyter_code>",
+        "Café, naïve — 你好，世界！ 😀👍🏽 \t\r\n  trailing  ",
+    ]
+    ours = [tok.encode(t) for t in texts]
+    theirs = hf_tokenizer(texts, add_special_tokens=False)["input_ids"]
+    differ = [i for i, (a, b) in enumerate(zip(ours, theirs)) if a != b]
+    print(
+        f"\n{len(texts)} texts: {len(texts) - len(differ)} encode as transformers' GGUF "
+        f"tokenizer does; {len(differ)} differ, all where it does not split numbers apart"
+    )
+    assert all(splits_numbers_apart(texts[i]) for i in differ)
+    assert len(texts) - len(differ) > 14_800
+    # With SmolLM2's own pre-tokenizer, transformers' tokenizer agrees on every text.
+    backend = hf_tokenizer.backend_tokenizer
+    backend.pre_tokenizer = pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.Digits(individual_digits=True),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True),
+        ]
+    )
+    assert ours == [e.ids for e in backend.encode_batch(texts, add_special_tokens=False)]
+    # Control tokens are single ids, decoded back to themselves.
+    for token_id in range(17):
+        token = hf_tokenizer.convert_ids_to_tokens(token_id)
+        assert tok.encode(token) == [token_id] and tok.decode([token_id]) == token
+    assert tok.decode(ours[0]) == texts[0]
+
+
+def test_chatml_renders_as_the_gguf_chat_template(tokenizer, hf_tokenizer, questions, prompts):
+    tok, fmt = tokenizer
+    for question, prompt in zip(questions, prompts):
+        expected = hf_tokenizer.apply_chat_template(
+            messages(question), add_generation_prompt=True, tokenize=True, return_dict=False
+        )
+        assert prompt.tolist() == list(expected)
+    conversation = messages("What is 2+2?") + [{"role": "assistant", "content": "4"}]
+    ids, _ = chat.tokenize(chat.render(conversation, chat.get_format(fmt)), tok, chat.CHATML)
+    expected = hf_tokenizer.apply_chat_template(conversation, tokenize=True, return_dict=False)
+    assert ids.tolist() == list(expected)
+
+
+# --- Small files written here ------------------------------------------------------------------
+
+TINY = dict(vocab=256, d=64, layers=2, heads=4, kv_heads=2, head_dim=16, mlp=128)
+Q = gguf.GGMLQuantizationType
+# A storage type per tensor kind (norms are F32): every path of the reader.
+TINY_TYPES = {
+    "token_embd": Q.Q8_0,
+    "output": Q.Q8_0,
+    "attn_q": Q.Q4_1,
+    "attn_k": Q.Q4_0,
+    "attn_v": Q.F16,
+    "attn_output": Q.Q5_0,
+    "ffn_gate": Q.Q5_1,
+    "ffn_up": Q.BF16,
+    "ffn_down": Q.Q8_0,
+}
+
+
+def llama_cpp_permute(w: np.ndarray, heads: int) -> np.ndarray:
+    """convert_hf_to_gguf.py's permutation of q/k rows, for interleaved RoPE."""
+    return (
+        w.reshape(heads, 2, w.shape[0] // heads // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+    )
+
+
+def tiny_weights(seed: int = 0) -> dict[str, np.ndarray]:
+    """Hugging Face LLaMA weights (torch Linear layout, float32), by GGUF tensor name."""
+    rng = np.random.default_rng(seed)
+    t = TINY
+    q, kv = t["heads"] * t["head_dim"], t["kv_heads"] * t["head_dim"]
+
+    def normal(*shape):
+        return rng.normal(0, shape[-1] ** -0.5, shape).astype(np.float32)
+
+    def scale():
+        return rng.uniform(0.5, 1.5, t["d"]).astype(np.float32)
+
+    weights = {
+        "token_embd.weight": normal(t["vocab"], t["d"]),
+        "output.weight": normal(t["vocab"], t["d"]),
+        "output_norm.weight": scale(),
+    }
+    for i in range(t["layers"]):
+        weights |= {
+            f"blk.{i}.attn_norm.weight": scale(),
+            f"blk.{i}.ffn_norm.weight": scale(),
+            f"blk.{i}.attn_q.weight": normal(q, t["d"]),
+            f"blk.{i}.attn_k.weight": normal(kv, t["d"]),
+            f"blk.{i}.attn_v.weight": normal(kv, t["d"]),
+            f"blk.{i}.attn_output.weight": normal(t["d"], q),
+            f"blk.{i}.ffn_gate.weight": normal(t["mlp"], t["d"]),
+            f"blk.{i}.ffn_up.weight": normal(t["mlp"], t["d"]),
+            f"blk.{i}.ffn_down.weight": normal(t["d"], t["mlp"]),
+        }
+    return weights
+
+
+def write_gguf(path, weights, arch="llama", metadata=None, extra_tensors=None):
+    """A GGUF as llama.cpp writes one (q/k rows permuted, types from TINY_TYPES); returns the
+    float32 values, in Hugging Face layout, that its tensors hold. ``metadata`` adds to or
+    replaces the keys (None removes one)."""
+    t = TINY
+    keys = {
+        f"{arch}.block_count": t["layers"],
+        f"{arch}.context_length": 128,
+        f"{arch}.embedding_length": t["d"],
+        f"{arch}.feed_forward_length": t["mlp"],
+        f"{arch}.attention.head_count": t["heads"],
+        f"{arch}.attention.head_count_kv": t["kv_heads"],
+        f"{arch}.rope.dimension_count": t["head_dim"],
+        f"{arch}.vocab_size": t["vocab"],
+        f"{arch}.rope.freq_base": 10_000.0,
+        f"{arch}.attention.layer_norm_rms_epsilon": 1e-5,
+    }
+    keys |= metadata or {}
+    writer = gguf.GGUFWriter(str(path), arch)
+    for key, value in keys.items():
+        if isinstance(value, str):
+            writer.add_string(key, value)
+        elif isinstance(value, float):
+            writer.add_float32(key, value)
+        elif value is not None:
+            writer.add_uint32(key, value)
+    held = {}
+    for name, w in weights.items():
+        kind = name.split(".")[-2]
+        qtype = TINY_TYPES.get(kind, Q.F32) if w.ndim == 2 else Q.F32
+        # Blocks run along rows, so permuting rows commutes with quantizing them.
+        data = gguf.quants.quantize(w, qtype)
+        held[name] = gguf.quants.dequantize(data, qtype).reshape(w.shape).astype(np.float32)
+        if kind in ("attn_q", "attn_k"):
+            data = llama_cpp_permute(data, t["heads"] if kind == "attn_q" else t["kv_heads"])
+        writer.add_tensor(name, data, raw_dtype=None if qtype == Q.F32 else qtype)
+    for name, w in (extra_tensors or {}).items():
+        writer.add_tensor(name, w)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return held
+
+
+def hf_logits(held: dict[str, np.ndarray], tokens: np.ndarray) -> np.ndarray:
+    """transformers' LlamaForCausalLM with these weights (an independent reference)."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    t = TINY
+    config = LlamaConfig(
+        vocab_size=t["vocab"],
+        hidden_size=t["d"],
+        intermediate_size=t["mlp"],
+        num_hidden_layers=t["layers"],
+        num_attention_heads=t["heads"],
+        num_key_value_heads=t["kv_heads"],
+        head_dim=t["head_dim"],
+        rms_norm_eps=1e-5,
+        max_position_embeddings=128,
+        tie_word_embeddings=False,
+    )
+    names = {
+        "token_embd": "model.embed_tokens",
+        "output": "lm_head",
+        "output_norm": "model.norm",
+        "attn_norm": "input_layernorm",
+        "ffn_norm": "post_attention_layernorm",
+        "attn_q": "self_attn.q_proj",
+        "attn_k": "self_attn.k_proj",
+        "attn_v": "self_attn.v_proj",
+        "attn_output": "self_attn.o_proj",
+        "ffn_gate": "mlp.gate_proj",
+        "ffn_up": "mlp.up_proj",
+        "ffn_down": "mlp.down_proj",
+    }
+    state = {}
+    for name, w in held.items():
+        parts = name.split(".")
+        if parts[0] == "blk":
+            key = f"model.layers.{parts[1]}.{names[parts[2]]}.weight"
+        else:
+            key = f"{names[parts[0]]}.weight"
+        state[key] = torch.from_numpy(w)
+    model = LlamaForCausalLM(config).eval()
+    model.load_state_dict(state, strict=True)
+    with torch.no_grad():
+        return model(torch.from_numpy(tokens.astype(np.int64))).logits.numpy()
+
+
+def test_tiny_file_layout_types_and_sharded_load(tmp_path):
+    path = tmp_path / "tiny.gguf"
+    held = write_gguf(path, tiny_weights())
+    cfg, graphdef, params = gguf_import.load_gguf(path)
+    assert not cfg.tie_embeddings and cfg.vocab_size == TINY["vocab"]
+    tokens = np.random.default_rng(1).integers(0, TINY["vocab"], (2, 24)).astype(np.int32)
+    positions = np.broadcast_to(np.arange(24, dtype=np.int32), tokens.shape)
+    ours = np.asarray(nnx.merge(graphdef, params)(tokens, positions, np.ones_like(tokens)))
+    theirs = hf_logits(held, tokens)
+    assert np.abs(ours - theirs).max() / np.abs(theirs).max() < 1e-5
+    # Shard by shard over a mesh (heads, mlp and vocab over 'tensor', d_model over 'fsdp'): the
+    # same values, in bfloat16 as asked.
+    mesh = sharding.make_mesh({"data": 2, "fsdp": 2, "tensor": 2})
+    cfg, _, sharded = gguf_import.load_gguf(
+        path, mesh=mesh, param_dtype="bfloat16", scan_layers=False
+    )
+    assert cfg.param_dtype == "bfloat16" and not cfg.scan_layers
+    q = sharded["blocks"]["attn"]["q"].get_value()
+    assert q.dtype == jnp.bfloat16 and len(q.sharding.device_set) == 8
+    assert q.addressable_shards[0].data.shape == (2, 32, 2, 16)
+    for (name, a), (_, b) in zip(host_params(params), host_params(sharded)):
+        np.testing.assert_array_equal(a.astype(jnp.bfloat16), b, err_msg=name)
+
+
+def llama3_factors(theta, head_dim, factor, low, high, original) -> np.ndarray:
+    """The rope_freqs.weight convert_hf_to_gguf.py writes for Llama 3 scaling."""
+    out = []
+    for freq in 1.0 / theta ** (np.arange(0, head_dim, 2, dtype=np.float64) / head_dim):
+        wavelen = 2 * np.pi / freq
+        if wavelen < original / high:
+            out.append(1.0)
+        elif wavelen > original / low:
+            out.append(factor)
+        else:
+            smooth = (original / wavelen - low) / (high - low)
+            out.append(1 / ((1 - smooth) / factor + smooth))
+    return np.asarray(out, np.float32)
+
+
+@pytest.mark.parametrize("factor,low,high", [(32.0, 1.0, 4.0), (8.0, 2.0, 8.0)])
+def test_llama3_rope_scaling_from_rope_freqs(tmp_path, factor, low, high):
+    # Llama 3's shape of RoPE (head_dim 64, theta 500000): several frequencies between bands.
+    metadata = {
+        "llama.embedding_length": 256,
+        "llama.rope.dimension_count": 64,
+        "llama.rope.freq_base": 500_000.0,
+    }
+    rope = {"rope_freqs.weight": llama3_factors(500_000.0, 64, factor, low, high, 8192)}
+    write_gguf(tmp_path / "l3.gguf", {}, metadata=metadata, extra_tensors=rope)
+    cfg = gguf_import.gguf_config(tmp_path / "l3.gguf")
+    assert (cfg.head_dim, cfg.rope_scaling, cfg.rope_original_max_len) == (64, "llama3", 8192)
+    assert cfg.rope_scaling_factor == pytest.approx(factor)
+    assert cfg.rope_low_freq_factor == pytest.approx(low, rel=1e-3)
+    assert cfg.rope_high_freq_factor == pytest.approx(high, rel=1e-3)
+    # Factors that no Llama 3 scaling gives are refused.
+    bogus = {"rope_freqs.weight": np.linspace(1, 3, 32, dtype=np.float32)}
+    write_gguf(tmp_path / "bad.gguf", {}, metadata=metadata, extra_tensors=bogus)
+    with pytest.raises(ValueError, match="rope_freqs.weight"):
+        gguf_import.gguf_config(tmp_path / "bad.gguf")
+
+
+def _without(name):
+    weights = tiny_weights()
+    del weights[name]
+    return weights
+
+
+def _reshaped(name, shape):
+    weights = tiny_weights()
+    weights[name] = np.zeros(shape, np.float32)
+    return weights
+
+
+@pytest.mark.parametrize(
+    "write,match",
+    [
+        (dict(arch="gemma2"), "general.architecture is 'gemma2'"),
+        (dict(weights=_without("blk.1.ffn_up.weight")), "no tensor 'blk.1.ffn_up.weight'"),
+        (dict(weights=_without("output_norm.weight")), "no tensor 'output_norm.weight'"),
+        (dict(weights=_reshaped("blk.0.attn_v.weight", (64, 64))), "'blk.0.attn_v.weight' has"),
+        (
+            dict(extra_tensors={"blk.0.attn_q.bias": np.zeros(64, np.float32)}),
+            "blk.0.attn_q.bias",
+        ),
+        (dict(metadata={"llama.block_count": None}), "llama.block_count"),
+        (dict(metadata={"llama.expert_count": 8}), "llama.expert_count"),
+        (
+            dict(metadata={"llama.rope.scaling.type": "yarn", "llama.rope.scaling.factor": 4.0}),
+            "llama.rope.scaling.type",
+        ),
+        (dict(metadata={"llama.rope.dimension_count": 8}), "llama.rope.dimension_count"),
+    ],
+)
+def test_load_errors_name_the_field_or_tensor(tmp_path, write, match):
+    write = dict(write)
+    path = tmp_path / "bad.gguf"
+    write_gguf(path, write.pop("weights", None) or tiny_weights(), **write)
+    with pytest.raises(ValueError, match=re.escape(match)):
+        gguf_import.load_gguf(path)
+
+
+def test_tokenizer_errors_and_chat_formats(tmp_path):
+    path = tmp_path / "spm.gguf"
+    write_gguf(path, {}, metadata={"tokenizer.ggml.model": "llama"})
+    with pytest.raises(ValueError, match="tokenizer.ggml.model is 'llama'"):
+        gguf_import.load_gguf_tokenizer(path)
+    with pytest.raises(FileNotFoundError):
+        gguf_import.load_gguf(tmp_path / "absent.gguf")
+    write_gguf(tmp_path / "tiny.gguf", {})
+    with pytest.raises(ValueError, match="rope_thetaa"):
+        gguf_import.gguf_config(tmp_path / "tiny.gguf", rope_thetaa=1.0)
+    templates = {
+        "{{ '<|im_start|>' + message['role'] }}": "chatml",
+        "{{ '<|start_header_id|>' + message['role'] + '<|end_header_id|>' }}": "llama3",
+        "{{ '<start_of_turn>' + role }}": "gemma",
+        "{{ '[INST] ' + message['content'] + ' [/INST]' }}": "mistral",
+        "{{ message['content'] }}": None,
+        None: None,
+    }
+    for template, name in templates.items():
+        assert gguf_import.chat_format_name(template) == name
+        assert name is None or name in chat.FORMATS
