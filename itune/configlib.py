@@ -14,7 +14,7 @@ import typing
 
 import ml_collections
 
-from itune.model import decoder, presets
+from itune.model import decoder
 
 
 def parse_arg(arg: str | None, **defaults):

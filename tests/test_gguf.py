@@ -505,5 +505,5 @@ def test_tokenizer_errors_and_chat_formats(tmp_path):
         None: None,
     }
     for template, name in templates.items():
-        assert gguf_import.chat_format_name(template) == name
+        assert chat.format_for_template(template) == name
         assert name is None or name in chat.FORMATS

@@ -510,7 +510,7 @@ def test_chat_template_renders_like_itune(name):
             )
             assert text == expected, (name, prompt)
     if name != "alpaca":
-        assert hf.guess_chat_format(template) == name
+        assert chat.format_for_template(template) == name
 
 
 def test_tokenizer_export_and_import(built, shared_dir, tmp_path):

@@ -38,12 +38,6 @@ ARCHITECTURE = "llama"
 _CONTROL, _USER_DEFINED = 3, 4
 
 # Chat formats by a marker their template writes, checked in this order.
-_CHAT_MARKERS = (
-    ("<|start_header_id|>", "llama3"),
-    ("<|im_start|>", "chatml"),
-    ("<start_of_turn>", "gemma"),
-    ("[INST]", "mistral"),
-)
 
 # Types that are plain numbers in the file (the rest go through gguf.quants.dequantize).
 _PLAIN_TYPES = {
@@ -374,15 +368,6 @@ def load_gguf(
     return cfg, graphdef, params
 
 
-def chat_format_name(template: str | None) -> str | None:
-    """The itune chat format (`itune.data.chat.FORMATS`) a Jinja chat template writes, by its
-    markers; None when none matches."""
-    for marker, name in _CHAT_MARKERS:
-        if template and marker in template:
-            return name
-    return None
-
-
 def load_gguf_tokenizer(path: str | os.PathLike):
     """``(HFTokenizer, chat format name or None)`` from a GGUF file's tokenizer metadata.
 
@@ -444,4 +429,6 @@ def load_gguf_tokenizer(path: str | os.PathLike):
         name=file.path,
         add_bos_token=None if add_bos is None else bool(add_bos),
     )
-    return tokenizer, chat_format_name(file.get("tokenizer.chat_template"))
+    from itune.data import chat  # noqa: PLC0415
+
+    return tokenizer, chat.format_for_template(file.get("tokenizer.chat_template"))

@@ -99,13 +99,6 @@ TOKENIZER_FILES = (
     "chat_template.jinja",
 )
 # Markers of the chat formats in a chat template, tried in order.
-_TEMPLATE_MARKERS = (
-    ("<|im_start|>", "chatml"),
-    ("<|start_header_id|>", "llama3"),
-    ("<start_of_turn>", "gemma"),
-    ("[INST]", "mistral"),
-    ("### Instruction:", "alpaca"),
-)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -835,22 +828,12 @@ def _template_of(path: str) -> str | None:
     return template if isinstance(template, str) else None
 
 
-def guess_chat_format(template: str | None) -> str | None:
-    """The built-in chat format whose markers a Jinja chat template uses (None if none).
-
-    >>> guess_chat_format("{{ '<|im_start|>' + message['role'] }}")
-    'chatml'
-    """
-    for marker, name in _TEMPLATE_MARKERS:
-        if template and marker in template:
-            return name
-    return None
-
-
 def load_hf_tokenizer(path: str):
     """``(tokenizer, chat format name or None)`` of a Hugging Face model or tokenizer folder,
-    the format guessed from its chat template (see `guess_chat_format`)."""
-    return _load_tokenizer(path), guess_chat_format(_template_of(path))
+    the format guessed from its chat template (see `itune.data.chat.format_for_template`)."""
+    from itune.data import chat  # noqa: PLC0415
+
+    return _load_tokenizer(path), chat.format_for_template(_template_of(path))
 
 
 def chat_template(chat_format: Any) -> str:

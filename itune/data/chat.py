@@ -196,6 +196,26 @@ ALPACA = ChatFormat(
 )
 
 FORMATS = {f.name: f for f in (CHATML, LLAMA3, GEMMA, MISTRAL, ALPACA)}
+# Markers by which a model's Jinja chat template reveals its format, most specific first.
+_TEMPLATE_MARKERS = (
+    ("<|start_header_id|>", "llama3"),
+    ("<|im_start|>", "chatml"),
+    ("<start_of_turn>", "gemma"),
+    ("[INST]", "mistral"),
+    ("### Instruction:", "alpaca"),
+)
+
+
+def format_for_template(template: str | None) -> str | None:
+    """The built-in format a model's Jinja chat template writes, by its markers (None if none).
+
+    >>> format_for_template("{{ '<|im_start|>' + message['role'] }}")
+    'chatml'
+    """
+    for marker, name in _TEMPLATE_MARKERS:
+        if template and marker in template:
+            return name
+    return None
 
 
 def get_format(name_or_config: Any) -> ChatFormat:

@@ -8,7 +8,6 @@ splash attention kernel of TPUs (elsewhere only in Pallas's interpreter, for tes
 
 from __future__ import annotations
 
-import functools
 from typing import Any
 
 import jax
