@@ -51,7 +51,9 @@ def test_gguf_to_itune_to_hugging_face_keeps_the_logits(converted):
     with torch.no_grad():
         theirs = reference(torch.tensor(tokens, dtype=torch.long)).logits.numpy()
     error = np.abs(ours - theirs).max() / np.abs(theirs).max()
-    print(f"itune folder vs transformers on its Hugging Face export: max relative error {error:.2e}")
+    print(
+        f"itune folder vs transformers on its Hugging Face export: max relative error {error:.2e}"
+    )
     assert error < 1e-4
     hf_tokenizer = transformers.AutoTokenizer.from_pretrained(hf_dir)
     assert hf_tokenizer.encode("Natalia sold 48 clips.", add_special_tokens=False) == (
@@ -96,3 +98,43 @@ def test_conversion_errors_are_one_line_and_leave_nothing_behind(converted, tmp_
     assert "mlp" in result.stderr and "shape" in result.stderr
     assert not (tmp_path / "from_broken").exists()
     assert not (tmp_path / "from_broken.partial").exists()
+
+
+def test_a_training_run_exports_to_hugging_face(tmp_path):
+    import torch
+    import transformers
+
+    from itune.convert import model_dir
+
+    workdir = tmp_path / "run"
+    env = dict(os.environ, PYTHONPATH=str(REPO))
+    env.pop("XLA_FLAGS", None)
+    train = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "itune.train",
+            f"--config={REPO / 'configs/smoke.py'}:runlocal",
+            f"--workdir={workdir}",
+            "--config.train.num_steps=2",
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        cwd=REPO,
+    )
+    assert train.returncode == 0, train.stderr[-3000:]
+    result = _run("itune.convert.main", workdir, tmp_path / "hf")
+    assert result.returncode == 0, result.stderr[-3000:]
+    loaded = model_dir.load_model(str(workdir))
+    assert loaded.chat_format == "chatml"
+    ids = loaded.tokenizer.encode("Add 3 and 4.")
+    tokens = np.asarray([ids], np.int32)
+    ours = np.asarray(loaded.model(tokens, np.arange(len(ids))[None], np.ones_like(tokens)))
+    reference = transformers.AutoModelForCausalLM.from_pretrained(
+        tmp_path / "hf", dtype=torch.float32
+    )
+    with torch.no_grad():
+        theirs = reference(torch.tensor(tokens, dtype=torch.long)).logits.numpy()
+    assert np.abs(ours - theirs).max() / np.abs(theirs).max() < 1e-4
