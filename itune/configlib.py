@@ -98,18 +98,22 @@ def base_config() -> ml_collections.ConfigDict:
     c.train = ml_collections.ConfigDict()
     c.train.num_steps = 1000
     c.train.log_every = 10  # Steps between metric lines and TensorBoard points.
+    # A step with a non-finite loss or gradient norm is skipped; this many in a row stop the run.
+    c.train.max_nonfinite_steps = 3
 
     c.eval = ml_collections.ConfigDict()
     c.eval.every_steps = 0  # 0: only at the end of training.
     c.eval.num_loss_examples = 256  # Held-out examples for the eval loss.
     c.eval.prompts_per_family = 16  # Generation prompts per task family and template group.
+    c.eval.prompts_per_source = 4  # File sources: held-out prompts answered at each evaluation.
     c.eval.max_new_tokens = 24
     c.eval.batch_size = 128  # Prompts decoded together.
     c.eval.num_samples_to_print = 6
 
     c.checkpoint = ml_collections.ConfigDict()
     c.checkpoint.every_steps = 200  # Also saved at the end; 0 saves only at the end.
-    c.checkpoint.max_to_keep = 2
+    c.checkpoint.max_to_keep = 2  # The last N checkpoints are kept...
+    c.checkpoint.keep_every_steps = 0  # ...and every K-th step's as well (0: none).
     return c
 
 

@@ -34,9 +34,18 @@ def test_cli_trains_evaluates_and_resumes(tmp_path):
     assert list((workdir / "tensorboard").glob("events.out.tfevents.*"))
     lines = [json.loads(l) for l in (workdir / "metrics.jsonl").read_text().splitlines()]
     train_lines = [l["train"] for l in lines if "train" in l]
-    assert {"loss", "accuracy", "learning_rate", "grad_norm", "tokens_per_sec", "step_time"} <= set(
-        train_lines[0]
-    )
+    assert {
+        "loss",
+        "accuracy",
+        "learning_rate",
+        "grad_norm",
+        "tokens_per_sec",
+        "trained_tokens_per_sec",
+        "step_time",
+        "data_wait",
+        "mfu",
+    } <= set(train_lines[0])
+    assert 0 < train_lines[-1]["mfu"] < 1
     assert (workdir / "checkpoints" / "4").is_dir()
     assert (workdir / "tokenizer").is_dir()
 

@@ -15,13 +15,22 @@ import tqdm
 
 
 class Progress:
-    """A progress bar with ETA, and per-interval averages of the step metrics.
+    """A progress bar with ETA, and per-interval averages of the step metrics, with throughput
+    and, given the model's FLOPs per token and the devices' peak, model FLOPs utilisation (MFU).
 
     Step metrics stay on device between log steps, so logging does not stall the step pipeline.
     """
 
-    def __init__(self, start_step: int, num_steps: int, log_every: int):
+    def __init__(
+        self,
+        start_step: int,
+        num_steps: int,
+        log_every: int,
+        flops_per_token: float = 0.0,
+        peak_flops: float = 0.0,
+    ):
         self.log_every = max(1, log_every)
+        self.flops_per_token, self.peak_flops = flops_per_token, peak_flops
         self.enabled = jax.process_index() == 0
         self._bar = tqdm.tqdm(
             total=num_steps,
@@ -60,6 +69,9 @@ class Progress:
         summary["step_time"] = elapsed / n
         summary["tokens_per_sec"] = self._tokens / elapsed
         summary["data_wait"] = self._timers.get("data_wait", 0.0) / elapsed
+        summary["trained_tokens_per_sec"] = summary["trained_tokens"] * n / elapsed
+        if self.flops_per_token and self.peak_flops:
+            summary["mfu"] = summary["tokens_per_sec"] * self.flops_per_token / self.peak_flops
         self._bar.set_postfix(
             loss=f"{summary['loss']:.3f}",
             acc=f"{summary['accuracy']:.3f}",
@@ -106,6 +118,25 @@ class MetricsWriter:
                     scalars[f"{group}/{family}"] = score
         self.write(step, scalars, prefix="eval")
 
+    def write_transcripts(self, step: int, transcripts: list[dict], workdir: str) -> None:
+        """The evaluation's generated answers: ``samples/step_<N>.txt`` and TensorBoard text."""
+        if not self.enabled or not transcripts:
+            return
+        blocks = []
+        for t in transcripts:
+            head = t.get("source") or f"{t.get('group')}/{t.get('family')}"
+            target = t.get("reference", t.get("target"))
+            blocks.append(
+                f"[{head}] {t['prompt']}\n--- answer ---\n{t['answer']}\n--- reference ---\n{target}"
+            )
+        text = "\n\n".join(blocks)
+        folder = os.path.join(workdir, "samples")
+        os.makedirs(folder, exist_ok=True)
+        with open(os.path.join(folder, f"step_{step:07d}.txt"), "w", encoding="utf-8") as f:
+            f.write(text + "\n")
+        with self._tb.as_default(step=step):
+            tf.summary.text("eval/samples", "\n\n".join(f"    {b}" for b in blocks))
+
     def close(self) -> None:
         if self.enabled:
             self._tb.close()
@@ -124,6 +155,9 @@ def write_results(
             f.write(json.dumps(t) + "\n")
     step = max(1, len(transcripts) // max(1, num_samples))
     for t in transcripts[::step][:num_samples]:
+        if "correct" not in t:  # Free-form samples of a file source.
+            print_fn(f"[{t['source']}] {t['prompt'][:200]!r} -> {t['answer'][:200]!r}")
+            continue
         mark = "ok " if t["correct"] else "bad"
         print_fn(
             f"[{mark}] ({t['group']}, {t['family']}) {t['prompt']!r} -> {t['answer']!r} "

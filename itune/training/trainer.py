@@ -18,9 +18,10 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 from itune import runtime, sharding
 from itune.data import pipeline
-from itune.evaluation import builtin as builtin_eval
+from itune.evaluation import builtin as builtin_eval, samples
 from itune.model.decoder import ModelConfig
-from itune.training import checkpoint, metrics as metrics_lib, optimizer, state as state_lib, step
+from itune.training import checkpoint, flops, metrics as metrics_lib, optimizer
+from itune.training import preemption, state as state_lib, step
 
 
 def _save_config(config: Any, workdir: str) -> None:
@@ -57,6 +58,10 @@ def evaluate(
             layout.graphdef, params, config.data, config.eval, spec
         )
         results.update(generation, transcripts=transcripts)
+    elif config.eval.prompts_per_source:
+        results["transcripts"] = samples.generate_samples(
+            layout.graphdef, params, config.data, config.eval, spec
+        )
     return results
 
 
@@ -141,15 +146,42 @@ def train_and_evaluate(config: Any, workdir: str) -> dict:
 
     batches = pipeline.BatchIterator(dataset, transform=to_device)
     writer = metrics_lib.MetricsWriter(workdir, enabled=jax.process_index() == 0)
-    progress = metrics_lib.Progress(start_step, num_steps, config.train.log_every)
+    peak, peak_source = flops.total_peak(model_config.dtype)
+    logging.info("Peak for MFU: %.3g FLOP/s (%s)", peak, peak_source)
+    progress = metrics_lib.Progress(
+        start_step,
+        num_steps,
+        config.train.log_every,
+        flops_per_token=model_config.flops_per_token(spec.seq_len),
+        peak_flops=peak,
+    )
     meta = {"config": json.loads(config.to_json_best_effort())}
     results: dict = {}
+    watch = preemption.PreemptionWatch()
+    nonfinite_run, previous = 0, None
+
+    def save(state, last_row, force=False):
+        with progress.timer("checkpoint"):
+            data_state = runtime.gather_json(row_states.after(last_row))
+            checkpoint.save(ckpt, state, dict(meta, data_state=data_state), force=force)
 
     with jax.set_mesh(mesh):
         for step_num in range(start_step, num_steps):
             with progress.timer("data_wait"):
                 last_row, tokens, batch = next(batches)
             state, step_metrics = train_step(state, batch)
+            # The previous step's verdict: reading it waits for that step, not this one.
+            if previous is not None:
+                nonfinite_run = nonfinite_run + 1 if float(previous["nonfinite"]) else 0
+                if nonfinite_run >= config.train.max_nonfinite_steps:
+                    batches.close()
+                    raise FloatingPointError(
+                        f"{nonfinite_run} steps in a row up to step {step_num} had a non-finite "
+                        "loss or gradient norm and were skipped; stopping (train."
+                        "max_nonfinite_steps). Lower optim.learning_rate, check the data, or "
+                        "restart from the last checkpoint."
+                    )
+            previous = step_metrics if "nonfinite" in step_metrics else None
             summary = progress.update(step_num + 1, step_metrics, tokens)
             if summary is not None:
                 writer.write(step_num + 1, summary)
@@ -160,14 +192,21 @@ def train_and_evaluate(config: Any, workdir: str) -> dict:
                 with progress.timer("eval"):
                     results = evaluate(config, layout, state.params, spec, eval_step, eval_batches)
                 writer.write_eval(step_num + 1, results)
+                writer.write_transcripts(step_num + 1, results.get("transcripts", []), workdir)
                 progress.print(builtin_eval.results_table(results))
             every = config.checkpoint.every_steps
-            if last or (every and (step_num + 1) % every == 0):
-                with progress.timer("checkpoint"):
-                    data_state = runtime.gather_json(row_states.after(last_row))
-                    checkpoint.save(ckpt, state, dict(meta, data_state=data_state))
+            saved = last or bool(every and (step_num + 1) % every == 0)
+            if saved:
+                save(state, last_row)
+            if not last and watch.should_stop(step_num + 1, ckpt):
+                if not saved:
+                    save(state, last_row, force=True)
+                progress.print(f"Stopped at step {step_num + 1} for preemption; checkpoint saved.")
+                results = {"preempted_at": step_num + 1}
+                break
         progress.close()
     batches.close()
+    watch.close()
 
     ckpt.wait_until_finished()
     pipeline.log_stats("Train", packing_stats, spec.seq_len, config.data.max_dropped_share)
@@ -176,6 +215,9 @@ def train_and_evaluate(config: Any, workdir: str) -> dict:
         with jax.set_mesh(mesh):
             results = evaluate(config, layout, state.params, spec, eval_step, eval_batches)
         progress.print(builtin_eval.results_table(results))
+    if "preempted_at" in results:
+        writer.close()
+        return results
     if jax.process_index() == 0:
         metrics_lib.write_results(
             workdir, results, config.eval.num_samples_to_print, progress.print
