@@ -7,6 +7,7 @@ Starting again with the same workdir resumes from its last checkpoint.
 """
 
 import os
+import sys
 
 from itune import cli
 
@@ -27,9 +28,13 @@ def main(argv):
     from itune.runtime import initialize
 
     initialize()
-    from itune.training.trainer import train_and_evaluate  # After the runtime is set up.
+    from itune.data.sources import DataError  # After the runtime is set up.
+    from itune.training.trainer import train_and_evaluate
 
-    train_and_evaluate(_CONFIG.value, os.path.abspath(_WORKDIR.value))
+    try:
+        train_and_evaluate(_CONFIG.value, os.path.abspath(_WORKDIR.value))
+    except (DataError, FloatingPointError) as e:
+        sys.exit(f"itune-train: {e}")
 
 
 def run():
