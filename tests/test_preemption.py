@@ -64,10 +64,10 @@ def _wait_for(condition, process, timeout=300):
 
 
 def _params(workdir, step):
-    with ocp.CheckpointManager(workdir / "checkpoints", item_names=("state", "meta")) as m:
-        restored = m.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))
     import jax
 
+    with ocp.CheckpointManager(workdir / "checkpoints", item_names=("state", "meta")) as m:
+        restored = m.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))
     return [np.asarray(x) for x in jax.tree.leaves(restored.state["params"])]
 
 

@@ -58,3 +58,41 @@ def packed_batch(
         "segment_ids": segment_ids,
         "positions": positions,
     }
+
+
+def jitted_train_step(model_config, optim, mesh_shape=(1, 1, 1), num_steps=10, **step_kwargs):
+    """``(layout, state, run)`` built as the trainer builds them, on a ``(data, fsdp, tensor)``
+    mesh of the first devices: ``run(state, host_batch) -> (state, metrics)`` is the jitted,
+    donating `train_step` with ``step_kwargs``."""
+    import functools
+
+    import jax
+    from jax.sharding import NamedSharding, PartitionSpec
+
+    from itune import sharding
+    from itune.training import optimizer, state as state_lib, step
+
+    rules = sharding.DEFAULT_RULES
+    devices = jax.devices()[: int(np.prod(mesh_shape))]
+    mesh = sharding.make_mesh(dict(zip(sharding.MESH_AXES, mesh_shape)), devices)
+    tx = optimizer.make_optimizer(optim, num_steps)
+    schedule = optimizer.learning_rate_schedule(optim, num_steps)
+    layout = state_lib.state_layout(model_config, tx, mesh, rules)
+    state = state_lib.init_train_state(layout, model_config, tx, mesh, rules)
+    batch_sharding = sharding.batch_sharding(mesh, rules)
+    train_step = jax.jit(
+        functools.partial(
+            step.train_step, graphdef=layout.graphdef, tx=tx, schedule=schedule, **step_kwargs
+        ),
+        in_shardings=(layout.shardings, batch_sharding),
+        out_shardings=(layout.shardings, NamedSharding(mesh, PartitionSpec())),
+        donate_argnums=0,
+    )
+
+    def run(state, batch):
+        with jax.set_mesh(mesh):
+            return train_step(
+                state, {k: jax.device_put(v, batch_sharding) for k, v in batch.items()}
+            )
+
+    return layout, state, run

@@ -8,6 +8,8 @@ the shardings, and then parameters and optimizer state are initialised inside `j
 from __future__ import annotations
 
 import dataclasses
+import itertools
+import math
 
 import jax
 import jax.numpy as jnp
@@ -33,6 +35,74 @@ def _replicated(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, PartitionSpec())
 
 
+def _divides(spec: tuple, shape: tuple[int, ...], mesh: Mesh) -> bool:
+    for axes, size in zip(spec, shape):
+        axes = () if axes is None else (axes,) if isinstance(axes, str) else tuple(axes)
+        if size % math.prod(mesh.shape[a] for a in axes):
+            return False
+    return True
+
+
+def derived_sharding(
+    shape: tuple[int, ...], param_shape: tuple[int, ...], param_sharding: NamedSharding
+) -> NamedSharding:
+    """The sharding of an optimizer-state array ``shape`` kept for a parameter of ``param_shape``.
+
+    The parameter's own sharding when the shapes match. Otherwise the array is taken to be the
+    parameter reduced over some dimensions (Adafactor's factored row and column moments), either
+    dropped (``(L, d, h, k) -> (L, h, k)``) or kept with size 1: those dimensions leave the
+    parameter's spec and the others keep their mesh axes. Anything else is replicated.
+    """
+    mesh = param_sharding.mesh
+    spec = tuple(param_sharding.spec) + (None,) * (len(param_shape) - len(param_sharding.spec))
+    shape, param_shape = tuple(shape), tuple(param_shape)
+    if shape == param_shape:
+        return param_sharding
+    candidates = []
+    if len(shape) == len(param_shape) and all(s in (1, p) for s, p in zip(shape, param_shape)):
+        candidates.append(tuple(a if s == p else None for a, s, p in zip(spec, shape, param_shape)))
+    elif len(shape) < len(param_shape):
+        for dropped in itertools.combinations(
+            range(len(param_shape)), len(param_shape) - len(shape)
+        ):
+            kept = [i for i in range(len(param_shape)) if i not in dropped]
+            if tuple(param_shape[i] for i in kept) == shape:
+                candidates.append(tuple(spec[i] for i in kept))
+    for candidate in candidates:
+        if _divides(candidate, shape, mesh):
+            return NamedSharding(mesh, PartitionSpec(*candidate))
+    return _replicated(mesh)
+
+
+def optimizer_state_shardings(
+    tx: optax.GradientTransformation,
+    abstract_opt: optax.OptState,
+    abstract_params: nnx.State,
+    param_shardings: nnx.State,
+    mesh: Mesh,
+) -> optax.OptState:
+    """A sharding for every leaf of the optimizer state (``jax.eval_shape(tx.init, ...)``):
+    arrays kept per parameter follow the parameter's (`derived_sharding`), counters and other
+    scalars are replicated."""
+
+    def value(x):
+        return x.get_value() if isinstance(x, nnx.Variable) else x
+
+    def per_param(leaf, param, param_sharding):
+        sharding = derived_sharding(value(leaf).shape, value(param).shape, value(param_sharding))
+        return leaf.replace(sharding) if isinstance(leaf, nnx.Variable) else sharding
+
+    return optax.tree_map_params(
+        tx,
+        per_param,
+        abstract_opt,
+        abstract_params,
+        param_shardings,
+        transform_non_params=lambda _: _replicated(mesh),
+        is_leaf=lambda x: isinstance(x, nnx.Variable),
+    )
+
+
 def state_layout(
     model_config: ModelConfig,
     tx: optax.GradientTransformation,
@@ -44,15 +114,8 @@ def state_layout(
     graphdef, abstract_params = nnx.split(abstract_model)
     param_shardings = sharding.state_shardings(abstract_params, mesh, rules)
     abstract_opt = jax.eval_shape(tx.init, abstract_params)
-    # Optimizer moments are shaped like the parameters and take their shardings; counters and
-    # other scalars are replicated.
-    opt_shardings = optax.tree_map_params(
-        tx,
-        lambda _, s: s,
-        abstract_opt,
-        param_shardings,
-        transform_non_params=lambda _: _replicated(mesh),
-        is_leaf=lambda x: isinstance(x, nnx.Variable),
+    opt_shardings = optimizer_state_shardings(
+        tx, abstract_opt, abstract_params, param_shardings, mesh
     )
     abstract = TrainState(
         step=jax.ShapeDtypeStruct((), jnp.int32), params=abstract_params, opt_state=abstract_opt

@@ -114,6 +114,8 @@ def train_and_evaluate(config: Any, workdir: str) -> dict:
             tx=tx,
             schedule=schedule,
             source_names=tuple(spec.source_names),
+            microbatches=config.train.microbatches,
+            loss_normalization=config.train.loss_normalization,
         ),
         in_shardings=(layout.shardings, batch_sharding),
         out_shardings=(layout.shardings, replicated),
