@@ -173,7 +173,7 @@ def _load_workdir(path: str, mesh, rules, **overrides) -> LoadedModel:
     config = ModelConfig.from_config(run_config.model, tokenizer.vocab_size)
     config = dataclasses.replace(config, **overrides)
     mesh = _default_mesh(mesh)
-    tx = optimizer.make_optimizer(run_config.optim, run_config.train.num_steps)
+    tx = optimizer.make_model_optimizer(run_config.optim, run_config.train.num_steps, config)
     layout = state_lib.state_layout(config, tx, mesh, rules, run_config.seed)
     manager = ocp.CheckpointManager(
         os.path.abspath(os.path.join(path, "checkpoints")), item_names=("state", "meta")

@@ -26,7 +26,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from itune.model import attention
+from itune.model import attention, lora
 from itune.sharding import LogicalRules, constrain
 
 MLP_ACTIVATIONS = {
@@ -70,6 +70,12 @@ class ModelConfig:
     param_dtype: str = "float32"
     dtype: str = "float32"  # Computation dtype; softmax and the loss always run in float32.
     remat: str = "none"  # 'none' | 'full' | 'save_dots'
+    # LoRA (`itune.model.lora`): rank of the adapters on the projections named in lora_targets
+    # (0: none). With LoRA on, only the adapters train; the base weights are frozen.
+    lora_rank: int = 0
+    lora_alpha: float = 16.0  # The adapters' product is scaled by lora_alpha / lora_rank.
+    lora_dropout: float = 0.0  # Dropout on the adapters' input, when a dropout_rng is passed.
+    lora_targets: str = "q,k,v,o"  # Comma-separated, from q, k, v, o, gate, up, down.
 
     def __post_init__(self):
         if self.num_heads % self.num_kv_heads:
@@ -91,6 +97,7 @@ class ModelConfig:
                     f"model.{field}={getattr(self, field)!r}; expected float32, "
                     "bfloat16 or float16"
                 )
+        lora.check_config(self)
 
     @classmethod
     def from_config(cls, model_config: Any, vocab_size: int | None = None) -> "ModelConfig":
@@ -189,21 +196,24 @@ class Attention(nnx.Module):
             self.k_bias = _param(rngs, zeros, (kv, hd), p, ("kv_heads", "head_dim"))
             self.v_bias = _param(rngs, zeros, (kv, hd), p, ("kv_heads", "head_dim"))
 
-    def project(self, x):
+    def project(self, x, dropout_rng=None):
         """q, k, v ``[batch, length, heads, head_dim]`` before the rotary embedding."""
         dt = jnp.dtype(self.cfg.dtype)
         q = jnp.einsum("btd,dhk->bthk", x, self.q[...].astype(dt))
         k = jnp.einsum("btd,dhk->bthk", x, self.k[...].astype(dt))
         v = jnp.einsum("btd,dhk->bthk", x, self.v[...].astype(dt))
+        q = lora.apply(self, "q", x, q, dropout_rng)  # Each a no-op without its adapters.
+        k = lora.apply(self, "k", x, k, dropout_rng)
+        v = lora.apply(self, "v", x, v, dropout_rng)
         if self.cfg.qkv_bias:
             q = q + self.q_bias[...].astype(dt)
             k = k + self.k_bias[...].astype(dt)
             v = v + self.v_bias[...].astype(dt)
         return q, k, v
 
-    def __call__(self, x, positions, segment_ids):
+    def __call__(self, x, positions, segment_ids, dropout_rng=None):
         cfg, dt = self.cfg, jnp.dtype(self.cfg.dtype)
-        q, k, v = self.project(x)
+        q, k, v = self.project(x, dropout_rng)
         q = constrain(
             q, ("activation_batch", "activation_length", "activation_heads", None), self.rules
         )
@@ -211,7 +221,8 @@ class Attention(nnx.Module):
         q = attention.apply_rope(q, positions, frequencies)
         k = attention.apply_rope(k, positions, frequencies)
         out = attention.attend(q, k, v, segment_ids, cfg.attention, cfg.sliding_window)
-        return jnp.einsum("bthk,hkd->btd", out, self.o[...].astype(dt))
+        y = jnp.einsum("bthk,hkd->btd", out, self.o[...].astype(dt))
+        return lora.apply(self, "o", out, y, dropout_rng)
 
 
 class MLP(nnx.Module):
@@ -225,11 +236,13 @@ class MLP(nnx.Module):
         self.up = _param(rngs, nnx.initializers.normal(d**-0.5), (d, m), p, ("embed", "mlp"))
         self.down = _param(rngs, nnx.initializers.normal(m**-0.5), (m, d), p, ("mlp", "embed"))
 
-    def __call__(self, x):
+    def __call__(self, x, dropout_rng=None):
         dt = jnp.dtype(self.cfg.dtype)
         act = MLP_ACTIVATIONS[self.cfg.mlp_activation]
-        hidden = act(x @ self.gate[...].astype(dt)) * (x @ self.up[...].astype(dt))
-        return hidden @ self.down[...].astype(dt)
+        gate = lora.apply(self, "gate", x, x @ self.gate[...].astype(dt), dropout_rng)
+        up = lora.apply(self, "up", x, x @ self.up[...].astype(dt), dropout_rng)
+        hidden = act(gate) * up
+        return lora.apply(self, "down", hidden, hidden @ self.down[...].astype(dt), dropout_rng)
 
 
 class Block(nnx.Module):
@@ -241,10 +254,13 @@ class Block(nnx.Module):
         self.attn = Attention(cfg, rules, rngs=rngs)
         self.mlp_norm = _norm(cfg, rngs)
         self.mlp = MLP(cfg, rngs=rngs)
+        # After every base parameter, so that the base drawn from a seed is the same with LoRA.
+        lora.add_adapters(self.attn, cfg, lora.ATTENTION_TARGETS, rngs)
+        lora.add_adapters(self.mlp, cfg, lora.MLP_TARGETS, rngs)
 
-    def __call__(self, x, positions, segment_ids):
-        x = x + self.attn(self.attn_norm(x), positions, segment_ids)
-        x = x + self.mlp(self.mlp_norm(x))
+    def __call__(self, x, positions, segment_ids, dropout_rng=None):
+        x = x + self.attn(self.attn_norm(x), positions, segment_ids, dropout_rng)
+        x = x + self.mlp(self.mlp_norm(x), dropout_rng)
         return constrain(
             x, ("activation_batch", "activation_length", "activation_embed"), self.rules
         )
@@ -291,22 +307,28 @@ class Decoder(nnx.Module):
             x, ("activation_batch", "activation_length", "activation_embed"), self.rules
         )
 
-    def hidden_states(self, tokens, positions, segment_ids):
-        """Final-norm hidden states ``[batch, length, d_model]`` in the computation dtype."""
+    def hidden_states(self, tokens, positions, segment_ids, dropout_rng=None):
+        """Final-norm hidden states ``[batch, length, d_model]`` in the computation dtype.
+
+        ``dropout_rng``: a key for LoRA dropout (split over the layers); None: no dropout."""
         x = self.embed_tokens(tokens)
         graphdef, block_state = nnx.split(self.blocks)
+        keys = None
+        if dropout_rng is not None and self.cfg.lora_rank and self.cfg.lora_dropout > 0:
+            keys = jax.random.split(dropout_rng, self.cfg.num_layers)
 
-        def layer(carry, state):
-            return nnx.merge(graphdef, state)(carry, positions, segment_ids), None
+        def layer(carry, xs):
+            state, key = xs
+            return nnx.merge(graphdef, state)(carry, positions, segment_ids, key), None
 
         policy = REMAT_POLICIES[self.cfg.remat]
         if self.cfg.remat != "none":
             layer = jax.checkpoint(layer, policy=policy, prevent_cse=False)
         if self.cfg.scan_layers:
-            x, _ = jax.lax.scan(layer, x, block_state)
+            x, _ = jax.lax.scan(layer, x, (block_state, keys))
         else:
             for i in range(self.cfg.num_layers):
-                x, _ = layer(x, jax.tree.map(lambda a: a[i], block_state))
+                x, _ = layer(x, jax.tree.map(lambda a: a[i], (block_state, keys)))
         return self.final_norm(x)
 
     def logits(self, hidden):
@@ -320,5 +342,8 @@ class Decoder(nnx.Module):
         )
         return out.astype(jnp.float32)
 
-    def __call__(self, tokens, positions, segment_ids):
-        return self.logits(self.hidden_states(tokens, positions, segment_ids))
+    def __call__(self, tokens, positions, segment_ids, dropout_rng=None):
+        """Logits; with LoRA, the base parameters enter through ``stop_gradient`` (only the
+        adapters get gradients) and ``dropout_rng`` (a key, or None) drives LoRA dropout."""
+        model = lora.freeze_base(self) if self.cfg.lora_rank else self
+        return model.logits(model.hidden_states(tokens, positions, segment_ids, dropout_rng))

@@ -178,3 +178,16 @@ def make_optimizer(optim_config: Any, num_steps: int) -> optax.GradientTransform
     if optim_config.grad_clip_norm:
         return optax.chain(optax.clip_by_global_norm(optim_config.grad_clip_norm), tx)
     return tx
+
+
+def make_model_optimizer(
+    optim_config: Any, num_steps: int, model_config: Any
+) -> optax.GradientTransformation:
+    """`make_optimizer` for a model: with LoRA (``model.lora_rank > 0``), on the adapters only,
+    with no optimizer state for the frozen base."""
+    tx = make_optimizer(optim_config, num_steps)
+    if getattr(model_config, "lora_rank", 0):
+        from itune.model import lora  # noqa: PLC0415
+
+        return lora.optimizer(tx)
+    return tx

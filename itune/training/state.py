@@ -89,6 +89,8 @@ def optimizer_state_shardings(
         return x.get_value() if isinstance(x, nnx.Variable) else x
 
     def per_param(leaf, param, param_sharding):
+        if isinstance(leaf, optax.MaskedNode):  # No state for a frozen parameter (LoRA).
+            return leaf
         sharding = derived_sharding(value(leaf).shape, value(param).shape, value(param_sharding))
         return leaf.replace(sharding) if isinstance(leaf, nnx.Variable) else sharding
 
@@ -99,7 +101,7 @@ def optimizer_state_shardings(
         abstract_params,
         param_shardings,
         transform_non_params=lambda _: _replicated(mesh),
-        is_leaf=lambda x: isinstance(x, nnx.Variable),
+        is_leaf=lambda x: isinstance(x, (nnx.Variable, optax.MaskedNode)),
     )
 
 

@@ -85,10 +85,13 @@ def batch_sums(
     batch: dict[str, jax.Array],
     num_groups: int = 0,
     sequences: bool = False,
+    dropout_rng: jax.Array | None = None,
 ):
-    """`cross_entropy` sums of the model's logits; with ``sequences``, the `sequence_sums` too."""
+    """`cross_entropy` sums of the model's logits; with ``sequences``, the `sequence_sums` too.
+    ``dropout_rng`` turns on the model's dropout (LoRA's)."""
     model = nnx.merge(graphdef, params)
-    logits = model(batch["inputs"], batch["positions"], batch["segment_ids"])
+    kwargs = {} if dropout_rng is None else {"dropout_rng": dropout_rng}
+    logits = model(batch["inputs"], batch["positions"], batch["segment_ids"], **kwargs)
     groups = batch.get("source_ids") if num_groups else None
     segment_ids = batch["segment_ids"] if sequences else None
     return cross_entropy(
@@ -151,6 +154,7 @@ def accumulated_gradients(
     num_groups: int = 0,
     loss_normalization: str = "token",
     microbatches: int = 1,
+    dropout_rng: jax.Array | None = None,
 ):
     """``(loss, sums, grads)`` of `loss_fn` over the whole batch, computed ``microbatches`` at a
     time.
@@ -166,8 +170,8 @@ def accumulated_gradients(
     sequences = loss_normalization == "sequence"
     denominator = loss_denominator(batch, loss_normalization)
 
-    def objective(p, b):
-        sums = batch_sums(graphdef, p, b, num_groups, sequences)
+    def objective(p, b, rng=dropout_rng):
+        sums = batch_sums(graphdef, p, b, num_groups, sequences, rng)
         return _numerator(sums, loss_normalization) / denominator, sums
 
     grad_fn = jax.value_and_grad(objective, has_aux=True)
@@ -175,8 +179,10 @@ def accumulated_gradients(
         (loss, sums), grads = grad_fn(params, batch)
         return loss, sums, grads
 
-    def body(totals, microbatch):
-        (loss, sums), grads = grad_fn(params, microbatch)
+    def body(totals, indexed):
+        i, microbatch = indexed
+        rng = None if dropout_rng is None else jax.random.fold_in(dropout_rng, i)
+        (loss, sums), grads = grad_fn(params, microbatch, rng)
         return jax.tree.map(lambda t, x: t + x.astype(t.dtype), totals, (loss, sums, grads)), None
 
     micro = _split_microbatches(batch, microbatches)
@@ -185,7 +191,7 @@ def accumulated_gradients(
     zeros = jax.tree.map(
         lambda s: jnp.zeros(s.shape, jnp.float32), (loss_shape, sums_shape, grads_shape)
     )
-    (loss, sums, grads), _ = jax.lax.scan(body, zeros, micro)
+    (loss, sums, grads), _ = jax.lax.scan(body, zeros, (jnp.arange(microbatches), micro))
     grads = jax.tree.map(lambda g, p: g.astype(p.dtype), grads, params)
     return loss, sums, grads
 
@@ -200,6 +206,7 @@ def train_step(
     source_names: tuple[str, ...] = (),
     microbatches: int = 1,
     loss_normalization: str = "token",
+    dropout_seed: int | None = None,
 ) -> tuple[TrainState, dict[str, jax.Array]]:
     """One optimizer step on the batch's loss (`loss_fn`), its gradient accumulated over
     ``microbatches`` (`accumulated_gradients`: the same update as the whole batch at once).
@@ -209,7 +216,8 @@ def train_step(
     consumed), and the metric ``nonfinite`` is 1.0 (else 0.0). With ``source_names`` (more than
     one mixture source), the metrics also hold each source's trained-token count and token-mean
     loss, read off the batch's ``source_ids``. With "sequence" normalisation, ``loss`` is the
-    optimised sequence mean and ``token_loss`` the token mean.
+    optimised sequence mean and ``token_loss`` the token mean. ``dropout_seed`` turns on the
+    model's dropout, with a key drawn from it and the step.
     """
     num_groups = len(source_names) if len(source_names) > 1 else 0
     loss, sums, grads = accumulated_gradients(
@@ -219,6 +227,11 @@ def train_step(
         num_groups=num_groups,
         loss_normalization=loss_normalization,
         microbatches=microbatches,
+        dropout_rng=(
+            None
+            if dropout_seed is None
+            else jax.random.fold_in(jax.random.key(dropout_seed), state.step)
+        ),
     )
     grad_norm = optax.tree.norm(grads)
     finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)

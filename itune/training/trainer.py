@@ -77,7 +77,7 @@ def train_and_evaluate(config: Any, workdir: str) -> dict:
     spec = pipeline.make_spec(config.data, workdir)
     model_config = ModelConfig.from_config(config.model, spec.tokenizer.vocab_size)
     num_steps = config.train.num_steps
-    tx = optimizer.make_optimizer(config.optim, num_steps)
+    tx = optimizer.make_model_optimizer(config.optim, num_steps, model_config)
     schedule = optimizer.learning_rate_schedule(config.optim, num_steps)
     layout = state_lib.state_layout(model_config, tx, mesh, rules, config.seed)
     logging.info(
@@ -116,6 +116,7 @@ def train_and_evaluate(config: Any, workdir: str) -> dict:
             source_names=tuple(spec.source_names),
             microbatches=config.train.microbatches,
             loss_normalization=config.train.loss_normalization,
+            dropout_seed=config.seed if model_config.lora_dropout else None,
         ),
         in_shardings=(layout.shardings, batch_sharding),
         out_shardings=(layout.shardings, replicated),
