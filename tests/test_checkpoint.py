@@ -50,3 +50,20 @@ def test_no_checkpoint_gives_none(tmp_path):
     _, _, _, layout = _layout((1, 8, 1))
     mngr = checkpoint.manager(str(tmp_path), ml_collections.ConfigDict({"max_to_keep": 1}))
     assert checkpoint.restore_latest(mngr, state_lib.abstract_with_shardings(layout)) is None
+
+
+def test_keeps_the_last_n_and_every_kth_and_refuses_non_finite_values(tmp_path):
+    import pytest
+
+    cfg, tx, mesh, layout = _layout((1, 2, 4))
+    state = state_lib.init_train_state(layout, cfg, tx, mesh, sharding.DEFAULT_RULES, seed=0)
+    config = ml_collections.ConfigDict({"max_to_keep": 1, "keep_every_steps": 2})
+    mngr = checkpoint.manager(str(tmp_path), config)
+    for step in range(1, 6):
+        assert checkpoint.save(mngr, state.replace(step=state.step * 0 + step), {})
+        mngr.wait_until_finished()
+    assert sorted(mngr.all_steps()) == [2, 4, 5]
+    poisoned = jax.tree.map(lambda x: x * np.nan, state.params)
+    with pytest.raises(ValueError, match="refusing to checkpoint step 6: non-finite values"):
+        checkpoint.save(mngr, state.replace(step=state.step * 0 + 6, params=poisoned), {})
+    assert 6 not in mngr.all_steps()
