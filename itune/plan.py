@@ -17,10 +17,8 @@ cli.quiet_tensorflow()
 from absl import app, flags
 from ml_collections import config_flags
 
-_CONFIG = config_flags.DEFINE_config_file(
-    "config", None, "Config file (path[:arg]).", lock_config=True
-)
-_DEVICES = flags.DEFINE_integer("devices", None, "Devices of the mesh (default: jax's count).")
+# Defined when the command runs, so that importing `format_plan` defines no flags.
+_FLAGS: dict = {}
 
 
 def _bytes(n: float) -> str:
@@ -97,11 +95,17 @@ def main(argv):
         raise app.UsageError(f"Unexpected arguments: {' '.join(argv[1:])}")
     import jax
 
-    print(format_plan(_CONFIG.value, _DEVICES.value or jax.device_count()))
+    print(format_plan(_FLAGS["config"].value, _FLAGS["devices"].value or jax.device_count()))
 
 
 def run():
     """Console entry point."""
+    _FLAGS["config"] = config_flags.DEFINE_config_file(
+        "config", None, "Config file (path[:arg]).", lock_config=True
+    )
+    _FLAGS["devices"] = flags.DEFINE_integer(
+        "devices", None, "Devices of the mesh (default: jax's count)."
+    )
     flags.mark_flags_as_required(["config"])
     app.run(main, flags_parser=cli.parse_flags)
 
