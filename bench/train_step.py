@@ -1,0 +1,303 @@
+"""Train-step speed on CPU: itune's MFU, and its throughput against Hugging Face + PyTorch.
+
+  PYTHONPATH=. python bench/train_step.py
+  PYTHONPATH=. python bench/train_step.py --quick
+
+The SmolLM2-135M shape (`itune.model.presets`, 30 layers, d_model 576, vocabulary 49,152) trains
+on one fixed batch of packed random rows (8 x 512 by default; every row filled with segments of
+random length, positions restarting in each), with AdamW (`itune.training.optimizer`, the base
+config's settings) in four configurations:
+
+- itune float32 and itune bfloat16 computation (float32 parameters): the real
+  `itune.training.step.train_step` under `jax.jit`, built as `itune.training.trainer` builds it,
+  with ``model.remat="save_dots"`` by default (``--remat none,save_dots`` adds a row per policy;
+  saving only the dots and recomputing the elementwise chains was 1.35x faster than no remat in
+  bfloat16 here: the CPU step is bound by memory traffic, not by the matmuls);
+- PyTorch float32 and PyTorch bfloat16 (`torch.autocast("cpu", dtype=torch.bfloat16)`): a
+  transformers `LlamaForCausalLM` of the same shape with ``attn_implementation="sdpa"``, loss from
+  ``labels``, ``loss.backward()`` and a `torch.optim.AdamW` step. It is given plain causal
+  attention over each row (no segment mask): the same FLOPs, and SDPA's fastest path.
+
+The configurations run in interleaved rounds (itune f32, torch f32, itune bf16, torch bf16, then
+again), since this shared machine's speed drifts (``STACK.md``, gotcha 11); the table gives the
+median seconds per step over rounds with the min-max range, and the itune/PyTorch throughput
+ratio of each round's pair. MFU is the model's FLOPs per step (`ModelConfig.flops_per_token` x
+positions, no recomputation counted) over the matmul peak of the same dtype measured in this run
+(`itune.training.flops.measured_cpu_peak`).
+
+``--quick`` (about 3 minutes) uses batch 2 x 512 and 2 rounds: a smoke run of the benchmark, not
+figures to quote. The default (3 rounds of 1 step per config after a warm-up step each) takes
+about 10 minutes on a 2-core host; ``--remat none,save_dots`` about 14.
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+import argparse
+import functools
+import gc
+import statistics
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import NamedSharding, PartitionSpec
+
+from itune import configlib, sharding
+from itune.model.decoder import ModelConfig
+from itune.training import flops, optimizer, state as state_lib, step
+
+PRESET = "smollm2-135m"
+
+
+def markdown(header: list[str], rows: list[list]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(str(x) for x in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def packed_batch(batch_size: int, seq_len: int, vocab_size: int, seed: int = 0) -> dict:
+    """Rows filled with segments of 16 to seq_len / 2 tokens (the last one cut at the row's end):
+    ``inputs``, ``targets`` (the next token, here random), ``positions`` restarting at 0 in each
+    segment, ``segment_ids`` from 1, ``loss_mask`` all ones."""
+    rng = np.random.default_rng(seed)
+    segment_ids = np.zeros((batch_size, seq_len), np.int32)
+    positions = np.zeros((batch_size, seq_len), np.int32)
+    for row in range(batch_size):
+        start, segment = 0, 1
+        while start < seq_len:
+            length = min(int(rng.integers(16, seq_len // 2 + 1)), seq_len - start)
+            segment_ids[row, start : start + length] = segment
+            positions[row, start : start + length] = np.arange(length)
+            start, segment = start + length, segment + 1
+    tokens = rng.integers(0, vocab_size, (batch_size, seq_len + 1), dtype=np.int32)
+    return {
+        "inputs": tokens[:, :-1],
+        "targets": tokens[:, 1:],
+        "positions": positions,
+        "segment_ids": segment_ids,
+        "loss_mask": np.ones((batch_size, seq_len), np.int32),
+    }
+
+
+class ItuneSteps:
+    """itune's jitted train step for each ``(dtype, remat)`` variant, over one shared train state
+    (the parameters are float32 in all; only the graph's computation dtype and remat differ)."""
+
+    def __init__(self, variants: list[tuple[str, str]], batch: dict, num_steps: int = 1000):
+        config = configlib.base_config()
+        self.mesh = sharding.make_mesh(config.mesh)
+        rules = sharding.rules_from_config(config.mesh)
+        tx = optimizer.make_optimizer(config.optim, num_steps)
+        schedule = optimizer.learning_rate_schedule(config.optim, num_steps)
+        batch_sharding = sharding.batch_sharding(self.mesh, rules)
+        replicated = NamedSharding(self.mesh, PartitionSpec())
+        self.model_configs, self.steps = {}, {}
+        layout = None
+        for variant in variants:
+            dtype, remat = variant
+            section = configlib.model_section(PRESET, dtype=dtype, remat=remat)
+            model_config = ModelConfig.from_config(section)
+            layout = state_lib.state_layout(model_config, tx, self.mesh, rules, config.seed)
+            self.model_configs[variant] = model_config
+            self.steps[variant] = jax.jit(
+                functools.partial(
+                    step.train_step, graphdef=layout.graphdef, tx=tx, schedule=schedule
+                ),
+                in_shardings=(layout.shardings, batch_sharding),
+                out_shardings=(layout.shardings, replicated),
+                donate_argnums=0,
+            )
+        self.state = state_lib.init_train_state(
+            layout, self.model_configs[variants[-1]], tx, self.mesh, rules, config.seed
+        )
+        self.batch = jax.device_put(
+            {k: jnp.asarray(v) for k, v in batch.items()}, batch_sharding
+        )
+        self.compile_s = {}
+        for variant in variants:
+            start = time.perf_counter()
+            with jax.set_mesh(self.mesh):
+                self.steps[variant].lower(self.state, self.batch).compile()
+            self.compile_s[variant] = time.perf_counter() - start
+
+    def run(self, variant: tuple[str, str], n: int) -> tuple[float, float]:
+        """Seconds for ``n`` steps, and the last step's loss."""
+        with jax.set_mesh(self.mesh):
+            start = time.perf_counter()
+            for _ in range(n):
+                self.state, metrics = self.steps[variant](self.state, self.batch)
+            jax.block_until_ready((self.state, metrics))
+            return time.perf_counter() - start, float(metrics["loss"])
+
+
+class TorchSteps:
+    """transformers' `LlamaForCausalLM` of the same shape, an AdamW step per batch; float32, or
+    bfloat16 autocast (float32 parameters and optimizer state) with ``dtype="bfloat16"``."""
+
+    def __init__(self, model_config: ModelConfig, batch: dict, optim_config):
+        import torch  # noqa: PLC0415
+        import transformers  # noqa: PLC0415
+
+        self.torch = torch
+        torch.manual_seed(0)
+        hf_config = transformers.LlamaConfig(
+            vocab_size=model_config.vocab_size,
+            hidden_size=model_config.d_model,
+            intermediate_size=model_config.mlp_dim,
+            num_hidden_layers=model_config.num_layers,
+            num_attention_heads=model_config.num_heads,
+            num_key_value_heads=model_config.num_kv_heads,
+            head_dim=model_config.head_dim,
+            rope_theta=model_config.rope_theta,
+            rms_norm_eps=model_config.norm_eps,
+            tie_word_embeddings=model_config.tie_embeddings,
+            max_position_embeddings=model_config.max_seq_len,
+            hidden_act="silu",
+        )
+        self.model = transformers.LlamaForCausalLM._from_config(
+            hf_config, attn_implementation="sdpa", dtype=torch.float32
+        )
+        self.model.train()
+        self.optim = torch.optim.AdamW(
+            self.model.parameters(),
+            lr=optim_config.learning_rate,
+            betas=(optim_config.b1, optim_config.b2),
+            eps=optim_config.eps,
+            weight_decay=optim_config.weight_decay,
+        )
+        # HF shifts the labels inside its loss (position t predicts label t + 1): the inputs.
+        self.inputs = torch.from_numpy(np.asarray(batch["inputs"])).long()
+        self.labels = self.inputs
+        self.positions = torch.from_numpy(np.asarray(batch["positions"])).long()
+
+    def one_step(self, bf16: bool) -> float:
+        torch = self.torch
+        self.optim.zero_grad(set_to_none=True)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            out = self.model(
+                input_ids=self.inputs, position_ids=self.positions, labels=self.labels
+            )
+        out.loss.backward()
+        torch.nn.utils.clip_grad_norm_(self.model.parameters(), 1.0)
+        self.optim.step()
+        return out.loss.item()
+
+    def run(self, variant: tuple[str, str], n: int) -> tuple[float, float]:
+        dtype = variant[0]
+        start = time.perf_counter()
+        loss = 0.0
+        for _ in range(n):
+            loss = self.one_step(dtype == "bfloat16")
+        return time.perf_counter() - start, loss
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="batch 2 x 512, 2 rounds")
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--seq-len", type=int, default=512)
+    parser.add_argument("--rounds", type=int, default=3, help="interleaved measurement rounds")
+    parser.add_argument("--steps", type=int, default=1, help="timed steps per config per round")
+    parser.add_argument(
+        "--remat",
+        default="save_dots",
+        help="itune's model.remat, comma-separated for one itune row per policy (e.g. "
+        "none,save_dots)",
+    )
+    parser.add_argument("--no-torch", action="store_true", help="itune only (no ratio)")
+    parser.add_argument("--dtypes", default="float32,bfloat16")
+    args = parser.parse_args()
+    if args.quick:
+        args.batch, args.rounds = 2, 2
+    dtypes = args.dtypes.split(",")
+    remats = args.remat.split(",")
+
+    model_config = ModelConfig.from_config(configlib.model_section(PRESET))
+    batch = packed_batch(args.batch, args.seq_len, model_config.vocab_size)
+    positions = args.batch * args.seq_len
+    flops_per_step = model_config.flops_per_token(args.seq_len) * positions
+
+    start = time.perf_counter()
+    itune = ItuneSteps([(d, r) for d in dtypes for r in remats], batch)
+    setup_s = time.perf_counter() - start
+    torch_steps = None
+    if not args.no_torch:
+        torch_steps = TorchSteps(model_config, batch, configlib.base_config().optim)
+    # (label, runner, (dtype, remat)) in round order: per dtype, itune's rows, then PyTorch's.
+    configs = []
+    for dtype in dtypes:
+        configs += [(f"itune {dtype}, remat={r}", itune, (dtype, r)) for r in remats]
+        if torch_steps is not None:
+            configs.append((f"PyTorch {dtype}", torch_steps, (dtype, "")))
+    for _, runner, variant in configs:  # Warm-up (jit dispatch, torch's first allocations).
+        runner.run(variant, 1)
+    gc.collect()
+
+    times = {label: [] for label, _, _ in configs}
+    losses = {}
+    peaks = {dtype: [] for dtype in ("float32", "bfloat16")}
+    for _ in range(args.rounds):
+        for dtype in peaks:  # `measured_cpu_peak` itself, uncached: once per round.
+            peaks[dtype].append(flops.measured_cpu_peak.__wrapped__(dtype))
+        for label, runner, variant in configs:
+            seconds, losses[label] = runner.run(variant, args.steps)
+            times[label].append(seconds / args.steps)
+    peak = {dtype: statistics.median(p) for dtype, p in peaks.items()}
+
+    print(f"# Train step, {PRESET} shape, batch {args.batch} x {args.seq_len}\n")
+    print(
+        f"{jax.devices()[0].platform.upper()}, {os.cpu_count()} cores (shared); "
+        f"{model_config.num_params() / 1e6:.1f}M parameters, "
+        f"{flops_per_step / 1e12:.3f} TFLOP per step "
+        f"({model_config.flops_per_token(args.seq_len) / 1e6:.0f} MFLOP/token x {positions} "
+        f"positions, no recomputation counted). itune compile + init {setup_s:.0f} s. "
+        f"{args.rounds} interleaved rounds of {args.steps} step(s) per config after a warm-up "
+        "step; median (min-max) over rounds.\n"
+    )
+    print(
+        "Measured matmul peak (`itune.training.flops.measured_cpu_peak`: jitted 1024^3 matmul, "
+        "best of 5, float32 accumulation), once per round, median (min-max): "
+        + "; ".join(
+            f"{d} {peak[d] / 1e9:.0f} ({min(p) / 1e9:.0f}-{max(p) / 1e9:.0f}) GFLOP/s"
+            for d, p in peaks.items()
+        )
+        + ". MFU is against the median peak of the config's dtype.\n"
+    )
+    rows = []
+    for label, _, (dtype, _) in configs:
+        t = times[label]
+        median = statistics.median(t)
+        mfu = flops_per_step / median / peak[dtype]
+        ratio = "-"
+        reference = f"PyTorch {dtype}"
+        if label.startswith("itune") and reference in times:
+            pair = [b / a for a, b in zip(t, times[reference])]
+            ratio = f"{statistics.median(pair):.2f}x ({min(pair):.2f}-{max(pair):.2f})"
+        rows.append(
+            [
+                label,
+                f"{median:.2f} ({min(t):.2f}-{max(t):.2f})",
+                f"{positions / median:,.0f}",
+                f"{100 * mfu:.1f}%",
+                ratio,
+                f"{losses[label]:.3f}",
+            ]
+        )
+    header = [
+        "config",
+        "s/step",
+        "tokens/s",
+        "MFU (same-dtype peak)",
+        "itune / PyTorch throughput",
+        "last loss",
+    ]
+    print(markdown(header, rows) + "\n")
+
+
+if __name__ == "__main__":
+    main()
