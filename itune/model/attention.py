@@ -91,7 +91,8 @@ def dot_product_attention(q, k, v, segment_ids, sliding_window: int = 0):
     mask = attention_mask(segment_ids, sliding_window)[:, None, None]
     scores = jnp.where(mask, scores, jnp.finfo(jnp.float32).min)
     probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
-    out = jnp.einsum("bkgts,bskd->btkgd", probs, v)
+    out = jnp.einsum("bkgts,bskd->btkgd", probs, v, preferred_element_type=jnp.float32)
+    out = out.astype(v.dtype)
     return out.reshape(b, t, num_heads, head_dim)
 
 
