@@ -161,7 +161,7 @@ def train_and_evaluate(config: Any, workdir: str) -> dict:
     meta = {"config": json.loads(config.to_json_best_effort())}
     results: dict = {}
     watch = preemption.PreemptionWatch()
-    nonfinite_run, previous = 0, None
+    nonfinite_run = longest_run = jnp.zeros((), jnp.int32)
 
     def save(state, last_row, force=False):
         with progress.timer("checkpoint"):
@@ -173,21 +173,22 @@ def train_and_evaluate(config: Any, workdir: str) -> dict:
             with progress.timer("data_wait"):
                 last_row, tokens, batch = next(batches)
             state, step_metrics = train_step(state, batch)
-            # The previous step's verdict: reading it waits for that step, not this one.
-            if previous is not None:
-                nonfinite_run = nonfinite_run + 1 if float(previous["nonfinite"]) else 0
-                if nonfinite_run >= config.train.max_nonfinite_steps:
-                    batches.close()
-                    raise FloatingPointError(
-                        f"{nonfinite_run} steps in a row up to step {step_num} had a non-finite "
-                        "loss or gradient norm and were skipped; stopping (train."
-                        "max_nonfinite_steps). Lower optim.learning_rate, check the data, or "
-                        "restart from the last checkpoint."
-                    )
-            previous = step_metrics if "nonfinite" in step_metrics else None
+            # Consecutive skipped steps, counted on device so that the loop never waits for a
+            # step; read at log steps, where the loop waits anyway.
+            skipped = step_metrics["nonfinite"] > 0
+            nonfinite_run = jnp.where(skipped, nonfinite_run + 1, 0)
+            longest_run = jnp.maximum(longest_run, nonfinite_run)
             summary = progress.update(step_num + 1, step_metrics, tokens)
             if summary is not None:
                 writer.write(step_num + 1, summary)
+                if int(longest_run) >= config.train.max_nonfinite_steps:
+                    batches.close()
+                    raise FloatingPointError(
+                        f"{int(longest_run)} steps in a row up to step {step_num + 1} had a "
+                        "non-finite loss or gradient norm and were skipped; stopping (train."
+                        "max_nonfinite_steps). Lower optim.learning_rate, check the data, or "
+                        "restart from the last checkpoint."
+                    )
 
             last = step_num + 1 == num_steps
             every = config.eval.every_steps
