@@ -23,7 +23,7 @@ import transformers
 from flax import nnx
 
 from itune import sharding
-from itune.convert import hf, weights
+from itune.convert import hf, tokenizer_files, weights
 from itune.data import chat
 
 transformers.utils.logging.disable_progress_bar()
@@ -500,7 +500,7 @@ def test_chat_template_renders_like_itune(name):
     from transformers.utils.chat_template_utils import render_jinja_template
 
     fmt = chat.get_format(name)
-    template = hf.chat_template(fmt)
+    template = tokenizer_files.chat_template(fmt)
     for messages in CONVERSATIONS:
         for prompt in (False, True):
             turns = messages[:-1] if prompt else messages
@@ -527,7 +527,7 @@ def test_tokenizer_export_and_import(built, shared_dir, tmp_path):
     with open(tmp_path / "config.json") as f:
         config = json.load(f)
     assert (config["bos_token_id"], config["eos_token_id"]) == (1, 2)
-    tok, fmt_name = hf.load_hf_tokenizer(str(tmp_path))
+    tok, fmt_name = tokenizer_files.load_hf_tokenizer(str(tmp_path))
     assert fmt_name == "chatml"
     fmt = chat.get_format(fmt_name)
     ids, _ = chat.tokenize(chat.render(CONVERSATIONS[0], fmt), tok, fmt)
@@ -537,7 +537,7 @@ def test_tokenizer_export_and_import(built, shared_dir, tmp_path):
     assert hf_tok.decode(hf_ids) == chat.to_text(chat.render(CONVERSATIONS[0], fmt))
     # transformers 5 saves the template as chat_template.jinja: found there too.
     hf_tok.save_pretrained(str(tmp_path / "resaved"))
-    assert hf.load_hf_tokenizer(str(tmp_path / "resaved"))[1] == "chatml"
+    assert tokenizer_files.load_hf_tokenizer(str(tmp_path / "resaved"))[1] == "chatml"
     # Without a chat format, the folder's own (GGUF metadata) template is kept.
     hf.save_hf(
         str(tmp_path / "own"),
@@ -557,7 +557,7 @@ def test_tokenizer_export_and_import(built, shared_dir, tmp_path):
         tokenizer=str(tmp_path),
         chat_format="gemma",
     )
-    assert hf.load_hf_tokenizer(str(tmp_path / "again"))[1] == "gemma"
+    assert tokenizer_files.load_hf_tokenizer(str(tmp_path / "again"))[1] == "gemma"
     assert (tmp_path / "again" / "tokenizer.json").read_bytes() == (
         tmp_path / "tokenizer.json"
     ).read_bytes()
@@ -576,7 +576,7 @@ def test_sentencepiece_tokenizer_export(built, shared_dir, tmp_path):
     assert (tmp_path / "tokenizer.model").read_bytes() == model_file.read_bytes()
     config = json.loads((tmp_path / "config.json").read_text())
     assert (config["bos_token_id"], config["eos_token_id"]) == (tok.bos_id, tok.eos_id)
-    back, fmt_name = hf.load_hf_tokenizer(str(tmp_path))
+    back, fmt_name = tokenizer_files.load_hf_tokenizer(str(tmp_path))
     assert isinstance(back, SentencePieceTokenizer) and fmt_name == "mistral"
     hf_tok = transformers.AutoTokenizer.from_pretrained(str(tmp_path))
     for text in (

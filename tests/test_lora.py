@@ -20,7 +20,7 @@ from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
 from itune import sharding
-from itune.convert import hf, weights
+from itune.convert import hf, peft, weights
 from itune.model import lora
 from itune.model.decoder import Decoder
 from itune.training import step
@@ -311,16 +311,16 @@ def test_merge_and_merged_export(trained, tmp_path):
 def test_adapters_save_and_load(trained, tmp_path):
     params, tokens, expected = trained["params"], trained["tokens"], trained["logits"]
     adapters, base = lora.split_trainable(params)
-    hf.save_adapters(str(tmp_path / "adapter"), CFG, params, base_model="tiny")
-    with open(tmp_path / "adapter" / hf.ADAPTER_CONFIG) as f:
-        peft = json.load(f)
-    assert peft["r"] == 4 and peft["lora_alpha"] == 8.0 and peft["peft_type"] == "LORA"
-    assert peft["target_modules"] == [
+    peft.save_adapters(str(tmp_path / "adapter"), CFG, params, base_model="tiny")
+    with open(tmp_path / "adapter" / peft.ADAPTER_CONFIG) as f:
+        written = json.load(f)
+    assert written["r"] == 4 and written["lora_alpha"] == 8.0 and written["peft_type"] == "LORA"
+    assert written["target_modules"] == [
         "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"
     ]  # fmt: skip
 
     # Loaded onto the base alone (a plain config): the same config, adapters and logits.
-    cfg, loaded = hf.load_adapters(str(tmp_path / "adapter"), BASE)
+    cfg, loaded = peft.load_adapters(str(tmp_path / "adapter"), BASE)
     assert cfg == CFG
     original = flat(adapters)
     assert flat(loaded).keys() == original.keys()
@@ -340,7 +340,7 @@ def test_adapters_save_and_load(trained, tmp_path):
     model = load_transformers(str(tmp_path / "base"))
     import safetensors.torch  # noqa: PLC0415
 
-    tensors = safetensors.torch.load_file(str(tmp_path / "adapter" / hf.ADAPTER_FILE))
+    tensors = safetensors.torch.load_file(str(tmp_path / "adapter" / peft.ADAPTER_FILE))
     assert len(tensors) == 2 * 7 * CFG.num_layers
     modules = dict(model.named_modules())
     with torch.no_grad():
@@ -349,7 +349,7 @@ def test_adapters_save_and_load(trained, tmp_path):
                 continue
             b = tensors[name.replace(".lora_A.", ".lora_B.")]
             module = modules[name.removeprefix("base_model.model.").removesuffix(".lora_A.weight")]
-            module.weight += (peft["lora_alpha"] / peft["r"]) * (b @ a)
+            module.weight += (written["lora_alpha"] / written["r"]) * (b @ a)
     error = relative_error(torch_logits(model, tokens), expected)
     print(f"\nPEFT-layout adapters applied in torch vs LoRA logits: max relative error {error:.2e}")
     assert error < 1e-4
@@ -357,9 +357,9 @@ def test_adapters_save_and_load(trained, tmp_path):
     # Errors: a missing tensor, an option itune lacks.
     with pytest.raises(ValueError, match="not supported"):
         (tmp_path / "bad").mkdir()
-        with open(tmp_path / "bad" / hf.ADAPTER_CONFIG, "w") as f:
-            json.dump({**peft, "use_dora": True}, f)
-        hf.load_adapters(str(tmp_path / "bad"), BASE)
+        with open(tmp_path / "bad" / peft.ADAPTER_CONFIG, "w") as f:
+            json.dump({**written, "use_dora": True}, f)
+        peft.load_adapters(str(tmp_path / "bad"), BASE)
     with pytest.raises(ValueError, match="not an adapter"):
         lora.with_adapters(base, base)
 

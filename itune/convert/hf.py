@@ -6,7 +6,8 @@ by shard through `itune.convert.weights.place_params`: each device's part of eac
 sliced straight out of the memory-mapped safetensors files (layer by layer for the stacked
 blocks), so no host holds a whole checkpoint. `save_hf` writes the reverse: ``config.json``,
 ``model.safetensors`` (or shards and their index), streamed one tensor at a time, and optionally
-the tokenizer with a chat template for one of itune's chat formats.
+the tokenizer with a chat template for one of itune's chat formats
+(`itune.convert.tokenizer_files`). LoRA adapters alone: `itune.convert.peft`.
 
 Hugging Face linear weights are ``(out, in)``; itune's are ``(in, out)`` with heads split out
 (``l`` a layer, ``H`` heads, ``K`` head_dim)::
@@ -27,7 +28,6 @@ import json
 import math
 import os
 import re
-import shutil
 from typing import Any, Iterator, Mapping, Sequence
 
 import jax
@@ -38,6 +38,8 @@ from safetensors import safe_open
 
 from itune import sharding
 from itune.convert import weights
+from itune.convert.tokenizer_files import read_json as _read_json, save_tokenizer
+from itune.convert.tokenizer_files import write_json as _write_json
 from itune.model import lora
 from itune.model.decoder import ModelConfig
 
@@ -88,18 +90,6 @@ _READ_DTYPES = ("F32", "F16", "BF16", "F64")  # Cast to model.param_dtype when p
 _SAFETENSORS_DTYPES = {"float32": "F32", "float16": "F16", "bfloat16": "BF16"}
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
-# Tokenizer files of a Hugging Face model folder, copied as they are.
-TOKENIZER_FILES = (
-    "tokenizer.json",
-    "tokenizer_config.json",
-    "special_tokens_map.json",
-    "added_tokens.json",
-    "tokenizer.model",
-    "vocab.json",
-    "merges.txt",
-    "chat_template.jinja",
-)
-# Markers of the chat formats in a chat template, tried in order.
 
 
 # ----------------------------------------------------------------------------------------------
@@ -529,11 +519,6 @@ class Checkpoint:
         self._files.clear()
 
 
-def _read_json(path: str) -> dict:
-    with open(path, encoding="utf-8") as f:
-        return json.load(f)
-
-
 def load_hf_config(path: str, **overrides: Any) -> ModelConfig:
     """`config_from_hf` of ``path/config.json``."""
     file = os.path.join(path, "config.json")
@@ -711,341 +696,3 @@ def save_hf(
     if tokenizer is not None:
         hf_config.update(save_tokenizer(path, tokenizer, chat_format))
     _write_json(os.path.join(path, "config.json"), hf_config)
-
-
-def _write_json(file: str, value: Any) -> None:
-    with open(file, "w", encoding="utf-8") as f:
-        json.dump(value, f, indent=2, ensure_ascii=False)
-        f.write("\n")
-
-
-# ----------------------------------------------------------------------------------------------
-# LoRA adapters alone, in PEFT's format
-
-ADAPTER_FILE = "adapter_model.safetensors"
-ADAPTER_CONFIG = "adapter_config.json"
-# PEFT's LoRA options that itune's adapters do not have: a value other than these is an error.
-_PEFT_PLAIN = dict(
-    bias="none",
-    fan_in_fan_out=False,
-    use_rslora=False,
-    use_dora=False,
-    layers_to_transform=None,
-    rank_pattern={},
-    alpha_pattern={},
-    modules_to_save=None,
-)
-
-
-def _peft_module(target: str) -> str:
-    """``'q'`` -> ``'q_proj'``: the Hugging Face module an itune LoRA target adapts."""
-    return LAYOUTS[lora.base_path(target)].name.split(".")[-2]
-
-
-def _peft_name(target: str, layer: int, which: str) -> str:
-    """PEFT's tensor name, e.g. ``base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight``."""
-    base = LAYOUTS[lora.base_path(target)].name.format(layer)
-    return f"base_model.model.{base.removesuffix('.weight')}.lora_{which}.weight"
-
-
-def _adapter_target(path: str) -> tuple[str, str]:
-    """``'blocks/attn/q_lora_a'`` -> ``('q', 'A')``."""
-    target, which = path.rsplit("/", 1)[-1].rsplit("_lora_", 1)
-    return target, which.upper()
-
-
-def save_adapters(
-    path: str, cfg: ModelConfig, params: nnx.State, base_model: str | None = None
-) -> None:
-    """Writes the LoRA adapters of ``params`` alone as PEFT does: ``adapter_model.safetensors``
-    (``...q_proj.lora_A.weight`` ``[r, in]`` and ``lora_B.weight`` ``[out, r]`` per layer, in
-    ``cfg.param_dtype``) and ``adapter_config.json`` (rank, alpha, dropout, target modules;
-    ``base_model`` as ``base_model_name_or_path``). `load_adapters` reads them back.
-
-    Every process must call it (parameters are gathered across processes); process 0 writes.
-    """
-    import safetensors.numpy  # noqa: PLC0415
-
-    if not cfg.lora_rank:
-        raise ValueError("save_adapters: model.lora_rank is 0 (no adapters)")
-    tensors = {}
-    for name, value in weights.host_params(lora.adapters_only(params)):
-        target, which = _adapter_target(name)
-        r = cfg.lora_rank
-        for layer in range(value.shape[0]):
-            one = value[layer]
-            hf_value = one.reshape(-1, r).T if which == "A" else one.reshape(r, -1).T
-            tensors[_peft_name(target, layer, which)] = np.ascontiguousarray(hf_value)
-    if jax.process_index() != 0:
-        return
-    os.makedirs(path, exist_ok=True)
-    safetensors.numpy.save_file(tensors, os.path.join(path, ADAPTER_FILE), {"format": "pt"})
-    _write_json(
-        os.path.join(path, ADAPTER_CONFIG),
-        {
-            "peft_type": "LORA",
-            "task_type": "CAUSAL_LM",
-            "base_model_name_or_path": base_model,
-            "r": cfg.lora_rank,
-            "lora_alpha": cfg.lora_alpha,
-            "lora_dropout": cfg.lora_dropout,
-            "target_modules": [_peft_module(t) for t in lora.parse_targets(cfg.lora_targets)],
-            "init_lora_weights": True,
-            "inference_mode": True,
-            **_PEFT_PLAIN,
-        },
-    )
-
-
-def adapter_config(path: str, cfg: ModelConfig) -> ModelConfig:
-    """``cfg`` with the LoRA fields of the adapter folder ``path`` (PEFT's
-    ``adapter_config.json``); a PEFT option that itune's LoRA lacks is a ValueError."""
-    file = os.path.join(path, ADAPTER_CONFIG)
-    if not os.path.exists(file):
-        raise FileNotFoundError(f"{path}: no {ADAPTER_CONFIG}")
-    peft = _read_json(file)
-    if peft.get("peft_type", "LORA") != "LORA":
-        raise ValueError(f"{file}: peft_type={peft['peft_type']!r}; expected 'LORA'")
-    for key, plain in _PEFT_PLAIN.items():
-        if peft.get(key) and peft[key] != plain:  # Absent, null or empty: as plain.
-            raise ValueError(f"{file}: {key}={peft[key]!r} is not supported (expected {plain!r})")
-    modules = peft.get("target_modules")
-    modules = [modules] if isinstance(modules, str) else list(modules or [])
-    by_module = {_peft_module(t): t for t in lora.TARGETS}
-    unknown = [m for m in modules if m not in by_module]
-    if unknown or not modules:
-        raise ValueError(
-            f"{file}: target_modules={peft.get('target_modules')!r}; expected names among "
-            f"{sorted(by_module)}"
-        )
-    targets = [t for t in lora.TARGETS if _peft_module(t) in modules]
-    return dataclasses.replace(
-        cfg,
-        lora_rank=int(peft["r"]),
-        lora_alpha=float(peft.get("lora_alpha", 8)),  # PEFT's default alpha.
-        lora_dropout=float(peft.get("lora_dropout") or 0.0),
-        lora_targets=",".join(targets),
-    )
-
-
-def load_adapters(
-    path: str,
-    cfg: ModelConfig,
-    mesh=None,
-    rules: sharding.LogicalRules = sharding.DEFAULT_RULES,
-) -> tuple[ModelConfig, nnx.State]:
-    """``(cfg with the adapters' LoRA fields, adapters)`` from a folder written by
-    `save_adapters` (or by PEFT, for itune's targets), placed on ``mesh`` (the first device
-    without one) in ``cfg.param_dtype``. ``lora.with_adapters(base_params, adapters)`` makes
-    the LoRA model's parameters. A missing, misshapen or unexpected tensor is a ValueError."""
-    cfg = adapter_config(path, cfg)
-    if mesh is None:
-        mesh = sharding.make_mesh({"data": 1, "fsdp": 1, "tensor": 1}, jax.devices()[:1])
-    _, abstract = weights.abstract_params(cfg, rules)
-    abstract = lora.adapters_only(abstract)
-    shardings = dict(nnx.to_flat_state(sharding.state_shardings(abstract, mesh, rules)))
-    file = os.path.join(path, ADAPTER_FILE)
-    dtype = np.dtype(jax.numpy.dtype(cfg.param_dtype))
-    placed, used = [], set()
-    with safe_open(file, framework="numpy") as f:
-        names = set(f.keys())
-        for key, variable in nnx.to_flat_state(abstract):
-            target, which = _adapter_target("/".join(map(str, key)))
-            shape = tuple(variable.shape)
-            layers = []
-            for layer in range(shape[0]):
-                name = _peft_name(target, layer, which)
-                hf_shape = (
-                    (shape[-1], math.prod(shape[1:-1]))
-                    if which == "A"
-                    else (math.prod(shape[2:]), shape[1])
-                )
-                if name not in names:
-                    raise ValueError(f"{file}: tensor {name} {hf_shape} is missing")
-                value = f.get_tensor(name)
-                if tuple(value.shape) != hf_shape:
-                    raise ValueError(
-                        f"{file}: tensor {name} has shape {tuple(value.shape)}, expected {hf_shape}"
-                    )
-                layers.append(value.T.reshape(shape[1:]))
-                used.add(name)
-            full = np.stack(layers).astype(dtype)
-            array = jax.make_array_from_callback(
-                shape, shardings[key].get_value(), lambda index, full=full: full[index]
-            )
-            placed.append((key, variable.replace(array)))
-    unexpected = sorted(names - used)
-    if unexpected:
-        raise ValueError(f"{file}: unexpected tensors {unexpected[:8]}")
-    return cfg, nnx.from_flat_state(placed)
-
-
-# ----------------------------------------------------------------------------------------------
-# Tokenizer and chat template
-
-
-def save_tokenizer(path: str, tokenizer: Any, chat_format: Any = None) -> dict[str, int | None]:
-    """Writes ``tokenizer`` (a folder, an `HFTokenizer` or a `SentencePieceTokenizer`) into the
-    folder ``path`` with ``chat_format``'s template; returns the ``bos/eos/pad_token_id`` for
-    config.json. `load_hf_tokenizer` reads it back."""
-    from itune.data.hf_tokenizer import HFTokenizer  # noqa: PLC0415  (imports TensorFlow)
-    from itune.data.tokenizer import SentencePieceTokenizer  # noqa: PLC0415
-
-    config: dict[str, Any] = {}
-    meta_template = None  # The template of an itune folder's GGUF metadata.
-    if isinstance(tokenizer, (str, os.PathLike)):
-        source = os.fspath(tokenizer)
-        if not os.path.isdir(source):
-            raise ValueError(f"tokenizer {source}: expected a folder of tokenizer files")
-        has_hf = any(
-            os.path.exists(os.path.join(source, f))
-            for f in ("tokenizer.json", "tokenizer_config.json")
-        )
-        loaded = _load_tokenizer(source)
-        if has_hf:
-            for name in TOKENIZER_FILES:
-                if os.path.exists(os.path.join(source, name)):
-                    shutil.copyfile(os.path.join(source, name), os.path.join(path, name))
-            config_file = os.path.join(path, "tokenizer_config.json")
-            config = _read_json(config_file) if os.path.exists(config_file) else {}
-        else:
-            tokenizer = loaded
-            meta_file = os.path.join(source, "tokenizer_meta.json")
-            meta = _read_json(meta_file) if os.path.exists(meta_file) else {}
-            meta_template = meta.get("tokenizer.chat_template")
-    else:
-        loaded = tokenizer
-    if isinstance(tokenizer, HFTokenizer):
-        tokenizer.backend.save(os.path.join(path, "tokenizer.json"))
-        config = {
-            "tokenizer_class": "PreTrainedTokenizerFast",
-            "add_bos_token": bool(tokenizer.add_bos_token),
-            **{
-                f"{role}_token": tokenizer.backend.id_to_token(token_id)
-                for role, token_id in (
-                    ("bos", tokenizer.bos_id),
-                    ("eos", tokenizer.eos_id),
-                    ("pad", tokenizer.pad_id),
-                )
-                if token_id >= 0
-            },
-        }
-    elif isinstance(tokenizer, SentencePieceTokenizer):
-        # transformers reads a SentencePiece model through its Llama tokenizer (exactly for BPE
-        # models; itune reads the file back as it is, whatever the model type).
-        processor = tokenizer._sp  # noqa: SLF001  (SentencePieceTokenizer has no accessor yet)
-        with open(os.path.join(path, "tokenizer.model"), "wb") as f:
-            f.write(processor.serialized_model_proto())
-        config = {
-            "tokenizer_class": "LlamaTokenizer",
-            "add_bos_token": True,  # As itune's chat tokenization does for SentencePiece.
-            "add_eos_token": False,
-            "legacy": True,  # Text after a special token keeps SentencePiece's space prefix.
-            **{
-                f"{role}_token": processor.id_to_piece(token_id)
-                for role, token_id in (
-                    ("bos", tokenizer.bos_id),
-                    ("eos", tokenizer.eos_id),
-                    ("pad", tokenizer.pad_id),
-                )
-                if token_id >= 0
-            },
-        }
-    elif not isinstance(tokenizer, (str, os.PathLike)):
-        raise ValueError(
-            "tokenizer: expected a folder, an HFTokenizer or a SentencePieceTokenizer, got "
-            f"{type(tokenizer).__name__}"
-        )
-    if chat_format is None and meta_template:
-        config["chat_template"] = meta_template
-    if chat_format is not None:
-        config["chat_template"] = chat_template(chat_format)
-        # transformers 5 prefers a chat_template.jinja file over tokenizer_config.json's.
-        jinja = os.path.join(path, "chat_template.jinja")
-        if os.path.exists(jinja):
-            os.remove(jinja)
-    _write_json(os.path.join(path, "tokenizer_config.json"), config)
-    ids = {}
-    for role in ("bos", "eos", "pad"):
-        token_id = getattr(loaded, f"{role}_id", -1)
-        ids[f"{role}_token_id"] = int(token_id) if token_id is not None and token_id >= 0 else None
-    return ids
-
-
-def _load_tokenizer(path: str):
-    from itune.data.hf_tokenizer import load_tokenizer_path  # noqa: PLC0415
-
-    has_fast = any(os.path.exists(os.path.join(path, f)) for f in ("tokenizer.json", "vocab.json"))
-    if not has_fast and os.path.exists(os.path.join(path, "tokenizer.model")):
-        return load_tokenizer_path(os.path.join(path, "tokenizer.model"))
-    return load_tokenizer_path(path)
-
-
-def _template_of(path: str) -> str | None:
-    """The default chat template of a tokenizer folder (``chat_template.jinja`` first)."""
-    jinja = os.path.join(path, "chat_template.jinja")
-    if os.path.exists(jinja):
-        with open(jinja, encoding="utf-8") as f:
-            return f.read()
-    config_file = os.path.join(path, "tokenizer_config.json")
-    template = _read_json(config_file).get("chat_template") if os.path.exists(config_file) else None
-    if isinstance(template, list):  # Named templates: the default one.
-        named = {t.get("name"): t.get("template") for t in template if isinstance(t, Mapping)}
-        template = named.get("default")
-    return template if isinstance(template, str) else None
-
-
-def load_hf_tokenizer(path: str):
-    """``(tokenizer, chat format name or None)`` of a Hugging Face model or tokenizer folder,
-    the format guessed from its chat template (see `itune.data.chat.format_for_template`)."""
-    from itune.data import chat  # noqa: PLC0415
-
-    return _load_tokenizer(path), chat.format_for_template(_template_of(path))
-
-
-def chat_template(chat_format: Any) -> str:
-    """A Jinja chat template that renders as `itune.data.chat.render` does for ``chat_format``
-    (a name, config or `ChatFormat`): ``apply_chat_template(..., tokenize=False)`` gives the
-    same text, with ``add_generation_prompt`` opening an assistant turn."""
-    from itune.data import chat  # noqa: PLC0415
-
-    fmt = chat.get_format(chat_format)
-
-    def lit(value: Any) -> str:  # JSON string and dict literals are Jinja literals too.
-        return json.dumps(value, ensure_ascii=True)
-
-    content = "message['content'] | trim" if fmt.strip_content else "message['content']"
-    merge = fmt.system == "merge"
-    parts = [
-        "{%- set prefix = " + lit(dict(fmt.prefix)) + " -%}",
-        "{%- set suffix = " + lit(dict(fmt.suffix)) + " -%}",
-        "{%- set ns = namespace(system='') -%}",
-        "{%- set turns = messages -%}",
-    ]
-    if merge:
-        parts += [
-            "{%- if messages and messages[0]['role'] == 'system' -%}",
-            "{%- set ns.system = messages[0]['content'] + " + lit(fmt.system_join) + " -%}",
-            "{%- set turns = messages[1:] -%}",
-            "{%- endif -%}",
-        ]
-    parts += [
-        "{{- " + lit(fmt.bos_token) + " -}}" if fmt.bos_token else "",
-        "{%- for message in turns -%}",
-        "{%- if message['role'] not in prefix -%}",
-        "{{- raise_exception('chat format "
-        + fmt.name
-        + " has no ' + message['role'] + ' role') -}}",
-        "{%- endif -%}",
-        "{%- if not loop.first -%}{{- " + lit(fmt.separator) + " -}}{%- endif -%}",
-        "{{- prefix[message['role']] -}}",
-        "{%- if loop.first -%}{{- ns.system -}}{%- endif -%}",
-        "{{- " + content + " -}}",
-        "{{- suffix.get(message['role'], '') -}}",
-        "{%- endfor -%}",
-        "{%- if add_generation_prompt -%}",
-        "{%- if turns -%}{{- " + lit(fmt.separator) + " -}}{%- endif -%}",
-        "{{- prefix['assistant'] -}}",
-        "{%- endif -%}",
-    ]
-    return "".join(parts)

@@ -24,7 +24,7 @@ from flax import nnx
 from jax.sharding import Mesh
 
 from itune import sharding
-from itune.convert import weights
+from itune.convert import tokenizer_files, weights
 from itune.model.decoder import ModelConfig
 
 MODEL_JSON = "model.json"
@@ -76,8 +76,6 @@ def save_model(
     Files are written to ``path.partial`` and renamed at the end, so a failure never leaves a
     half-written model behind.
     """
-    from itune.convert import hf  # noqa: PLC0415
-
     if os.path.exists(path):
         raise FileExistsError(f"{path} exists; choose a new folder")
     partial = path.rstrip("/") + ".partial"
@@ -89,7 +87,7 @@ def save_model(
     checkpointer = ocp.StandardCheckpointer()
     checkpointer.save(os.path.abspath(os.path.join(partial, "params")), params)
     checkpointer.wait_until_finished()
-    hf.save_tokenizer(os.path.join(partial, "tokenizer"), tokenizer, chat_format)
+    tokenizer_files.save_tokenizer(os.path.join(partial, "tokenizer"), tokenizer, chat_format)
     meta = {
         "format": "itune-model",
         "model": dataclasses.asdict(config),
@@ -124,7 +122,7 @@ def load_model(
         from itune.convert import hf  # noqa: PLC0415
 
         config, graphdef, params = hf.load_hf(path, mesh, rules, **overrides)
-        tokenizer, chat_format = hf.load_hf_tokenizer(path)
+        tokenizer, chat_format = tokenizer_files.load_hf_tokenizer(path)
         return LoadedModel(config, graphdef, params, tokenizer, chat_format)
     if kind == "workdir":
         return _load_workdir(path, mesh, rules, **overrides)
@@ -148,15 +146,13 @@ def _restore_params(directory: str, config: ModelConfig, mesh: Mesh, rules) -> t
 
 
 def _load_itune(path: str, mesh, rules, **overrides) -> LoadedModel:
-    from itune.convert import hf  # noqa: PLC0415
-
     with open(os.path.join(path, MODEL_JSON), encoding="utf-8") as f:
         meta = json.load(f)
     config = dataclasses.replace(ModelConfig(**meta["model"]), **overrides)
     graphdef, params = _restore_params(
         os.path.join(path, "params"), config, _default_mesh(mesh), rules
     )
-    tokenizer, guessed = hf.load_hf_tokenizer(os.path.join(path, "tokenizer"))
+    tokenizer, guessed = tokenizer_files.load_hf_tokenizer(os.path.join(path, "tokenizer"))
     return LoadedModel(config, graphdef, params, tokenizer, meta.get("chat_format") or guessed)
 
 

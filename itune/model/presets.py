@@ -63,25 +63,6 @@ PRESETS: dict[str, dict[str, Any]] = {
         tie_embeddings=False,
         max_seq_len=8192,
     ),
-    # Llama 3.1 adds frequency scaling for its 128k context.
-    "llama3.1-8b": dict(
-        vocab_size=128_256,
-        d_model=4096,
-        num_layers=32,
-        num_heads=32,
-        num_kv_heads=8,
-        head_dim=128,
-        mlp_dim=14_336,
-        rope_theta=500_000.0,
-        norm_eps=1e-5,
-        tie_embeddings=False,
-        max_seq_len=131_072,
-        rope_scaling="llama3",
-        rope_scaling_factor=8.0,
-        rope_low_freq_factor=1.0,
-        rope_high_freq_factor=4.0,
-        rope_original_max_len=8192,
-    ),
     "mistral-7b": dict(
         vocab_size=32_768,
         d_model=4096,
@@ -126,6 +107,17 @@ PRESETS: dict[str, dict[str, Any]] = {
         max_seq_len=8192,
     ),
 }
+
+# Llama 3.1 is Llama 3 with frequency scaling for its 128k context.
+PRESETS["llama3.1-8b"] = dict(
+    PRESETS["llama3-8b"],
+    max_seq_len=131_072,
+    rope_scaling="llama3",
+    rope_scaling_factor=8.0,
+    rope_low_freq_factor=1.0,
+    rope_high_freq_factor=4.0,
+    rope_original_max_len=8192,
+)
 
 
 def preset(name: str) -> dict[str, Any]:
