@@ -35,17 +35,15 @@ import tempfile
 import time
 
 from bench import report
+from itune import configlib
 
 GGUF = "models/smollm2-135m-instruct/SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
-def shared_dir() -> str:
-    here = os.path.dirname(os.path.abspath(__file__))
-    return os.environ.get("ITUNE_SHARED", os.path.join(here, "..", "..", "shared"))
-
-
 def gsm8k_prompts(n: int) -> list[str]:
-    with open(os.path.join(shared_dir(), "data", "gsm8k", "train.jsonl"), encoding="utf-8") as f:
+    with open(
+        os.path.join(configlib.shared_dir(), "data", "gsm8k", "train.jsonl"), encoding="utf-8"
+    ) as f:
         return [json.loads(next(f))["question"] for _ in range(n)]
 
 
@@ -68,7 +66,7 @@ def main(argv=None) -> list[list]:
     from itune.evaluation import sampler
 
     torch.set_num_threads(os.cpu_count() or 1)
-    loaded = model_dir.load_model(os.path.join(shared_dir(), GGUF))
+    loaded = model_dir.load_model(os.path.join(configlib.shared_dir(), GGUF))
     fmt = chat.get_format(loaded.chat_format or "chatml")
     questions = gsm8k_prompts(max(batch_sizes))
     prompts = [

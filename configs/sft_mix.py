@@ -15,14 +15,9 @@ from itune import configlib
 NEEDS_SHARED = True
 
 
-def shared_dir() -> str:
-    here = os.path.dirname(os.path.abspath(__file__))
-    return os.environ.get("ITUNE_SHARED", os.path.join(here, "..", "..", "shared"))
-
-
 def get_config(arg=None):
     arg = configlib.parse_arg(arg, runlocal=False)
-    data = os.path.join(shared_dir(), "data")
+    data = os.path.join(configlib.shared_dir(), "data")
     c = configlib.base_config()
     c.data.sources = {
         "gsm8k": {
@@ -38,7 +33,7 @@ def get_config(arg=None):
     c.data.mixture = "examples"
     c.data.mixture_cap = 2000  # GSM8K would otherwise be over half of the mixture.
     c.data.chat_format = "chatml"
-    c.data.tokenizer.path = os.path.join(shared_dir(), "tokenizers", "smollm2_bpe")
+    c.data.tokenizer.path = os.path.join(configlib.shared_dir(), "tokenizers", "smollm2_bpe")
     c.data.seq_len = 2048
     c.data.global_batch_size = 8
     c.data.pack_open_rows = 32

@@ -20,18 +20,13 @@ NEEDS_SHARED = True
 MODEL = "models/smollm2-135m-instruct/SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
-def shared_dir() -> str:
-    here = os.path.dirname(os.path.abspath(__file__))
-    return os.environ.get("ITUNE_SHARED", os.path.join(here, "..", "..", "shared"))
-
-
 def get_config(arg=None):
     arg = configlib.parse_arg(arg, runlocal=False, lora=False, steps=40)
     c = configlib.base_config()
-    c.init_from = os.path.join(shared_dir(), MODEL)
+    c.init_from = os.path.join(configlib.shared_dir(), MODEL)
     c.data.sources = {
         "gsm8k": {
-            "path": os.path.join(shared_dir(), "data", "gsm8k", "train.jsonl"),
+            "path": os.path.join(configlib.shared_dir(), "data", "gsm8k", "train.jsonl"),
             "format": "alpaca",
             "field_map": {"instruction": "question", "output": "answer"},
         },

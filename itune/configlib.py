@@ -17,6 +17,13 @@ import ml_collections
 from itune.model import decoder
 
 
+def shared_dir() -> str:
+    """The ``shared`` folder of real data and models: ``$ITUNE_SHARED``, else beside the
+    repository."""
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    return os.environ.get("ITUNE_SHARED", os.path.join(repo, "..", "shared"))
+
+
 def parse_arg(arg: str | None, **defaults):
     """``"runlocal,steps=10"`` -> ConfigDict(runlocal=True, steps=10), typed by ``defaults``."""
     values = dict(defaults)
