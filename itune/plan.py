@@ -4,8 +4,9 @@
       --config.mesh.data=2 --config.mesh.fsdp=2 --config.mesh.tensor=2
 
 Prints each parameter's shape, logical axes, mesh axes and bytes per device, then the totals per
-device for the parameters and the optimizer's two moments (AdamW, float32). The mesh is abstract:
-``--devices`` (default: this host's count) only resolves a ``-1`` axis.
+device for the parameters and the state of the config's optimizer (``config.optim.name``, with
+LoRA only the adapters'), sharded as training shards it. The mesh is abstract: ``--devices``
+(default: this host's count) only resolves a ``-1`` axis.
 """
 
 from __future__ import annotations
@@ -43,6 +44,7 @@ def format_plan(config, num_devices: int) -> str:
     from itune import sharding
     from itune.convert import weights
     from itune.model.decoder import ModelConfig
+    from itune.training import optimizer
 
     model_config = ModelConfig.from_config(config.model, _vocab_size(config))
     rules = sharding.rules_from_config(config.mesh)
@@ -66,19 +68,31 @@ def format_plan(config, num_devices: int) -> str:
             f"{_bytes(row['bytes_per_device'])} |"
         )
     params = sum(r["bytes_per_device"] for r in rows)
-    moments = sum(2 * r["bytes_per_device"] * 4 // max(1, _itemsize(r["dtype"])) for r in rows)
+    tx = optimizer.make_model_optimizer(config.optim, config.train.num_steps, model_config)
+    opt_state = _optimizer_state_bytes(model_config, tx, mesh, rules, config.seed)
     lines += [
         "",
-        f"per device: parameters {_bytes(params)}, AdamW moments {_bytes(moments)}, "
-        f"total {_bytes(params + moments)} (activations not included)",
+        f"per device: parameters {_bytes(params)}, {config.optim.name} state "
+        f"{_bytes(opt_state)}, total {_bytes(params + opt_state)} (activations not included)",
     ]
     return "\n".join(lines)
 
 
-def _itemsize(dtype: str) -> int:
-    import numpy as np
+def _optimizer_state_bytes(model_config, tx, mesh, rules, seed: int) -> int:
+    """Bytes per device of ``tx``'s state, sharded as `itune.training.state` shards it."""
+    import math
 
-    return np.dtype(dtype).itemsize
+    import jax
+
+    from itune.training import state as state_lib
+
+    layout = state_lib.state_layout(model_config, tx, mesh, rules, seed)
+    arrays = jax.tree.leaves(layout.abstract.opt_state)
+    shardings = jax.tree.leaves(layout.shardings.opt_state)
+    return sum(
+        math.prod(sharding.shard_shape(array.shape)) * array.dtype.itemsize
+        for array, sharding in zip(arrays, shardings, strict=True)
+    )
 
 
 def _vocab_size(config) -> int | None:

@@ -134,4 +134,12 @@ def test_plan_of_llama3_8b_on_a_2x2x2_mesh_needs_no_devices():
     assert "(-, fsdp, tensor)" in gate and "1.75 GiB" in gate  # 32 * 4096 * 14336 * 4 B / 4.
     assert "(-, fsdp, tensor, -)" in lines["blocks/attn/k"]
     # 8.03e9 parameters * 4 B over 4 shards (fsdp x tensor; data holds replicas).
-    assert "parameters 7.48 GiB, AdamW moments 14.96 GiB" in text
+    # AdamW's two float32 moments per parameter, sharded like it.
+    assert "parameters 7.48 GiB, adamw state 14.96 GiB" in text
+    with config.unlocked():
+        config.optim.name = "sgd"  # One momentum buffer per parameter.
+    assert "parameters 7.48 GiB, sgd state 7.48 GiB" in plan.format_plan(config, 8)
+    with config.unlocked():
+        config.optim.name = "adafactor"  # Factored second moments only: rows plus columns.
+    factored = plan.format_plan(config, 8).splitlines()[-1]
+    assert "adafactor state" in factored and "MiB" in factored, factored

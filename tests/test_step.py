@@ -161,7 +161,8 @@ def _bits(tree):
 
 def test_a_non_finite_step_changes_nothing_and_training_goes_on():
     model = dataclasses.replace(MODEL, tie_embeddings=False)  # The table only feeds the input.
-    _, state, run = jitted_train_step(model, optim_config())
+    # Warmup over 4 steps: the learning rate of step 0 is not that of step 1.
+    _, state, run = jitted_train_step(model, optim_config(warmup_steps=4))
     embed = state.params["embed"]
     embed.set_value(embed.get_value().at[5].set(jnp.inf))  # Token 5 embeds to inf.
     before = jax.device_get(state)
@@ -182,3 +183,9 @@ def test_a_non_finite_step_changes_nothing_and_training_goes_on():
     assert int(trained.step) == 2
     assert np.abs(_gate(trained) - _gate(before)).max() > 1e-3
     assert _bits(trained.opt_state) != _bits(before.opt_state)
+    # The skipped step did not advance the schedule: this update, and its reported learning
+    # rate, are those of a first step.
+    _, fresh, fresh_run = jitted_train_step(model, optim_config(warmup_steps=4))
+    _, first_metrics = fresh_run(fresh, clean)
+    assert first_metrics["learning_rate"] > 0
+    assert float(metrics["learning_rate"]) == float(first_metrics["learning_rate"])

@@ -14,6 +14,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from itune.model.matmul import matmul
+
 IMPLEMENTATIONS = ("xla", "jax", "splash")
 
 
@@ -82,17 +84,25 @@ def attend(q, k, v, segment_ids, implementation: str = "xla", sliding_window: in
 
 
 def dot_product_attention(q, k, v, segment_ids, sliding_window: int = 0):
-    """The reference: grouped-query attention in XLA ops, scores and softmax in float32."""
+    """The reference: grouped-query attention in XLA ops, scores and softmax in float32.
+
+    q, k and v are first laid out heads-major (``[b, kv_heads, rows, d]``, a kv head's query
+    group folded into its rows), so that both products are plain batched matmuls whose results
+    need no transpose: the small q/k/v/output arrays move, not the ``[t, s]`` score matrices.
+    """
     b, t, num_heads, head_dim = q.shape
-    num_kv_heads = k.shape[2]
-    q = q.reshape(b, t, num_kv_heads, num_heads // num_kv_heads, head_dim)
-    scores = jnp.einsum("btkgd,bskd->bkgts", q, k, preferred_element_type=jnp.float32)
-    scores = scores * head_dim**-0.5
+    s, num_kv_heads = k.shape[1], k.shape[2]
+    group = num_heads // num_kv_heads
+    q = q.reshape(b, t, num_kv_heads, group, head_dim).transpose(0, 2, 3, 1, 4)
+    q = q.reshape(b, num_kv_heads, group * t, head_dim)
+    k, v = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)  # [b, kv_heads, s, d]
+    scores = matmul("bkqd,bksd->bkqs", q, k, q.dtype, jnp.float32) * head_dim**-0.5
+    scores = scores.reshape(b, num_kv_heads, group, t, s)
     mask = attention_mask(segment_ids, sliding_window)[:, None, None]
     scores = jnp.where(mask, scores, jnp.finfo(jnp.float32).min)
-    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
-    out = jnp.einsum("bkgts,bskd->btkgd", probs, v, preferred_element_type=jnp.float32)
-    out = out.astype(v.dtype)
+    probs = jax.nn.softmax(scores, axis=-1).reshape(b, num_kv_heads, group * t, s)
+    out = matmul("bkqs,bksd->bkqd", probs, v, v.dtype)
+    out = out.reshape(b, num_kv_heads, group, t, head_dim).transpose(0, 3, 1, 2, 4)
     return out.reshape(b, t, num_heads, head_dim)
 
 

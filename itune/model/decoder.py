@@ -27,6 +27,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from itune.model import attention, lora
+from itune.model.matmul import matmul
 from itune.sharding import LogicalRules, constrain
 
 MLP_ACTIVATIONS = {
@@ -152,16 +153,6 @@ REMAT_POLICIES = {
 }
 
 
-def _dot(equation: str, x: jax.Array, w: jax.Array, dtype) -> jax.Array:
-    """``einsum`` of an activation and a weight in ``dtype``, accumulated in float32.
-
-    Besides the precision, bfloat16 inputs with a float32 result take XLA:CPU's fast matmul path
-    (about 2x float32 here), where a bfloat16 result falls back to a slow one.
-    """
-    out = jnp.einsum(equation, x, w.astype(dtype), preferred_element_type=jnp.float32)
-    return out.astype(dtype)
-
-
 def _param(rngs: nnx.Rngs, init, shape: Sequence[int], dtype, axes: tuple[str | None, ...]):
     """A parameter annotated with logical axis names (mapped to mesh axes in `itune.sharding`)."""
     # eager_sharding=False: the names are logical, so Flax must not try to place them on a mesh.
@@ -209,9 +200,9 @@ class Attention(nnx.Module):
     def project(self, x, dropout_rng=None):
         """q, k, v ``[batch, length, heads, head_dim]`` before the rotary embedding."""
         dt = jnp.dtype(self.cfg.dtype)
-        q = _dot("btd,dhk->bthk", x, self.q[...], dt)
-        k = _dot("btd,dhk->bthk", x, self.k[...], dt)
-        v = _dot("btd,dhk->bthk", x, self.v[...], dt)
+        q = matmul("btd,dhk->bthk", x, self.q[...], dt)
+        k = matmul("btd,dhk->bthk", x, self.k[...], dt)
+        v = matmul("btd,dhk->bthk", x, self.v[...], dt)
         q = lora.apply(self, "q", x, q, dropout_rng)  # Each a no-op without its adapters.
         k = lora.apply(self, "k", x, k, dropout_rng)
         v = lora.apply(self, "v", x, v, dropout_rng)
@@ -231,7 +222,7 @@ class Attention(nnx.Module):
         q = attention.apply_rope(q, positions, frequencies)
         k = attention.apply_rope(k, positions, frequencies)
         out = attention.attend(q, k, v, segment_ids, cfg.attention, cfg.sliding_window)
-        y = _dot("bthk,hkd->btd", out, self.o[...], dt)
+        y = matmul("bthk,hkd->btd", out, self.o[...], dt)
         return lora.apply(self, "o", out, y, dropout_rng)
 
     def cached(self, x, positions, cache: "LayerCache", write_index):
@@ -253,7 +244,7 @@ class Attention(nnx.Module):
             cache.v.at[rows, slots].set(v.astype(cache.v.dtype), mode="drop"),
         )
         out = attention.cached_attention(q, cache.k, cache.v, positions, cfg.sliding_window)
-        y = _dot("bthk,hkd->btd", out, self.o[...], dt)
+        y = matmul("bthk,hkd->btd", out, self.o[...], dt)
         return lora.apply(self, "o", out, y), cache
 
 
@@ -271,11 +262,13 @@ class MLP(nnx.Module):
     def __call__(self, x, dropout_rng=None):
         dt = jnp.dtype(self.cfg.dtype)
         act = MLP_ACTIVATIONS[self.cfg.mlp_activation]
-        gate = lora.apply(self, "gate", x, _dot("btd,dm->btm", x, self.gate[...], dt), dropout_rng)
-        up = lora.apply(self, "up", x, _dot("btd,dm->btm", x, self.up[...], dt), dropout_rng)
+        gate = lora.apply(
+            self, "gate", x, matmul("btd,dm->btm", x, self.gate[...], dt), dropout_rng
+        )
+        up = lora.apply(self, "up", x, matmul("btd,dm->btm", x, self.up[...], dt), dropout_rng)
         hidden = act(gate) * up
         return lora.apply(
-            self, "down", hidden, _dot("btm,md->btd", hidden, self.down[...], dt), dropout_rng
+            self, "down", hidden, matmul("btm,md->btd", hidden, self.down[...], dt), dropout_rng
         )
 
 
@@ -434,19 +427,9 @@ class Decoder(nnx.Module):
     def logits(self, hidden):
         dt = jnp.dtype(self.cfg.dtype)
         if self.cfg.tie_embeddings:
-            out = jnp.einsum(
-                "btd,vd->btv",
-                hidden,
-                self.embed[...].astype(dt),
-                preferred_element_type=jnp.float32,
-            )
+            out = matmul("btd,vd->btv", hidden, self.embed[...], dt, jnp.float32)
         else:
-            out = jnp.einsum(
-                "btd,dv->btv",
-                hidden,
-                self.lm_head[...].astype(dt),
-                preferred_element_type=jnp.float32,
-            )
+            out = matmul("btd,dv->btv", hidden, self.lm_head[...], dt, jnp.float32)
         out = constrain(
             out, ("activation_batch", "activation_length", "activation_vocab"), self.rules
         )

@@ -59,12 +59,15 @@ def cross_entropy(
     ``segment_ids``, also the `sequence_sums`.
     """
     logits = logits.astype(jnp.float32)
-    log_z = jax.nn.logsumexp(logits, axis=-1)
+    # One max serves both the stable log-sum-exp and the accuracy (a token is predicted when
+    # its logit is the largest): an argmax would be a second, slower pass over the vocabulary.
+    max_logit = jax.lax.stop_gradient(jnp.max(logits, axis=-1))
+    log_z = max_logit + jnp.log(jnp.sum(jnp.exp(logits - max_logit[..., None]), axis=-1))
     target_logit = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
     weights = weights.astype(jnp.float32)
     unweighted_loss = log_z - target_logit
     token_loss = unweighted_loss * weights
-    correct = (jnp.argmax(logits, axis=-1) == targets).astype(jnp.float32)
+    correct = (target_logit >= max_logit).astype(jnp.float32)
     sums = {
         "loss_sum": jnp.sum(token_loss),
         "correct_sum": jnp.sum(correct * weights),
@@ -196,6 +199,16 @@ def accumulated_gradients(
     return loss, sums, grads
 
 
+def schedule_count(opt_state: optax.OptState, default: jax.Array) -> jax.Array:
+    """The step count the optimizer's learning-rate schedule is at (its `ScaleByScheduleState`;
+    behind ``state.step`` once non-finite steps were skipped), or ``default`` without one."""
+    is_schedule = lambda x: isinstance(x, optax.ScaleByScheduleState)  # noqa: E731
+    for leaf in jax.tree.leaves(opt_state, is_leaf=is_schedule):
+        if is_schedule(leaf):
+            return leaf.count
+    return default
+
+
 def train_step(
     state: TrainState,
     batch: dict[str, jax.Array],
@@ -247,7 +260,7 @@ def train_step(
         "accuracy": sums["correct_sum"] / jnp.maximum(sums["weight_sum"], 1.0),
         "trained_tokens": sums["weight_sum"],
         "grad_norm": grad_norm,
-        "learning_rate": schedule(state.step),
+        "learning_rate": schedule(schedule_count(state.opt_state, state.step)),
         "nonfinite": 1.0 - finite.astype(jnp.float32),
     }
     if loss_normalization == "sequence":
