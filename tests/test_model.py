@@ -215,3 +215,32 @@ def test_presets_have_the_published_sizes():
     assert overridden.num_layers == 2 and overridden.d_model == 4096
     with pytest.raises(ValueError, match="known presets"):
         ModelConfig.from_config(configlib.model_section("llama9"))
+
+
+@pytest.mark.parametrize("sliding_window", [0, 5])
+def test_attention_in_query_blocks_equals_one_block(sliding_window):
+    """Causal self-attention over 32 positions in 4 query blocks of 8, each against the keys up
+    to its end, against the whole score matrix at once; output and gradients."""
+    from itune.model import attention
+
+    kq, kk, kv = jax.random.split(jax.random.key(0), 3)
+    q = jax.random.normal(kq, (2, 32, 6, 8))
+    k, v = jax.random.normal(kk, (2, 32, 2, 8)), jax.random.normal(kv, (2, 32, 2, 8))
+    segments = np.array([[1] * 10 + [2] * 17 + [0] * 5, [1] * 32])
+
+    def run(block):
+        def f(q, k, v):
+            out = attention.dot_product_attention(q, k, v, segments, sliding_window, block)
+            return jnp.sum(jnp.sin(out)), out
+
+        return jax.grad(f, argnums=(0, 1, 2), has_aux=True)(q, k, v)
+
+    (grads, out), (ref_grads, ref_out) = run(8), run(32)
+    np.testing.assert_allclose(out, ref_out, rtol=1e-5, atol=1e-6)
+    for got, want in zip(grads, ref_grads):
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+    # And against JAX's own attention, with the same mask.
+    mask = attention.attention_mask(jnp.asarray(segments), sliding_window)[:, None]
+    reference = jax.nn.dot_product_attention(q, k, v, mask=mask)
+    valid = segments[:, :, None, None] > 0  # Padding rows attend to nothing: undefined.
+    np.testing.assert_allclose(np.where(valid, out, 0), np.where(valid, reference, 0), atol=1e-5)
