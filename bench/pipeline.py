@@ -30,18 +30,17 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 from bench import report
 from configs import smoke
-from itune import sharding
+from itune import configlib, sharding
 from itune.data import mixture, packing, pipeline
 from itune.model.decoder import ModelConfig
 from itune.training import optimizer, state as state_lib, step
 
-REPO = pathlib.Path(__file__).resolve().parent.parent
 TARGET = 0.97  # Non-padding share wanted at seq_len 2048.
 TARGET_SEQ_LEN = 2048
 
 
 def shared_dir() -> pathlib.Path:
-    path = pathlib.Path(os.environ.get("ITUNE_SHARED", REPO.parent / "shared"))
+    path = pathlib.Path(configlib.shared_dir())
     if not (path / "data").is_dir() or not (path / "tokenizers" / "smollm2_bpe").is_dir():
         sys.exit(
             f"bench/pipeline.py: the shared folder {path} (with data/ and tokenizers/smollm2_bpe) "

@@ -19,7 +19,9 @@ REPO = pathlib.Path(__file__).resolve().parent.parent
 @pytest.fixture(scope="session")
 def shared_dir() -> pathlib.Path:
     """``../shared`` (or ``$ITUNE_SHARED``); skips when absent unless ``ITUNE_REQUIRE_SHARED=1``."""
-    path = pathlib.Path(os.environ.get("ITUNE_SHARED", REPO.parent / "shared"))
+    from itune import configlib
+
+    path = pathlib.Path(configlib.shared_dir())
     if not path.is_dir():
         if os.environ.get("ITUNE_REQUIRE_SHARED") == "1":
             pytest.fail(f"ITUNE_REQUIRE_SHARED=1 but the shared folder {path} is missing")

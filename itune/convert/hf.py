@@ -1,9 +1,9 @@
 """Hugging Face checkpoints in and out: Llama, Mistral, Qwen2 and Gemma in safetensors.
 
-`itune.convert.hf_config` maps ``config.json`` to a `ModelConfig` and back. `load_hf` places a checkpoint's weights shard
-by shard through `itune.convert.weights.place_params`: each device's part of each parameter is
-sliced straight out of the memory-mapped safetensors files (layer by layer for the stacked
-blocks), so no host holds a whole checkpoint. `save_hf` writes the reverse: ``config.json``,
+`itune.convert.hf_config` maps ``config.json`` to a `ModelConfig` and back. `load_hf` places
+a checkpoint's weights shard by shard through `itune.convert.weights.place_params`: each
+device's part of each parameter is sliced straight out of the memory-mapped safetensors files
+(layer by layer for the stacked blocks), so no host holds a whole checkpoint. `save_hf` writes the reverse: ``config.json``,
 ``model.safetensors`` (or shards and their index), streamed one tensor at a time, and optionally
 the tokenizer with a chat template for one of itune's chat formats
 (`itune.convert.tokenizer_files`). LoRA adapters alone: `itune.convert.peft`.

@@ -91,7 +91,7 @@ def dot_product_attention(q, k, v, segment_ids, sliding_window: int = 0, block: 
     need no transpose: the small q/k/v/output arrays move, not the ``[t, s]`` score matrices.
     Causal self-attention runs in query blocks of ``block`` rows, each against the keys up to
     its own end: the fully masked upper blocks of the score matrix are never computed (5/8 of
-    it is, at 4 blocks), which made attention 1.5x faster on CPU.
+    it is, at 4 blocks).
     """
     b, t, num_heads, head_dim = q.shape
     s, num_kv_heads = k.shape[1], k.shape[2]

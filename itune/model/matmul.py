@@ -10,8 +10,9 @@ and both gradients are einsums of compute-dtype inputs accumulated in float32,
     dx = einsum("btm,dm->btd", g, w)     dw = einsum("btd,btm->dm", x, g)
 
 each returned in its operand's own dtype (float32 gradients for float32 parameters). On CPU
-this keeps every matmul of the step on XLA's fast bfloat16 path (about 2x float32); on TPU and
-GPU it halves the backward's memory traffic. In float32 it is the same computation as autodiff.
+this keeps the step's matmuls on XLA's bfloat16 library path (`bench/train_step.py` prints
+its peak beside float32's); on TPU and GPU the backward reads bfloat16 cotangents. In float32
+it is the same computation as autodiff.
 
 Each index of the equation must appear in at least two of its three terms (contracted, kept or
 batched; never summed inside one operand), as in every projection of a transformer and in
