@@ -19,7 +19,10 @@ config's settings) in four configurations:
   attention over each row (no segment mask): the same FLOPs, and SDPA's fastest path.
 
 The configurations run in interleaved rounds (itune f32, torch f32, itune bf16, torch bf16, then
-again), since this shared machine's speed drifts (``STACK.md``, gotcha 11); the table gives the
+again), since this shared machine's speed drifts (``STACK.md``, gotcha 11). itune and PyTorch each
+run in a process of their own, one at a time, as a user runs either: in one process, each
+framework's step ran slower right after the other's (``--same-process`` measures it that way).
+The table gives the
 median seconds per step over rounds with the min-max range, and the itune/PyTorch throughput
 ratio of each round's pair. MFU is the model's FLOPs per step (`ModelConfig.flops_per_token` x
 positions, no recomputation counted) over the matmul peak of the same dtype measured in this run
@@ -39,8 +42,10 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 import argparse
 import functools
 import gc
+import multiprocessing
 import statistics
 import time
+import traceback
 
 import jax
 import jax.numpy as jnp
@@ -187,6 +192,51 @@ class TorchSteps:
         return time.perf_counter() - start, loss
 
 
+def _serve(connection, kind: str, variants: list, batch: dict) -> None:
+    """A worker process's loop: builds its runner, then answers ``(variant, n)`` with `run`'s
+    result until it receives None."""
+    try:
+        if kind == "itune":
+            runner = ItuneSteps(variants, batch)
+            connection.send(("ok", runner.compile_s))
+        else:
+            model_config = ModelConfig.from_config(configlib.model_section(PRESET))
+            runner = TorchSteps(model_config, batch, configlib.base_config().optim)
+            connection.send(("ok", {}))
+        while (request := connection.recv()) is not None:
+            connection.send(("ok", runner.run(*request)))
+    except Exception:  # noqa: BLE001 - the parent re-raises it with the worker's traceback.
+        connection.send(("error", traceback.format_exc()))
+
+
+class Worker:
+    """`ItuneSteps` (``kind="itune"``) or `TorchSteps` in a process of its own, driven through a
+    pipe; `run` has the runner's signature."""
+
+    def __init__(self, kind: str, variants: list, batch: dict):
+        context = multiprocessing.get_context("spawn")  # No inherited JAX or torch state.
+        self.connection, child = context.Pipe()
+        self.process = context.Process(
+            target=_serve, args=(child, kind, variants, batch), daemon=True
+        )
+        self.process.start()
+        self.compile_s = self._receive()
+
+    def _receive(self):
+        status, value = self.connection.recv()
+        if status == "error":
+            raise RuntimeError(f"benchmark worker failed:\n{value}")
+        return value
+
+    def run(self, variant: tuple[str, str], n: int) -> tuple[float, float]:
+        self.connection.send((variant, n))
+        return self._receive()
+
+    def close(self) -> None:
+        self.connection.send(None)
+        self.process.join()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="batch 2 x 512, 2 rounds")
@@ -202,6 +252,11 @@ def main() -> None:
     )
     parser.add_argument("--no-torch", action="store_true", help="itune only (no ratio)")
     parser.add_argument("--dtypes", default="float32,bfloat16")
+    parser.add_argument(
+        "--same-process",
+        action="store_true",
+        help="run itune and PyTorch in this one process instead of a process each",
+    )
     args = parser.parse_args()
     if args.quick:
         args.batch, args.rounds = 2, 2
@@ -213,12 +268,19 @@ def main() -> None:
     positions = args.batch * args.seq_len
     flops_per_step = model_config.flops_per_token(args.seq_len) * positions
 
+    variants = [(d, r) for d in dtypes for r in remats]
     start = time.perf_counter()
-    itune = ItuneSteps([(d, r) for d in dtypes for r in remats], batch)
+    if args.same_process:
+        itune = ItuneSteps(variants, batch)
+    else:
+        itune = Worker("itune", variants, batch)
     setup_s = time.perf_counter() - start
     torch_steps = None
     if not args.no_torch:
-        torch_steps = TorchSteps(model_config, batch, configlib.base_config().optim)
+        if args.same_process:
+            torch_steps = TorchSteps(model_config, batch, configlib.base_config().optim)
+        else:
+            torch_steps = Worker("torch", [], batch)
     # (label, runner, (dtype, remat)) in round order: per dtype, itune's rows, then PyTorch's.
     configs = []
     for dtype in dtypes:
@@ -238,6 +300,9 @@ def main() -> None:
         for label, runner, variant in configs:
             seconds, losses[label] = runner.run(variant, args.steps)
             times[label].append(seconds / args.steps)
+    for runner in (itune, torch_steps):
+        if isinstance(runner, Worker):
+            runner.close()
     peak = {dtype: statistics.median(p) for dtype, p in peaks.items()}
 
     print(f"# Train step, {PRESET} shape, batch {args.batch} x {args.seq_len}\n")
@@ -247,7 +312,12 @@ def main() -> None:
         f"{flops_per_step / 1e12:.3f} TFLOP per step "
         f"({model_config.flops_per_token(args.seq_len) / 1e6:.0f} MFLOP/token x {positions} "
         f"positions, no recomputation counted). itune compile + init {setup_s:.0f} s. "
-        f"{args.rounds} interleaved rounds of {args.steps} step(s) per config after a warm-up "
+        + (
+            "itune and PyTorch in one process. "
+            if args.same_process
+            else "itune and PyTorch " "in a process each. "
+        )
+        + f"{args.rounds} interleaved rounds of {args.steps} step(s) per config after a warm-up "
         "step; median (min-max) over rounds.\n"
     )
     print(

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from itune import configlib
 from itune.model.decoder import Decoder
 from tests.util import packed_batch, tiny_model_config
 
@@ -196,7 +197,6 @@ def test_llama3_frequency_scaling_matches_its_definition():
 
 
 def test_presets_have_the_published_sizes():
-    from itune import configlib
     from itune.model.decoder import ModelConfig
 
     sizes = {
@@ -220,27 +220,98 @@ def test_presets_have_the_published_sizes():
 @pytest.mark.parametrize("sliding_window", [0, 5])
 def test_attention_in_query_blocks_equals_one_block(sliding_window):
     """Causal self-attention over 32 positions in 4 query blocks of 8, each against the keys up
-    to its end, against the whole score matrix at once; output and gradients."""
+    to its end, against the whole score matrix at once and against autodiff of JAX's own
+    attention with the same mask; output and gradients."""
     from itune.model import attention
 
     kq, kk, kv = jax.random.split(jax.random.key(0), 3)
     q = jax.random.normal(kq, (2, 32, 6, 8))
     k, v = jax.random.normal(kk, (2, 32, 2, 8)), jax.random.normal(kv, (2, 32, 2, 8))
     segments = np.array([[1] * 10 + [2] * 17 + [0] * 5, [1] * 32])
+    mask = attention.attention_mask(jnp.asarray(segments), sliding_window)[:, None]
 
     def run(block):
         def f(q, k, v):
-            out = attention.dot_product_attention(q, k, v, segments, sliding_window, block)
+            if block:
+                out = attention.dot_product_attention(q, k, v, segments, sliding_window, block)
+            else:
+                out = jax.nn.dot_product_attention(q, k, v, mask=mask)
             return jnp.sum(jnp.sin(out)), out
 
         return jax.grad(f, argnums=(0, 1, 2), has_aux=True)(q, k, v)
 
-    (grads, out), (ref_grads, ref_out) = run(8), run(32)
-    np.testing.assert_allclose(out, ref_out, rtol=1e-5, atol=1e-6)
-    for got, want in zip(grads, ref_grads):
+    (grads, out), (one_block_grads, one_block_out) = run(8), run(32)
+    np.testing.assert_allclose(out, one_block_out, rtol=1e-5, atol=1e-6)
+    for got, want in zip(grads, one_block_grads):
         np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
-    # And against JAX's own attention, with the same mask.
-    mask = attention.attention_mask(jnp.asarray(segments), sliding_window)[:, None]
-    reference = jax.nn.dot_product_attention(q, k, v, mask=mask)
-    valid = segments[:, :, None, None] > 0  # Padding rows attend to nothing: undefined.
-    np.testing.assert_allclose(np.where(valid, out, 0), np.where(valid, reference, 0), atol=1e-5)
+    # The written-out backward against autodiff of JAX's attention.
+    reference_grads, reference_out = run(0)
+    np.testing.assert_allclose(out, reference_out, atol=1e-5)
+    for got, want in zip(grads, reference_grads):
+        np.testing.assert_allclose(got, want, atol=2e-5)
+
+
+def test_bfloat16_attention_backward_runs_in_bfloat16():
+    """Every product of attention's bfloat16 forward and backward takes bfloat16 operands (XLA's
+    CPU library path), and the gradients stay close to float32 attention's."""
+    from itune.model import attention
+
+    kq, kk, kv = jax.random.split(jax.random.key(1), 3)
+    q = jax.random.normal(kq, (2, 32, 6, 8))
+    k, v = jax.random.normal(kk, (2, 32, 2, 8)), jax.random.normal(kv, (2, 32, 2, 8))
+    segments = np.array([[1] * 20 + [2] * 12, [1] * 32])
+
+    def loss(q, k, v):
+        out = attention.dot_product_attention(q, k, v, segments, 0, 8)
+        return jnp.sum(jnp.sin(out.astype(jnp.float32)))
+
+    grad = jax.grad(loss, argnums=(0, 1, 2))
+    low = tuple(x.astype(jnp.bfloat16) for x in (q, k, v))
+    dots = [
+        eqn for eqn in jax.make_jaxpr(grad)(*low).jaxpr.eqns if eqn.primitive.name == "dot_general"
+    ]
+    assert len(dots) == 4 * 2 + 4 * 5  # Per block, 2 products forward and 5 backward.
+    assert all(x.aval.dtype == jnp.bfloat16 for eqn in dots for x in eqn.invars)
+    for got, want in zip(grad(*low), grad(q, k, v)):
+        assert got.dtype == jnp.bfloat16
+        np.testing.assert_allclose(
+            np.asarray(got, np.float32), want, atol=0.05 * np.abs(want).max()
+        )
+
+
+def _batched_dots(jaxpr) -> int:
+    """dot_generals with batch dimensions in ``jaxpr`` and the jaxprs nested in it."""
+    count = 0
+    for eqn in jaxpr.eqns:
+        if eqn.primitive.name == "dot_general" and eqn.params["dimension_numbers"][1][0]:
+            count += 1
+        for value in eqn.params.values():
+            for sub in value if isinstance(value, (list, tuple)) else [value]:
+                if isinstance(sub, jax.extend.core.ClosedJaxpr):
+                    count += _batched_dots(sub.jaxpr)
+                elif isinstance(sub, jax.extend.core.Jaxpr):
+                    count += _batched_dots(sub)
+    return count
+
+
+def test_save_dots_keeps_attention_residuals_instead_of_recomputing_it():
+    """Under ``remat="save_dots"`` the backward reuses attention's saved output and log-sum-exp:
+    the gradient has as many attention products as without remat; ``full`` recomputes both of
+    the forward's."""
+    from itune.model.decoder import ModelConfig
+
+    counts = {}
+    for remat in ("none", "save_dots", "full"):
+        section = configlib.model_section("tiny", remat=remat, max_seq_len=64)
+        model = Decoder(ModelConfig.from_config(section, vocab_size=64), rngs=nnx.Rngs(0))
+        graphdef, params = nnx.split(model)
+        tokens = jnp.zeros((2, 64), jnp.int32)
+        positions = jnp.tile(jnp.arange(64), (2, 1))
+
+        def loss(params):
+            logits = nnx.merge(graphdef, params)(tokens, positions, jnp.ones_like(tokens))
+            return jnp.sum(logits)
+
+        counts[remat] = _batched_dots(jax.make_jaxpr(jax.grad(loss))(params).jaxpr)
+    assert counts["save_dots"] == counts["none"] == 7  # The layer scan's body: 2 forward, 5 back.
+    assert counts["full"] == counts["none"] + 2

@@ -8,13 +8,13 @@ splash attention kernel of TPUs (elsewhere only in Pallas's interpreter, for tes
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-
-from itune.model.matmul import matmul
+from jax.ad_checkpoint import checkpoint_name
 
 IMPLEMENTATIONS = ("xla", "jax", "splash")
 
@@ -86,34 +86,125 @@ def attend(q, k, v, segment_ids, implementation: str = "xla", sliding_window: in
 def dot_product_attention(q, k, v, segment_ids, sliding_window: int = 0, block: int = 128):
     """The reference: grouped-query attention in XLA ops, scores and softmax in float32.
 
-    q, k and v are first laid out heads-major (``[b, kv_heads, rows, d]``, a kv head's query
-    group folded into its rows), so that both products are plain batched matmuls whose results
-    need no transpose: the small q/k/v/output arrays move, not the ``[t, s]`` score matrices.
-    Causal self-attention runs in query blocks of ``block`` rows, each against the keys up to
-    its own end: the fully masked upper blocks of the score matrix are never computed (5/8 of
-    it is, at 4 blocks).
+    q, k and v are laid out as batches of plain matrices, one per (example, kv head): queries
+    ``[b * kv_heads, t * group, d]`` (a kv head's query group interleaved by position), keys
+    transposed to ``[b * kv_heads, d, s]``, values ``[b * kv_heads, s, d]``, so that every
+    product of the forward and backward is a plain batched matmul of compute-dtype operands
+    (`_blocked_attention`). Causal self-attention runs in query blocks of ``block`` positions,
+    each against the keys up to its own end: the fully masked upper blocks of the score matrix
+    are never computed (5/8 of it is, at 4 blocks).
     """
     b, t, num_heads, head_dim = q.shape
     s, num_kv_heads = k.shape[1], k.shape[2]
     group = num_heads // num_kv_heads
-    q = q.reshape(b, t, num_kv_heads, group, head_dim).transpose(0, 2, 3, 1, 4)
-    k, v = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)  # [b, kv_heads, s, d]
-    mask = attention_mask(segment_ids, sliding_window)[:, None, None]  # [b, 1, 1, t, s]
-    blocked = t == s and t > block and t % block == 0
-    outputs = []
-    for start in range(0, t, block) if blocked else (0,):
-        end = start + block if blocked else t
-        keys = end if blocked else s  # Keys after a block's last query are all masked.
-        rows = group * (end - start)
-        q_block = q[:, :, :, start:end].reshape(b, num_kv_heads, rows, head_dim)
-        scores = matmul("bkqd,bksd->bkqs", q_block, k[:, :, :keys], q.dtype, jnp.float32)
-        scores = scores.reshape(b, num_kv_heads, group, end - start, keys) * head_dim**-0.5
-        scores = jnp.where(mask[..., start:end, :keys], scores, jnp.finfo(jnp.float32).min)
-        probs = jax.nn.softmax(scores, axis=-1).reshape(b, num_kv_heads, rows, keys)
-        out = matmul("bkqs,bksd->bkqd", probs, v[:, :, :keys], v.dtype)
-        outputs.append(out.reshape(b, num_kv_heads, group, end - start, head_dim))
-    out = jnp.concatenate(outputs, axis=3).transpose(0, 3, 1, 2, 4)
+    q = q.reshape(b, t, num_kv_heads, group, head_dim).transpose(0, 2, 1, 3, 4)
+    q = q.reshape(b * num_kv_heads, t * group, head_dim)
+    k = k.transpose(0, 2, 3, 1).reshape(b * num_kv_heads, head_dim, s)
+    v = v.transpose(0, 2, 1, 3).reshape(b * num_kv_heads, s, head_dim)
+    out = _blocked_attention(q, k, v, segment_ids, group, sliding_window, block)
+    out = out.reshape(b, num_kv_heads, t, group, head_dim).transpose(0, 2, 1, 3, 4)
     return out.reshape(b, t, num_heads, head_dim)
+
+
+def _mm(a, b):
+    """``[n, m, k] x [n, k, p] -> [n, m, p]``, accumulated and returned in float32."""
+    dims = (((2,), (1,)), ((0,), (0,)))
+    return jax.lax.dot_general(a, b, dims, preferred_element_type=jnp.float32)
+
+
+def _query_blocks(t: int, s: int, block: int) -> list[tuple[int, int, int]]:
+    """``(first position, end position, keys)`` of each query block."""
+    if t == s and t > block and t % block == 0:
+        return [(start, start + block, start + block) for start in range(0, t, block)]
+    return [(0, t, s)]
+
+
+def _block_scores(q, k_t, segment_ids, group, sliding_window, start, end, keys):
+    """Scaled float32 scores ``[b, kv_heads, positions, group, keys]`` of one query block, the
+    masked ones at float32's minimum."""
+    n, _, head_dim = q.shape
+    b = segment_ids.shape[0]
+    scores = _mm(q[:, start * group : end * group], k_t[:, :, :keys])
+    scores = scores.reshape(b, n // b, end - start, group, keys) * head_dim**-0.5
+    offset = jnp.arange(start, end)[:, None] - jnp.arange(keys)[None, :]
+    allowed = offset >= 0
+    if sliding_window:
+        allowed &= offset < sliding_window
+    same_segment = segment_ids[:, start:end, None] == segment_ids[:, None, :keys]
+    mask = (same_segment & allowed[None])[:, None, :, None, :]
+    return jnp.where(mask, scores, jnp.finfo(jnp.float32).min)
+
+
+def _attention_forward(q, k_t, v, segment_ids, group, sliding_window, block):
+    """Output ``[n, rows, d]`` and each row's log-sum-exp of scores ``[n, rows]`` (float32)."""
+    n, rows, head_dim = q.shape
+    outputs, log_sum_exps = [], []
+    for start, end, keys in _query_blocks(rows // group, k_t.shape[2], block):
+        scores = _block_scores(q, k_t, segment_ids, group, sliding_window, start, end, keys)
+        row_max = jnp.max(scores, axis=-1, keepdims=True)
+        weights = jnp.exp(scores - row_max)  # Normalised after the product: one pass fewer.
+        total = jnp.sum(weights, axis=-1, keepdims=True)
+        out = _mm(weights.astype(v.dtype).reshape(n, -1, keys), v[:, :keys])
+        out = out.reshape(weights.shape[:-1] + (head_dim,)) / total
+        outputs.append(out.astype(q.dtype).reshape(n, -1, head_dim))
+        log_sum_exps.append((row_max + jnp.log(total)).reshape(n, -1))
+    return jnp.concatenate(outputs, axis=1), jnp.concatenate(log_sum_exps, axis=1)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6))
+def _blocked_attention(q, k_t, v, segment_ids, group, sliding_window, block):
+    """Attention over the batched-matrix layout of `dot_product_attention`, with the backward
+    of flash attention written out: it keeps only the output and the log-sum-exp of each row
+    (named for remat, `ATTENTION_RESIDUALS`), recomputes each block's probabilities from them,
+    and lays every product out as a plain batched matmul with no transposed score matrix (XLA's
+    CPU backend runs the transposed forms far slower). Under plain autodiff the softmax's
+    backward needs the probabilities kept, and a remat policy that saves no batched product
+    recomputes the whole forward."""
+    return _attention_forward(q, k_t, v, segment_ids, group, sliding_window, block)[0]
+
+
+ATTENTION_RESIDUALS = ("attention_out", "attention_log_sum_exp")
+
+
+def _attention_fwd(q, k_t, v, segment_ids, group, sliding_window, block):
+    out, log_sum_exp = _attention_forward(q, k_t, v, segment_ids, group, sliding_window, block)
+    out = checkpoint_name(out, ATTENTION_RESIDUALS[0])
+    log_sum_exp = checkpoint_name(log_sum_exp, ATTENTION_RESIDUALS[1])
+    return out, (q, k_t, v, segment_ids, out, log_sum_exp)
+
+
+def _attention_bwd(group, sliding_window, block, residuals, d_out):
+    q, k_t, v, segment_ids, out, log_sum_exp = residuals
+    n, rows, head_dim = q.shape
+    s = k_t.shape[2]
+    dtype, scale = q.dtype, head_dim**-0.5
+    d_out = d_out.astype(dtype)
+    # Softmax's backward: d_scores = p * (d_p - sum_j p_j d_p_j), and that sum is d_out . out.
+    row_dot = jnp.sum(d_out.astype(jnp.float32) * out.astype(jnp.float32), axis=-1)
+    # The small operands transposed once, so that no product contracts a leading dimension.
+    k, v_t = jnp.swapaxes(k_t, 1, 2), jnp.swapaxes(v, 1, 2)
+    q_t, d_out_t = jnp.swapaxes(q, 1, 2), jnp.swapaxes(d_out, 1, 2)
+    d_q_blocks = []
+    d_k_t = d_v_t = jnp.zeros((n, head_dim, s), jnp.float32)
+    for start, end, keys in _query_blocks(rows // group, s, block):
+        first, last = start * group, end * group
+        scores = _block_scores(q, k_t, segment_ids, group, sliding_window, start, end, keys)
+        per_row = scores.shape[:-1] + (1,)
+        probs = jnp.exp(scores - log_sum_exp[:, first:last].reshape(per_row))
+        d_v_t_block = _mm(d_out_t[:, :, first:last], probs.astype(dtype).reshape(n, -1, keys))
+        d_probs = _mm(d_out[:, first:last], v_t[:, :, :keys]).reshape(scores.shape)
+        d_scores = probs * (d_probs - row_dot[:, first:last].reshape(per_row))
+        d_scores = d_scores.astype(dtype).reshape(n, -1, keys)
+        d_q_blocks.append(_mm(d_scores, k[:, :keys]) * scale)
+        d_k_t_block = _mm(q_t[:, :, first:last], d_scores) * scale
+        pad = ((0, 0), (0, 0), (0, s - keys))
+        d_k_t += jnp.pad(d_k_t_block, pad)
+        d_v_t += jnp.pad(d_v_t_block, pad)
+    d_q = jnp.concatenate(d_q_blocks, axis=1).astype(dtype)
+    return d_q, d_k_t.astype(k_t.dtype), jnp.swapaxes(d_v_t, 1, 2).astype(v.dtype), None
+
+
+_blocked_attention.defvjp(_attention_fwd, _attention_bwd)
 
 
 def cached_attention(q, k_cache, v_cache, positions, sliding_window: int = 0):

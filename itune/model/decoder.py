@@ -149,7 +149,12 @@ class ModelConfig:
 REMAT_POLICIES = {
     "none": None,
     "full": jax.checkpoint_policies.nothing_saveable,
-    "save_dots": jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims,
+    # The projections' outputs, and attention's output and log-sum-exp (its backward's residuals:
+    # without them the backward would recompute attention's whole forward).
+    "save_dots": jax.checkpoint_policies.save_from_both_policies(
+        jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims,
+        jax.checkpoint_policies.save_only_these_names(*attention.ATTENTION_RESIDUALS),
+    ),
 }
 
 

@@ -15,8 +15,7 @@ its peak beside float32's); on TPU and GPU the backward reads bfloat16 cotangent
 it is the same computation as autodiff.
 
 Each index of the equation must appear in at least two of its three terms (contracted, kept or
-batched; never summed inside one operand), as in every projection of a transformer and in
-attention's two products.
+batched; never summed inside one operand), as in every projection of a transformer.
 """
 
 from __future__ import annotations
