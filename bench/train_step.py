@@ -16,7 +16,10 @@ config's settings) in four configurations:
 - PyTorch float32 and PyTorch bfloat16 (`torch.autocast("cpu", dtype=torch.bfloat16)`): a
   transformers `LlamaForCausalLM` of the same shape with ``attn_implementation="sdpa"``, loss from
   ``labels``, ``loss.backward()`` and a `torch.optim.AdamW` step. It is given plain causal
-  attention over each row (no segment mask): the same FLOPs, and SDPA's fastest path.
+  attention over each row (no segment mask): the same FLOPs, and SDPA's fastest path. It runs
+  twice: as a PyTorch user runs it, and with the malloc settings that ``itune-train`` applies to
+  itself on CPU (`itune.runtime.keep_freed_host_memory`; freed memory stays mapped instead of
+  being faulted in again every step), which speed PyTorch's step up as well.
 
 The configurations run in interleaved rounds (itune f32, torch f32, itune bf16, torch bf16, then
 again), since this shared machine's speed drifts (``STACK.md``, gotcha 11). itune and PyTorch each
@@ -53,11 +56,13 @@ import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
 
 from bench import report
-from itune import configlib, sharding
+from itune import configlib, runtime, sharding
 from itune.model.decoder import ModelConfig
 from itune.training import flops, optimizer, state as state_lib, step
 
 PRESET = "smollm2-135m"
+# The label of PyTorch rows run with itune's malloc settings (`_serve`).
+KEPT = "freed memory kept"
 
 
 def packed_batch(batch_size: int, seq_len: int, vocab_size: int, seed: int = 0) -> dict:
@@ -192,10 +197,13 @@ class TorchSteps:
         return time.perf_counter() - start, loss
 
 
-def _serve(connection, kind: str, variants: list, batch: dict) -> None:
+def _serve(connection, kind: str, variants: list, batch: dict, keep_memory: bool) -> None:
     """A worker process's loop: builds its runner, then answers ``(variant, n)`` with `run`'s
-    result until it receives None."""
+    result until it receives None. ``keep_memory``: glibc's malloc keeps freed memory
+    (`itune.runtime.keep_freed_host_memory`, which ``itune-train`` applies on CPU)."""
     try:
+        if keep_memory:
+            runtime.keep_freed_host_memory()  # Before JAX or torch starts a thread.
         if kind == "itune":
             runner = ItuneSteps(variants, batch)
             connection.send(("ok", runner.compile_s))
@@ -213,11 +221,11 @@ class Worker:
     """`ItuneSteps` (``kind="itune"``) or `TorchSteps` in a process of its own, driven through a
     pipe; `run` has the runner's signature."""
 
-    def __init__(self, kind: str, variants: list, batch: dict):
+    def __init__(self, kind: str, variants: list, batch: dict, keep_memory: bool):
         context = multiprocessing.get_context("spawn")  # No inherited JAX or torch state.
         self.connection, child = context.Pipe()
         self.process = context.Process(
-            target=_serve, args=(child, kind, variants, batch), daemon=True
+            target=_serve, args=(child, kind, variants, batch, keep_memory), daemon=True
         )
         self.process.start()
         self.compile_s = self._receive()
@@ -271,22 +279,26 @@ def main() -> None:
     variants = [(d, r) for d in dtypes for r in remats]
     start = time.perf_counter()
     if args.same_process:
+        runtime.keep_freed_host_memory()
         itune = ItuneSteps(variants, batch)
     else:
-        itune = Worker("itune", variants, batch)
+        itune = Worker("itune", variants, batch, keep_memory=True)
     setup_s = time.perf_counter() - start
-    torch_steps = None
+    torch_steps, torch_kept = None, None
     if not args.no_torch:
         if args.same_process:
             torch_steps = TorchSteps(model_config, batch, configlib.base_config().optim)
         else:
-            torch_steps = Worker("torch", [], batch)
+            torch_steps = Worker("torch", [], batch, keep_memory=False)
+            torch_kept = Worker("torch", [], batch, keep_memory=True)
     # (label, runner, (dtype, remat)) in round order: per dtype, itune's rows, then PyTorch's.
     configs = []
     for dtype in dtypes:
         configs += [(f"itune {dtype}, remat={r}", itune, (dtype, r)) for r in remats]
         if torch_steps is not None:
             configs.append((f"PyTorch {dtype}", torch_steps, (dtype, "")))
+        if torch_kept is not None:
+            configs.append((f"PyTorch {dtype}, {KEPT}", torch_kept, (dtype, "")))
     for _, runner, variant in configs:  # Warm-up (jit dispatch, torch's first allocations).
         runner.run(variant, 1)
     gc.collect()
@@ -300,7 +312,7 @@ def main() -> None:
         for label, runner, variant in configs:
             seconds, losses[label] = runner.run(variant, args.steps)
             times[label].append(seconds / args.steps)
-    for runner in (itune, torch_steps):
+    for runner in (itune, torch_steps, torch_kept):
         if isinstance(runner, Worker):
             runner.close()
     peak = {dtype: statistics.median(p) for dtype, p in peaks.items()}
@@ -329,23 +341,26 @@ def main() -> None:
         )
         + ". MFU is against the median peak of the config's dtype.\n"
     )
+    def ratio(label: str, reference: str) -> str:
+        """itune's throughput over the reference's, median (min-max) of each round's pair."""
+        if not label.startswith("itune") or reference not in times:
+            return "-"
+        pair = [b / a for a, b in zip(times[label], times[reference])]
+        return f"{statistics.median(pair):.2f}x ({min(pair):.2f}-{max(pair):.2f})"
+
     rows = []
     for label, _, (dtype, _) in configs:
         t = times[label]
         median = statistics.median(t)
         mfu = flops_per_step / median / peak[dtype]
-        ratio = "-"
-        reference = f"PyTorch {dtype}"
-        if label.startswith("itune") and reference in times:
-            pair = [b / a for a, b in zip(t, times[reference])]
-            ratio = f"{statistics.median(pair):.2f}x ({min(pair):.2f}-{max(pair):.2f})"
         rows.append(
             [
                 label,
                 f"{median:.2f} ({min(t):.2f}-{max(t):.2f})",
                 f"{positions / median:,.0f}",
                 f"{100 * mfu:.1f}%",
-                ratio,
+                ratio(label, f"PyTorch {dtype}"),
+                ratio(label, f"PyTorch {dtype}, {KEPT}"),
                 f"{losses[label]:.3f}",
             ]
         )
@@ -355,6 +370,7 @@ def main() -> None:
         "tokens/s",
         "MFU (same-dtype peak)",
         "itune / PyTorch throughput",
+        f"itune / PyTorch, {KEPT}",
         "last loss",
     ]
     report.table("train step", header, rows)

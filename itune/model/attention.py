@@ -92,7 +92,10 @@ def dot_product_attention(q, k, v, segment_ids, sliding_window: int = 0, block: 
     product of the forward and backward is a plain batched matmul of compute-dtype operands
     (`_blocked_attention`). Causal self-attention runs in query blocks of ``block`` positions,
     each against the keys up to its own end: the fully masked upper blocks of the score matrix
-    are never computed (5/8 of it is, at 4 blocks).
+    are never computed (5/8 of it is, at 4 blocks). The mask enters as an additive float32
+    bias ``[b, t, s]`` (`mask_bias`), built once and added to each block's scores: XLA:CPU
+    fuses one add of a plain array far better than the segment and position comparisons
+    broadcast over the heads of every block.
     """
     b, t, num_heads, head_dim = q.shape
     s, num_kv_heads = k.shape[1], k.shape[2]
@@ -101,15 +104,38 @@ def dot_product_attention(q, k, v, segment_ids, sliding_window: int = 0, block: 
     q = q.reshape(b * num_kv_heads, t * group, head_dim)
     k = k.transpose(0, 2, 3, 1).reshape(b * num_kv_heads, head_dim, s)
     v = v.transpose(0, 2, 1, 3).reshape(b * num_kv_heads, s, head_dim)
-    out = _blocked_attention(q, k, v, segment_ids, group, sliding_window, block)
+    q = q * jnp.asarray(head_dim**-0.5, q.dtype)
+    bias = mask_bias(segment_ids, sliding_window)
+    out = _blocked_attention(q, k, v, bias, group, block)
     out = out.reshape(b, num_kv_heads, t, group, head_dim).transpose(0, 2, 1, 3, 4)
     return out.reshape(b, t, num_heads, head_dim)
+
+
+# Added to masked scores: far below any score, yet finite, so that no sum of it overflows.
+MASKED = -1e30
+
+
+def mask_bias(segment_ids: jax.Array, sliding_window: int = 0) -> jax.Array:
+    """``[batch, q, k]`` float32: 0 where `attention_mask` allows, `MASKED` elsewhere."""
+    allowed = attention_mask(segment_ids, sliding_window)
+    return jnp.where(allowed, 0.0, MASKED).astype(jnp.float32)
 
 
 def _mm(a, b):
     """``[n, m, k] x [n, k, p] -> [n, m, p]``, accumulated and returned in float32."""
     dims = (((2,), (1,)), ((0,), (0,)))
     return jax.lax.dot_general(a, b, dims, preferred_element_type=jnp.float32)
+
+
+def _transposed(x):
+    """``x [n, a, b] -> [n, b, a]``, written out in memory.
+
+    XLA folds a plain transpose into the product that reads it, as a transposed operand, and
+    XLA:CPU's bfloat16 library path takes no transposed operand: it would run the product in
+    float32 on a slower path. A flat array has one layout only, so the barrier around the
+    flattened transpose makes XLA write it out."""
+    swapped = jnp.swapaxes(x, 1, 2)
+    return jax.lax.optimization_barrier(swapped.reshape(-1)).reshape(swapped.shape)
 
 
 def _query_blocks(t: int, s: int, block: int) -> list[tuple[int, int, int]]:
@@ -119,28 +145,22 @@ def _query_blocks(t: int, s: int, block: int) -> list[tuple[int, int, int]]:
     return [(0, t, s)]
 
 
-def _block_scores(q, k_t, segment_ids, group, sliding_window, start, end, keys):
+def _block_scores(q, k_t, bias, group, start, end, keys):
     """Scaled float32 scores ``[b, kv_heads, positions, group, keys]`` of one query block, the
-    masked ones at float32's minimum."""
+    masked ones pushed down by `MASKED`."""
     n, _, head_dim = q.shape
-    b = segment_ids.shape[0]
+    b = bias.shape[0]
     scores = _mm(q[:, start * group : end * group], k_t[:, :, :keys])
-    scores = scores.reshape(b, n // b, end - start, group, keys) * head_dim**-0.5
-    offset = jnp.arange(start, end)[:, None] - jnp.arange(keys)[None, :]
-    allowed = offset >= 0
-    if sliding_window:
-        allowed &= offset < sliding_window
-    same_segment = segment_ids[:, start:end, None] == segment_ids[:, None, :keys]
-    mask = (same_segment & allowed[None])[:, None, :, None, :]
-    return jnp.where(mask, scores, jnp.finfo(jnp.float32).min)
+    scores = scores.reshape(b, n // b, end - start, group, keys)
+    return scores + bias[:, None, start:end, None, :keys]
 
 
-def _attention_forward(q, k_t, v, segment_ids, group, sliding_window, block):
+def _attention_forward(q, k_t, v, bias, group, block):
     """Output ``[n, rows, d]`` and each row's log-sum-exp of scores ``[n, rows]`` (float32)."""
     n, rows, head_dim = q.shape
     outputs, log_sum_exps = [], []
     for start, end, keys in _query_blocks(rows // group, k_t.shape[2], block):
-        scores = _block_scores(q, k_t, segment_ids, group, sliding_window, start, end, keys)
+        scores = _block_scores(q, k_t, bias, group, start, end, keys)
         row_max = jnp.max(scores, axis=-1, keepdims=True)
         weights = jnp.exp(scores - row_max)  # Normalised after the product: one pass fewer.
         total = jnp.sum(weights, axis=-1, keepdims=True)
@@ -151,8 +171,8 @@ def _attention_forward(q, k_t, v, segment_ids, group, sliding_window, block):
     return jnp.concatenate(outputs, axis=1), jnp.concatenate(log_sum_exps, axis=1)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6))
-def _blocked_attention(q, k_t, v, segment_ids, group, sliding_window, block):
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
+def _blocked_attention(q, k_t, v, bias, group, block):
     """Attention over the batched-matrix layout of `dot_product_attention`, with the backward
     of flash attention written out: it keeps only the output and the log-sum-exp of each row
     (named for remat, `ATTENTION_RESIDUALS`), recomputes each block's probabilities from them,
@@ -160,48 +180,49 @@ def _blocked_attention(q, k_t, v, segment_ids, group, sliding_window, block):
     CPU backend runs the transposed forms far slower). Under plain autodiff the softmax's
     backward needs the probabilities kept, and a remat policy that saves no batched product
     recomputes the whole forward."""
-    return _attention_forward(q, k_t, v, segment_ids, group, sliding_window, block)[0]
+    return _attention_forward(q, k_t, v, bias, group, block)[0]
 
 
 ATTENTION_RESIDUALS = ("attention_out", "attention_log_sum_exp")
 
 
-def _attention_fwd(q, k_t, v, segment_ids, group, sliding_window, block):
-    out, log_sum_exp = _attention_forward(q, k_t, v, segment_ids, group, sliding_window, block)
+def _attention_fwd(q, k_t, v, bias, group, block):
+    out, log_sum_exp = _attention_forward(q, k_t, v, bias, group, block)
     out = checkpoint_name(out, ATTENTION_RESIDUALS[0])
     log_sum_exp = checkpoint_name(log_sum_exp, ATTENTION_RESIDUALS[1])
-    return out, (q, k_t, v, segment_ids, out, log_sum_exp)
+    return out, (q, k_t, v, bias, out, log_sum_exp)
 
 
-def _attention_bwd(group, sliding_window, block, residuals, d_out):
-    q, k_t, v, segment_ids, out, log_sum_exp = residuals
+def _attention_bwd(group, block, residuals, d_out):
+    q, k_t, v, bias, out, log_sum_exp = residuals
     n, rows, head_dim = q.shape
     s = k_t.shape[2]
-    dtype, scale = q.dtype, head_dim**-0.5
+    dtype = q.dtype
     d_out = d_out.astype(dtype)
     # Softmax's backward: d_scores = p * (d_p - sum_j p_j d_p_j), and that sum is d_out . out.
     row_dot = jnp.sum(d_out.astype(jnp.float32) * out.astype(jnp.float32), axis=-1)
     # The small operands transposed once, so that no product contracts a leading dimension.
-    k, v_t = jnp.swapaxes(k_t, 1, 2), jnp.swapaxes(v, 1, 2)
-    q_t, d_out_t = jnp.swapaxes(q, 1, 2), jnp.swapaxes(d_out, 1, 2)
+    k, v_t = _transposed(k_t), _transposed(v)
+    q_t, d_out_t = _transposed(q), _transposed(d_out)
     d_q_blocks = []
     d_k_t = d_v_t = jnp.zeros((n, head_dim, s), jnp.float32)
     for start, end, keys in _query_blocks(rows // group, s, block):
         first, last = start * group, end * group
-        scores = _block_scores(q, k_t, segment_ids, group, sliding_window, start, end, keys)
+        scores = _block_scores(q, k_t, bias, group, start, end, keys)
         per_row = scores.shape[:-1] + (1,)
         probs = jnp.exp(scores - log_sum_exp[:, first:last].reshape(per_row))
         d_v_t_block = _mm(d_out_t[:, :, first:last], probs.astype(dtype).reshape(n, -1, keys))
         d_probs = _mm(d_out[:, first:last], v_t[:, :, :keys]).reshape(scores.shape)
         d_scores = probs * (d_probs - row_dot[:, first:last].reshape(per_row))
         d_scores = d_scores.astype(dtype).reshape(n, -1, keys)
-        d_q_blocks.append(_mm(d_scores, k[:, :keys]) * scale)
-        d_k_t_block = _mm(q_t[:, :, first:last], d_scores) * scale
+        d_q_blocks.append(_mm(d_scores, k[:, :keys]))
+        d_k_t_block = _mm(q_t[:, :, first:last], d_scores)
         pad = ((0, 0), (0, 0), (0, s - keys))
         d_k_t += jnp.pad(d_k_t_block, pad)
         d_v_t += jnp.pad(d_v_t_block, pad)
     d_q = jnp.concatenate(d_q_blocks, axis=1).astype(dtype)
-    return d_q, d_k_t.astype(k_t.dtype), jnp.swapaxes(d_v_t, 1, 2).astype(v.dtype), None
+    d_k_t, d_v = d_k_t.astype(k_t.dtype), jnp.swapaxes(d_v_t, 1, 2).astype(v.dtype)
+    return d_q, d_k_t, d_v, jnp.zeros_like(bias)
 
 
 _blocked_attention.defvjp(_attention_fwd, _attention_bwd)
