@@ -17,9 +17,10 @@ config's settings) in four configurations:
   transformers `LlamaForCausalLM` of the same shape with ``attn_implementation="sdpa"``, loss from
   ``labels``, ``loss.backward()`` and a `torch.optim.AdamW` step. It is given plain causal
   attention over each row (no segment mask): the same FLOPs, and SDPA's fastest path. It runs
-  twice: as a PyTorch user runs it, and with the malloc settings that ``itune-train`` applies to
-  itself on CPU (`itune.runtime.keep_freed_host_memory`; freed memory stays mapped instead of
-  being faulted in again every step), which speed PyTorch's step up as well.
+  as a PyTorch user runs it or, with ``--torch-memory kept``, with the malloc settings that
+  ``itune-train`` applies to itself on CPU (`itune.runtime.keep_freed_host_memory`: freed memory
+  stays mapped instead of being faulted in again every step), which speed PyTorch up as well.
+  One PyTorch process at a time: two kept processes and itune's do not fit in 24 GiB together.
 
 The configurations run in interleaved rounds (itune f32, torch f32, itune bf16, torch bf16, then
 again), since this shared machine's speed drifts (``STACK.md``, gotcha 11). itune and PyTorch each
@@ -261,6 +262,13 @@ def main() -> None:
     parser.add_argument("--no-torch", action="store_true", help="itune only (no ratio)")
     parser.add_argument("--dtypes", default="float32,bfloat16")
     parser.add_argument(
+        "--torch-memory",
+        choices=("default", "kept"),
+        default="default",
+        help="PyTorch's process as a user runs it, or with itune's malloc settings "
+        "(freed memory kept)",
+    )
+    parser.add_argument(
         "--same-process",
         action="store_true",
         help="run itune and PyTorch in this one process instead of a process each",
@@ -284,21 +292,20 @@ def main() -> None:
     else:
         itune = Worker("itune", variants, batch, keep_memory=True)
     setup_s = time.perf_counter() - start
-    torch_steps, torch_kept = None, None
+    torch_steps = None
+    torch_label = "PyTorch {}" + (f", {KEPT}" if args.torch_memory == "kept" else "")
     if not args.no_torch:
         if args.same_process:
             torch_steps = TorchSteps(model_config, batch, configlib.base_config().optim)
         else:
-            torch_steps = Worker("torch", [], batch, keep_memory=False)
-            torch_kept = Worker("torch", [], batch, keep_memory=True)
+            keep = args.torch_memory == "kept"
+            torch_steps = Worker("torch", [], batch, keep_memory=keep)
     # (label, runner, (dtype, remat)) in round order: per dtype, itune's rows, then PyTorch's.
     configs = []
     for dtype in dtypes:
         configs += [(f"itune {dtype}, remat={r}", itune, (dtype, r)) for r in remats]
         if torch_steps is not None:
-            configs.append((f"PyTorch {dtype}", torch_steps, (dtype, "")))
-        if torch_kept is not None:
-            configs.append((f"PyTorch {dtype}, {KEPT}", torch_kept, (dtype, "")))
+            configs.append((torch_label.format(dtype), torch_steps, (dtype, "")))
     for _, runner, variant in configs:  # Warm-up (jit dispatch, torch's first allocations).
         runner.run(variant, 1)
     gc.collect()
@@ -312,7 +319,7 @@ def main() -> None:
         for label, runner, variant in configs:
             seconds, losses[label] = runner.run(variant, args.steps)
             times[label].append(seconds / args.steps)
-    for runner in (itune, torch_steps, torch_kept):
+    for runner in (itune, torch_steps):
         if isinstance(runner, Worker):
             runner.close()
     peak = {dtype: statistics.median(p) for dtype, p in peaks.items()}
@@ -359,8 +366,7 @@ def main() -> None:
                 f"{median:.2f} ({min(t):.2f}-{max(t):.2f})",
                 f"{positions / median:,.0f}",
                 f"{100 * mfu:.1f}%",
-                ratio(label, f"PyTorch {dtype}"),
-                ratio(label, f"PyTorch {dtype}, {KEPT}"),
+                ratio(label, torch_label.format(dtype)),
                 f"{losses[label]:.3f}",
             ]
         )
@@ -370,7 +376,6 @@ def main() -> None:
         "tokens/s",
         "MFU (same-dtype peak)",
         "itune / PyTorch throughput",
-        f"itune / PyTorch, {KEPT}",
         "last loss",
     ]
     report.table("train step", header, rows)
