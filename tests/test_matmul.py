@@ -97,3 +97,27 @@ def test_an_equation_it_cannot_transpose_is_named():
     # 't' is summed inside x alone: its gradient is not an einsum of the other two terms.
     with pytest.raises(ValueError, match=r"'btd,dm->bm'.*index 't'"):
         matmul("btd,dm->bm", jnp.ones((1, 2, 3)), jnp.ones((3, 4)), jnp.float32)
+
+
+def test_tied_logits_weight_gradient_transposes_the_small_operand_on_cpu():
+    """``dw`` of the tied logits (``"btd,vd->btv"``) equals autodiff's; on CPU it is computed as
+    ``[d, v]`` from the transposed hidden states, never by transposing the vocabulary-wide
+    cotangent."""
+    kx, kw, kg = jax.random.split(jax.random.key(3), 3)
+    x = jax.random.normal(kx, (4, 32, 16), jnp.float32)
+    w = jax.random.normal(kw, (512, 16), jnp.float32)
+    g = jax.random.normal(kg, (4, 32, 512), jnp.float32)
+    equation = "btd,vd->btv"
+    _, vjp = jax.vjp(lambda x, w: matmul(equation, x, w, jnp.float32), x, w)
+    _, ref_vjp = jax.vjp(lambda x, w: jnp.einsum(equation, x, w), x, w)
+    for got, want in zip(vjp(g), ref_vjp(g)):
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-4)
+
+    def weight_gradient(x, w, g):
+        return jax.vjp(lambda w: matmul(equation, x, w, jnp.bfloat16, jnp.float32), w)[1](g)[0]
+
+    hlo = jax.jit(weight_gradient).lower(x.astype(jnp.bfloat16), w, g).compile().as_text()
+    dots = [line for line in hlo.splitlines() if " dot(" in line]
+    if jax.default_backend() == "cpu":
+        assert any(" f32[16,512]" in line for line in dots), dots
+        assert not any(" f32[512,16]" in line for line in dots), dots

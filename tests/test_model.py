@@ -1,6 +1,7 @@
 """The decoder: packed segments are independent, positions restart per segment."""
 
 import dataclasses
+import re
 
 import jax
 import jax.numpy as jnp
@@ -315,3 +316,55 @@ def test_save_dots_keeps_attention_residuals_instead_of_recomputing_it():
         counts[remat] = _batched_dots(jax.make_jaxpr(jax.grad(loss))(params).jaxpr)
     assert counts["save_dots"] == counts["none"] == 7  # The layer scan's body: 2 forward, 5 back.
     assert counts["full"] == counts["none"] + 2
+
+
+def _dot_operand_types(hlo: str) -> list[tuple[str, str]]:
+    """The operand types of every dot in compiled HLO text (operands are named in the same
+    computation, usually a fusion's parameters)."""
+    found = []
+    for computation in re.split(r"\n(?=\S)", hlo):
+        for lhs, rhs in re.findall(r" dot\(%([\w.\-]+), %([\w.\-]+)\)", computation):
+            types = []
+            for name in (lhs, rhs):
+                match = re.search(rf"%{re.escape(name)} = (\w+)\[", computation)
+                types.append(match.group(1) if match else "?")
+            found.append(tuple(types))
+    return found
+
+
+@pytest.mark.skipif(jax.default_backend() != "cpu", reason="XLA:CPU's compiled program")
+def test_compiled_bfloat16_step_keeps_xla_cpu_on_its_fast_paths():
+    """The bfloat16 gradient of a scanned, ``save_dots`` model as XLA:CPU compiles it: every
+    product takes bfloat16 operands (none was moved to float32 for a transposed operand), and
+    no stack of per-layer residuals goes through float32 (XLA:CPU updates a layer's slice of a
+    bfloat16 stack by converting the whole stack, at every layer)."""
+    cfg = tiny_model_config(
+        vocab_size=256, d_model=64, num_layers=3, num_heads=4, num_kv_heads=2, head_dim=16,
+        mlp_dim=128, dtype="bfloat16", remat="save_dots", max_seq_len=256,
+    )
+    model = Decoder(cfg, rngs=nnx.Rngs(0))
+    graphdef, params = nnx.split(model)
+    batch = packed_batch(0, 2, 256, cfg.vocab_size, segment_lengths=(100, 60, 96))
+
+    def loss(params):
+        logits = nnx.merge(graphdef, params)(
+            batch["inputs"], batch["positions"], batch["segment_ids"]
+        )
+        return jnp.mean(logits)
+
+    hlo = jax.jit(jax.grad(loss)).lower(params).compile().as_text()
+    operand_types = _dot_operand_types(hlo)
+    assert len(operand_types) >= 7 * 3  # Projections forward and backward, attention, logits.
+    assert all(types == ("bf16", "bf16") for types in operand_types), operand_types
+    stacked = rf"f32\[{cfg.num_layers},[\d,]+\]\S* convert\(\S+\)"
+    converted_stacks = [
+        line for line in hlo.splitlines()
+        if re.search(stacked, line) and re.search(r"convert\(%[\w.\-]+\)", line)
+        and _operand_is_bfloat16(hlo, line)
+    ]
+    assert not converted_stacks, converted_stacks
+
+
+def _operand_is_bfloat16(hlo: str, line: str) -> bool:
+    name = re.search(r"convert\(%([\w.\-]+)\)", line).group(1)
+    return bool(re.search(rf"%{re.escape(name)} = bf16\[", hlo))

@@ -16,6 +16,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax.ad_checkpoint import checkpoint_name
 
+from itune.model.matmul import written_out
+
 IMPLEMENTATIONS = ("xla", "jax", "splash")
 
 
@@ -128,14 +130,10 @@ def _mm(a, b):
 
 
 def _transposed(x):
-    """``x [n, a, b] -> [n, b, a]``, written out in memory.
-
-    XLA folds a plain transpose into the product that reads it, as a transposed operand, and
-    XLA:CPU's bfloat16 library path takes no transposed operand: it would run the product in
-    float32 on a slower path. A flat array has one layout only, so the barrier around the
-    flattened transpose makes XLA write it out."""
-    swapped = jnp.swapaxes(x, 1, 2)
-    return jax.lax.optimization_barrier(swapped.reshape(-1)).reshape(swapped.shape)
+    """``x [n, a, b] -> [n, b, a]``, written out in memory (`matmul.written_out`): a plain
+    transpose would be folded into the product as a transposed operand, off XLA:CPU's bfloat16
+    path."""
+    return written_out(jnp.swapaxes(x, 1, 2))
 
 
 def _query_blocks(t: int, s: int, block: int) -> list[tuple[int, int, int]]:
@@ -156,7 +154,7 @@ def _block_scores(q, k_t, bias, group, start, end, keys):
 
 
 def _attention_forward(q, k_t, v, bias, group, block):
-    """Output ``[n, rows, d]`` and each row's log-sum-exp of scores ``[n, rows]`` (float32)."""
+    """Output ``[n, rows, d]`` and each row's log-sum-exp of scores ``[n, rows]``, both float32."""
     n, rows, head_dim = q.shape
     outputs, log_sum_exps = [], []
     for start, end, keys in _query_blocks(rows // group, k_t.shape[2], block):
@@ -166,7 +164,7 @@ def _attention_forward(q, k_t, v, bias, group, block):
         total = jnp.sum(weights, axis=-1, keepdims=True)
         out = _mm(weights.astype(v.dtype).reshape(n, -1, keys), v[:, :keys])
         out = out.reshape(weights.shape[:-1] + (head_dim,)) / total
-        outputs.append(out.astype(q.dtype).reshape(n, -1, head_dim))
+        outputs.append(out.reshape(n, -1, head_dim))
         log_sum_exps.append((row_max + jnp.log(total)).reshape(n, -1))
     return jnp.concatenate(outputs, axis=1), jnp.concatenate(log_sum_exps, axis=1)
 
@@ -180,7 +178,7 @@ def _blocked_attention(q, k_t, v, bias, group, block):
     CPU backend runs the transposed forms far slower). Under plain autodiff the softmax's
     backward needs the probabilities kept, and a remat policy that saves no batched product
     recomputes the whole forward."""
-    return _attention_forward(q, k_t, v, bias, group, block)[0]
+    return _attention_forward(q, k_t, v, bias, group, block)[0].astype(q.dtype)
 
 
 ATTENTION_RESIDUALS = ("attention_out", "attention_log_sum_exp")
@@ -188,9 +186,11 @@ ATTENTION_RESIDUALS = ("attention_out", "attention_log_sum_exp")
 
 def _attention_fwd(q, k_t, v, bias, group, block):
     out, log_sum_exp = _attention_forward(q, k_t, v, bias, group, block)
+    # Kept in float32, as the backward reads it: XLA:CPU updates a layer's slice of a stacked
+    # bfloat16 residual through float32, rewriting the whole stack at every layer.
     out = checkpoint_name(out, ATTENTION_RESIDUALS[0])
     log_sum_exp = checkpoint_name(log_sum_exp, ATTENTION_RESIDUALS[1])
-    return out, (q, k_t, v, bias, out, log_sum_exp)
+    return out.astype(q.dtype), (q, k_t, v, bias, out, log_sum_exp)
 
 
 def _attention_bwd(group, block, residuals, d_out):
@@ -200,7 +200,7 @@ def _attention_bwd(group, block, residuals, d_out):
     dtype = q.dtype
     d_out = d_out.astype(dtype)
     # Softmax's backward: d_scores = p * (d_p - sum_j p_j d_p_j), and that sum is d_out . out.
-    row_dot = jnp.sum(d_out.astype(jnp.float32) * out.astype(jnp.float32), axis=-1)
+    row_dot = jnp.sum(d_out.astype(jnp.float32) * out, axis=-1)
     # The small operands transposed once, so that no product contracts a leading dimension.
     k, v_t = _transposed(k_t), _transposed(v)
     q_t, d_out_t = _transposed(q), _transposed(d_out)

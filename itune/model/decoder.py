@@ -360,8 +360,13 @@ class Decoder(nnx.Module):
     def hidden_states(self, tokens, positions, segment_ids, dropout_rng=None):
         """Final-norm hidden states ``[batch, length, d_model]`` in the computation dtype.
 
-        ``dropout_rng``: a key for LoRA dropout (split over the layers); None: no dropout."""
-        x = self.embed_tokens(tokens)
+        ``dropout_rng``: a key for LoRA dropout (split over the layers); None: no dropout.
+
+        The residual stream between the layers is float32 (each block computes in the
+        computation dtype): the sum of 30 or 80 layers' outputs keeps its precision, and the
+        backward's stack of layer inputs stays float32, which XLA:CPU updates in place where
+        it would rewrite a whole bfloat16 stack at every layer."""
+        x = self.embed_tokens(tokens).astype(jnp.float32)
         graphdef, block_state = nnx.split(self.blocks)
         keys = None
         if dropout_rng is not None and self.cfg.lora_rank and self.cfg.lora_dropout > 0:
@@ -379,7 +384,7 @@ class Decoder(nnx.Module):
         else:
             for i in range(self.cfg.num_layers):
                 x, _ = layer(x, jax.tree.map(lambda a: a[i], (block_state, keys)))
-        return self.final_norm(x)
+        return self.final_norm(x).astype(self.cfg.dtype)
 
     def init_cache(self, batch: int, cache_len: int) -> LayerCache:
         """An empty key/value cache for ``batch`` rows of up to ``cache_len`` positions."""
@@ -403,7 +408,7 @@ class Decoder(nnx.Module):
         The prompt (prefill: ``write_index`` 0) and each decoded token go through here. With
         ``layers`` (`unstacked_layers`), ``cache`` is a tuple of one `LayerCache` per layer and
         the layers run unrolled."""
-        x = self.embed_tokens(tokens)
+        x = self.embed_tokens(tokens).astype(jnp.float32)  # As in `hidden_states`.
         if layers is not None:
             graphdef, states = layers
             updated = []
@@ -411,7 +416,7 @@ class Decoder(nnx.Module):
                 block = nnx.merge(graphdef, state)
                 x, layer_cache = block.cached(x, positions, layer_cache, write_index)
                 updated.append(layer_cache)
-            return self.final_norm(x), tuple(updated)
+            return self.final_norm(x).astype(self.cfg.dtype), tuple(updated)
         graphdef, block_state = nnx.split(self.blocks)
 
         def layer(carry, xs):
@@ -427,7 +432,7 @@ class Decoder(nnx.Module):
                 updated.append(layer_cache)
             cache = jax.tree.map(lambda *a: jnp.stack(a), *updated)
         cache = LayerCache(*(constrain(c, CACHE_AXES, self.rules) for c in cache))
-        return self.final_norm(x), cache
+        return self.final_norm(x).astype(self.cfg.dtype), cache
 
     def logits(self, hidden):
         dt = jnp.dtype(self.cfg.dtype)

@@ -166,6 +166,7 @@ def apply(module: nnx.Module, target: str, x: jax.Array, y: jax.Array, dropout_r
     cfg = module.cfg
     dt = jnp.dtype(cfg.dtype)
     a, b = a[...].astype(dt), getattr(module, f"{target}_lora_b")[...].astype(dt)
+    x = x.astype(dt)  # A norm's output is float32 (the residual stream's dtype).
     rate = cfg.lora_dropout
     if dropout_rng is not None and rate > 0.0:
         key = jax.random.fold_in(dropout_rng, TARGETS.index(target))

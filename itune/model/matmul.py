@@ -21,6 +21,7 @@ batched; never summed inside one operand), as in every projection of a transform
 from __future__ import annotations
 
 import functools
+import math
 
 import jax
 import jax.numpy as jnp
@@ -58,11 +59,50 @@ def _forward(equation, x, w, dtype, out_dtype):
     return matmul(equation, x, w, dtype, out_dtype), (x, w)
 
 
+def written_out(x: jax.Array) -> jax.Array:
+    """``x`` as an array of its own in memory, in its logical row-major order.
+
+    XLA folds a transpose into the product that reads it, as a transposed operand or result,
+    and XLA:CPU's bfloat16 library path takes neither: it runs such a product in float32 on a
+    slower path. A flat array has a single layout, so a barrier around the flattened value makes
+    XLA write the transpose out."""
+    return jax.lax.optimization_barrier(x.reshape(-1)).reshape(x.shape)
+
+
+def _weight_gradient(dw_equation: str, x, g, dtype):
+    """``einsum(dw_equation, x, g)`` in ``dtype`` with float32 accumulation.
+
+    When the weight's indices come first from ``g`` (``"btd,btv->vd"``, the tied logits) XLA
+    transposes ``g`` to compute it, which for the logits is the whole ``[tokens, vocabulary]``
+    cotangent. On CPU the product is computed the other way round instead, with the far smaller
+    ``x`` transposed and the result transposed after it."""
+    operands, w_terms = dw_equation.split("->")
+    x_terms, g_terms = operands.split(",")
+    x_free = "".join(i for i in w_terms if i in x_terms)
+    g_free = "".join(i for i in w_terms if i not in x_terms)
+    contracted = "".join(i for i in x_terms if i not in w_terms)
+
+    def plain(x, g):
+        return _einsum(dw_equation, x, g, dtype)
+
+    sizes = dict(zip(x_terms, x.shape)) | dict(zip(g_terms, g.shape))
+    w_size = math.prod(sizes[i] for i in w_terms)
+    if w_terms == x_free + g_free or g.size <= x.size + w_size:
+        return plain(x, g)  # XLA transposes x, or nothing: already the cheaper way.
+
+    def small_operand_transposed(x, g):
+        x_t = written_out(jnp.einsum(f"{x_terms}->{x_free}{contracted}", x.astype(dtype)))
+        w_t = _einsum(f"{x_free}{contracted},{g_terms}->{x_free}{g_free}", x_t, g, dtype)
+        return jnp.einsum(f"{x_free}{g_free}->{w_terms}", written_out(w_t))
+
+    return jax.lax.platform_dependent(x, g, cpu=small_operand_transposed, default=plain)
+
+
 def _backward(equation, dtype, out_dtype, residuals, g):
     x, w = residuals
     dx_equation, dw_equation = _transposed_equations(equation)
     dx = _einsum(dx_equation, g, w, dtype).astype(x.dtype)
-    dw = _einsum(dw_equation, x, g, dtype).astype(w.dtype)
+    dw = _weight_gradient(dw_equation, x, g, dtype).astype(w.dtype)
     return dx, dw
 
 
