@@ -97,8 +97,9 @@ def test_step_flops_do_not_depend_on_how_the_loops_run():
     for result in results.values():
         assert result.program == pytest.approx(unrolled.program, rel=1e-9)
         assert result.model == unrolled.model
-    # XLA also counts elementwise work: a little above the matmuls when it sees every layer.
-    assert unrolled.program < unrolled.xla < 1.15 * unrolled.program
+    # Seeing every layer, XLA counts their elementwise work too, but merges the scores the
+    # attention backward recomputes with the forward's: within a few percent of the program.
+    assert 0.95 * unrolled.program < unrolled.xla < 1.15 * unrolled.program
     assert results[(True, 2)].xla < results[(True, 1)].xla < 0.8 * unrolled.program
     # Beyond the model's 6 FLOPs per weight per token: the causal mask's other half.
     assert unrolled.model < unrolled.program < 1.3 * unrolled.model
