@@ -32,9 +32,14 @@ ratio of each round's pair. MFU is the model's FLOPs per step (`ModelConfig.flop
 positions, no recomputation counted) over the matmul peak of the same dtype measured in this run
 (`itune.training.flops.measured_cpu_peak`).
 
+A second table times each forward projection of the step alone, in each framework's process, as
+each framework computes it: itune's `itune.model.matmul` under XLA against transformers'
+``nn.functional.linear`` (under autocast in bfloat16), on the step's own shapes. The step's
+bfloat16 figure is bounded by these products (the README says by how much).
+
 ``--quick`` (about 3 minutes) uses batch 2 x 512 and 2 rounds: a smoke run of the benchmark, not
 figures to quote. The default (3 rounds of 1 step per config after a warm-up step each) takes
-about 10 minutes on a 2-core host; ``--remat none,save_dots`` about 14.
+about 7 minutes on a 2-core host; ``--remat none,save_dots`` about 10.
 """
 
 from __future__ import annotations
@@ -58,6 +63,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 from bench import report
 from itune import configlib, runtime, sharding
+from itune.model import matmul
 from itune.model.decoder import ModelConfig
 from itune.training import flops, optimizer, state as state_lib, step
 
@@ -88,6 +94,30 @@ def packed_batch(batch_size: int, seq_len: int, vocab_size: int, seed: int = 0) 
         "segment_ids": segment_ids,
         "loss_mask": np.ones((batch_size, seq_len), np.int32),
     }
+
+
+def matmul_shapes(model_config: ModelConfig, positions: int) -> list[tuple[str, int, int, int]]:
+    """``(name, m, k, n)`` of each forward projection of the step: ``[m, k] x [k, n]``."""
+    d, heads = model_config.d_model, model_config.num_heads * model_config.head_dim
+    kv = model_config.num_kv_heads * model_config.head_dim
+    return [
+        ("query / attention output", positions, d, heads),
+        ("key / value", positions, d, kv),
+        ("MLP gate / up", positions, d, model_config.mlp_dim),
+        ("MLP down", positions, model_config.mlp_dim, d),
+        ("tied logits", positions, d, model_config.vocab_size),
+    ]
+
+
+def best_seconds(run, repeats: int = 5) -> float:
+    """The fastest of ``repeats`` calls of ``run`` after a warm-up call."""
+    run()
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        run()
+        best = min(best, time.perf_counter() - start)
+    return best
 
 
 class ItuneSteps:
@@ -137,6 +167,20 @@ class ItuneSteps:
                 self.state, metrics = self.steps[variant](self.state, self.batch)
             jax.block_until_ready((self.state, metrics))
             return time.perf_counter() - start, float(metrics["loss"])
+
+    def matmuls(self, dtype: str, shapes: list) -> list[float]:
+        """FLOP/s of each forward projection as the step computes it (`itune.model.matmul`:
+        ``dtype`` operands, float32 accumulation, float32 logits and ``dtype`` otherwise)."""
+        rng = np.random.default_rng(0)
+        rates = []
+        for name, m, k, n in shapes:
+            out_dtype = jnp.float32 if name == "tied logits" else dtype
+            product = jax.jit(functools.partial(matmul.matmul, "tk,kn->tn", dtype=dtype,
+                                                out_dtype=out_dtype))
+            x = jnp.asarray(rng.standard_normal((m, k)), dtype)
+            w = jnp.asarray(rng.standard_normal((k, n)), dtype)
+            rates.append(2 * m * k * n / best_seconds(lambda: product(x, w).block_until_ready()))
+        return rates
 
 
 class TorchSteps:
@@ -197,10 +241,29 @@ class TorchSteps:
             loss = self.one_step(dtype == "bfloat16")
         return time.perf_counter() - start, loss
 
+    def matmuls(self, dtype: str, shapes: list) -> list[float]:
+        """FLOP/s of each forward projection as transformers computes it: ``nn.functional.linear``
+        of float32 operands, under bfloat16 autocast for ``dtype="bfloat16"``."""
+        torch = self.torch
+        generator = torch.Generator().manual_seed(0)
+        rates = []
+        for _, m, k, n in shapes:
+            x = torch.randn(m, k, generator=generator)
+            w = torch.randn(n, k, generator=generator)
+
+            def product(x=x, w=w):
+                with torch.no_grad(), torch.autocast(
+                    "cpu", dtype=torch.bfloat16, enabled=dtype == "bfloat16"
+                ):
+                    torch.nn.functional.linear(x, w)
+
+            rates.append(2 * m * k * n / best_seconds(product))
+        return rates
+
 
 def _serve(connection, kind: str, variants: list, batch: dict, keep_memory: bool) -> None:
-    """A worker process's loop: builds its runner, then answers ``(variant, n)`` with `run`'s
-    result until it receives None. ``keep_memory``: glibc's malloc keeps freed memory
+    """A worker process's loop: builds its runner, then answers ``(method, args)`` with the
+    runner's ``method(*args)`` until it receives None. ``keep_memory``: glibc's malloc keeps freed memory
     (`itune.runtime.keep_freed_host_memory`, which ``itune-train`` applies on CPU)."""
     try:
         if keep_memory:
@@ -213,14 +276,15 @@ def _serve(connection, kind: str, variants: list, batch: dict, keep_memory: bool
             runner = TorchSteps(model_config, batch, configlib.base_config().optim)
             connection.send(("ok", {}))
         while (request := connection.recv()) is not None:
-            connection.send(("ok", runner.run(*request)))
+            method, args = request
+            connection.send(("ok", getattr(runner, method)(*args)))
     except Exception:  # noqa: BLE001 - the parent re-raises it with the worker's traceback.
         connection.send(("error", traceback.format_exc()))
 
 
 class Worker:
     """`ItuneSteps` (``kind="itune"``) or `TorchSteps` in a process of its own, driven through a
-    pipe; `run` has the runner's signature."""
+    pipe; `run` and `matmuls` have the runner's signatures."""
 
     def __init__(self, kind: str, variants: list, batch: dict, keep_memory: bool):
         context = multiprocessing.get_context("spawn")  # No inherited JAX or torch state.
@@ -238,7 +302,11 @@ class Worker:
         return value
 
     def run(self, variant: tuple[str, str], n: int) -> tuple[float, float]:
-        self.connection.send((variant, n))
+        self.connection.send(("run", (variant, n)))
+        return self._receive()
+
+    def matmuls(self, dtype: str, shapes: list) -> list[float]:
+        self.connection.send(("matmuls", (dtype, shapes)))
         return self._receive()
 
     def close(self) -> None:
@@ -319,6 +387,12 @@ def main() -> None:
         for label, runner, variant in configs:
             seconds, losses[label] = runner.run(variant, args.steps)
             times[label].append(seconds / args.steps)
+    shapes = matmul_shapes(model_config, positions)
+    rates = {
+        (name, dtype): runner.matmuls(dtype, shapes)
+        for name, runner in (("itune", itune), ("torch", torch_steps)) if runner is not None
+        for dtype in dtypes
+    }
     for runner in (itune, torch_steps):
         if isinstance(runner, Worker):
             runner.close()
@@ -379,6 +453,26 @@ def main() -> None:
         "last loss",
     ]
     report.table("train step", header, rows)
+
+    print(
+        "Each forward projection of the step alone, as each framework computes it (itune: "
+        "`itune.model.matmul`, XLA; PyTorch: `nn.functional.linear`, under autocast in "
+        "bfloat16), best of 5, GFLOP/s:\n"
+    )
+    matmul_rows = []
+    for dtype in dtypes:
+        for i, (name, m, k, n) in enumerate(shapes):
+            xla = rates["itune", dtype][i]
+            row = [f"{name}, {dtype}", f"[{m}, {k}] x [{k}, {n}]", f"{xla / 1e9:.0f}"]
+            if ("torch", dtype) in rates:
+                torch_rate = rates["torch", dtype][i]
+                row += [f"{torch_rate / 1e9:.0f}", f"{xla / torch_rate:.2f}x"]
+            else:
+                row += ["-", "-"]
+            matmul_rows.append(row)
+    report.table(
+        "matmuls", ["product", "shape", "XLA (itune)", "PyTorch", "XLA / PyTorch"], matmul_rows
+    )
 
 
 if __name__ == "__main__":
