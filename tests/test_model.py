@@ -280,28 +280,29 @@ def test_bfloat16_attention_backward_runs_in_bfloat16():
         )
 
 
-def _batched_dots(jaxpr) -> int:
-    """dot_generals with batch dimensions in ``jaxpr`` and the jaxprs nested in it."""
+def _dots(jaxpr, batched: bool) -> int:
+    """dot_generals with (``batched``) or without batch dimensions in ``jaxpr`` and the jaxprs
+    nested in it: attention's products, or the projections."""
     count = 0
     for eqn in jaxpr.eqns:
-        if eqn.primitive.name == "dot_general" and eqn.params["dimension_numbers"][1][0]:
-            count += 1
+        if eqn.primitive.name == "dot_general":
+            count += bool(eqn.params["dimension_numbers"][1][0]) == batched
         for value in eqn.params.values():
             for sub in value if isinstance(value, (list, tuple)) else [value]:
                 if isinstance(sub, jax.extend.core.ClosedJaxpr):
-                    count += _batched_dots(sub.jaxpr)
+                    count += _dots(sub.jaxpr, batched)
                 elif isinstance(sub, jax.extend.core.Jaxpr):
-                    count += _batched_dots(sub)
+                    count += _dots(sub, batched)
     return count
 
 
-def test_save_dots_keeps_attention_residuals_instead_of_recomputing_it():
-    """Under ``remat="save_dots"`` the backward reuses attention's saved output and log-sum-exp:
-    the gradient has as many attention products as without remat; ``full`` recomputes both of
-    the forward's."""
+def test_save_dots_keeps_projections_and_attention_residuals_instead_of_recomputing_them():
+    """Under ``remat="save_dots"`` the backward reuses the projections' saved results and
+    attention's saved output and log-sum-exp: the gradient has as many products of each kind
+    as without remat; ``full`` recomputes the forward's."""
     from itune.model.decoder import ModelConfig
 
-    counts = {}
+    attention_products, projections = {}, {}
     for remat in ("none", "save_dots", "full"):
         section = configlib.model_section("tiny", remat=remat, max_seq_len=64)
         model = Decoder(ModelConfig.from_config(section, vocab_size=64), rngs=nnx.Rngs(0))
@@ -313,9 +314,16 @@ def test_save_dots_keeps_attention_residuals_instead_of_recomputing_it():
             logits = nnx.merge(graphdef, params)(tokens, positions, jnp.ones_like(tokens))
             return jnp.sum(logits)
 
-        counts[remat] = _batched_dots(jax.make_jaxpr(jax.grad(loss))(params).jaxpr)
-    assert counts["save_dots"] == counts["none"] == 7  # The layer scan's body: 2 forward, 5 back.
-    assert counts["full"] == counts["none"] + 2
+        jaxpr = jax.make_jaxpr(jax.grad(loss))(params).jaxpr
+        attention_products[remat] = _dots(jaxpr, batched=True)
+        projections[remat] = _dots(jaxpr, batched=False)
+    # The layer scan's body: 2 forward, 5 back.
+    assert attention_products["save_dots"] == attention_products["none"] == 7
+    assert attention_products["full"] == attention_products["none"] + 2
+    # 7 projections per layer, 3 products each (the forward and two gradients), and the logits'.
+    assert projections["save_dots"] == projections["none"] == 7 * 3 + 3
+    # full recomputes all but the MLP's output projection, whose result no backward reads.
+    assert projections["full"] == projections["none"] + 6
 
 
 def _dot_operand_types(hlo: str) -> list[tuple[str, str]]:

@@ -27,7 +27,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from itune.model import attention, lora
-from itune.model.matmul import matmul
+from itune.model.matmul import PROJECTION, matmul
 from itune.sharding import LogicalRules, constrain
 
 MLP_ACTIVATIONS = {
@@ -149,11 +149,11 @@ class ModelConfig:
 REMAT_POLICIES = {
     "none": None,
     "full": jax.checkpoint_policies.nothing_saveable,
-    # The projections' outputs, and attention's output and log-sum-exp (its backward's residuals:
-    # without them the backward would recompute attention's whole forward).
-    "save_dots": jax.checkpoint_policies.save_from_both_policies(
-        jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims,
-        jax.checkpoint_policies.save_only_these_names(*attention.ATTENTION_RESIDUALS),
+    # The projections' float32 results (float32, as a stacked bfloat16 residual is rewritten
+    # whole at every layer on XLA:CPU), and attention's output and log-sum-exp (its backward's
+    # residuals: without them the backward would recompute attention's whole forward).
+    "save_dots": jax.checkpoint_policies.save_only_these_names(
+        PROJECTION, *attention.ATTENTION_RESIDUALS
     ),
 }
 

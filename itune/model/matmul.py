@@ -25,6 +25,7 @@ import math
 
 import jax
 import jax.numpy as jnp
+from jax.ad_checkpoint import checkpoint_name
 
 
 def _transposed_equations(equation: str) -> tuple[str, str]:
@@ -46,17 +47,28 @@ def _einsum(equation, a, b, dtype):
     )
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 3, 4))
+# The name of each projection's float32 result, for remat policies (`jax.ad_checkpoint`).
+PROJECTION = "projection"
+
+
 def matmul(equation: str, x: jax.Array, w: jax.Array, dtype, out_dtype=None) -> jax.Array:
     """``einsum(equation, x, w)`` with inputs in ``dtype``, float32 accumulation and the result
     in ``out_dtype`` (default ``dtype``; float32 for logits), and a backward in ``dtype`` with
-    float32 accumulation (module docstring)."""
+    float32 accumulation (module docstring). The float32 result is named `PROJECTION`, so that
+    a remat policy can keep it: the product itself is a custom-gradient call, which
+    `jax.checkpoint_policies.checkpoint_dots` does not see as a dot."""
     _transposed_equations(equation)  # Rejects an equation the backward could not transpose.
-    return _einsum(equation, x, w, dtype).astype(out_dtype or dtype)
+    y = checkpoint_name(_accumulated(equation, x, w, dtype), PROJECTION)
+    return y.astype(out_dtype or dtype)
 
 
-def _forward(equation, x, w, dtype, out_dtype):
-    return matmul(equation, x, w, dtype, out_dtype), (x, w)
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 3))
+def _accumulated(equation: str, x: jax.Array, w: jax.Array, dtype) -> jax.Array:
+    return _einsum(equation, x, w, dtype)
+
+
+def _forward(equation, x, w, dtype):
+    return _accumulated(equation, x, w, dtype), (x, w)
 
 
 def written_out(x: jax.Array) -> jax.Array:
@@ -98,7 +110,7 @@ def _weight_gradient(dw_equation: str, x, g, dtype):
     return jax.lax.platform_dependent(x, g, cpu=small_operand_transposed, default=plain)
 
 
-def _backward(equation, dtype, out_dtype, residuals, g):
+def _backward(equation, dtype, residuals, g):
     x, w = residuals
     dx_equation, dw_equation = _transposed_equations(equation)
     dx = _einsum(dx_equation, g, w, dtype).astype(x.dtype)
@@ -106,4 +118,4 @@ def _backward(equation, dtype, out_dtype, residuals, g):
     return dx, dw
 
 
-matmul.defvjp(_forward, _backward)
+_accumulated.defvjp(_forward, _backward)
