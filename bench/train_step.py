@@ -35,7 +35,8 @@ positions, no recomputation counted) over the matmul peak of the same dtype meas
 A second table times each forward projection of the step alone, in each framework's process, as
 each framework computes it: itune's `itune.model.matmul` under XLA against transformers'
 ``nn.functional.linear`` (under autocast in bfloat16), on the step's own shapes. The step's
-bfloat16 figure is bounded by these products (the README says by how much).
+bfloat16 figure is bounded by these products: a last line gives the seconds the step's products
+take at these rates in each framework, and the rest of each step.
 
 ``--quick`` (about 3 minutes) uses batch 2 x 512 and 2 rounds: a smoke run of the benchmark, not
 figures to quote. The default (3 rounds of 1 step per config after a warm-up step each) takes
@@ -55,6 +56,7 @@ import multiprocessing
 import statistics
 import time
 import traceback
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -96,17 +98,35 @@ def packed_batch(batch_size: int, seq_len: int, vocab_size: int, seed: int = 0) 
     }
 
 
-def matmul_shapes(model_config: ModelConfig, positions: int) -> list[tuple[str, int, int, int]]:
-    """``(name, m, k, n)`` of each forward projection of the step: ``[m, k] x [k, n]``."""
-    d, heads = model_config.d_model, model_config.num_heads * model_config.head_dim
+class Projection(NamedTuple):
+    """A forward projection of the step, ``[m, k] x [k, n]``, run ``per_step`` times."""
+
+    name: str
+    m: int
+    k: int
+    n: int
+    per_step: int
+    float32_out: bool = False  # The logits.
+
+
+def projections(model_config: ModelConfig, positions: int) -> list[Projection]:
+    d, layers = model_config.d_model, model_config.num_layers
+    heads = model_config.num_heads * model_config.head_dim
     kv = model_config.num_kv_heads * model_config.head_dim
+    mlp = model_config.mlp_dim
     return [
-        ("query / attention output", positions, d, heads),
-        ("key / value", positions, d, kv),
-        ("MLP gate / up", positions, d, model_config.mlp_dim),
-        ("MLP down", positions, model_config.mlp_dim, d),
-        ("tied logits", positions, d, model_config.vocab_size),
+        Projection("query / attention output", positions, d, heads, 2 * layers),
+        Projection("key / value", positions, d, kv, 2 * layers),
+        Projection("MLP gate / up", positions, d, mlp, 2 * layers),
+        Projection("MLP down", positions, mlp, d, layers),
+        Projection("logits", positions, d, model_config.vocab_size, 1, float32_out=True),
     ]
+
+
+def products_seconds(shapes: list[Projection], rates: list[float]) -> float:
+    """Seconds of the step's products (each forward projection and its two gradients) at the
+    forward projections' ``rates``."""
+    return sum(3 * s.per_step * 2 * s.m * s.k * s.n / r for s, r in zip(shapes, rates))
 
 
 def best_seconds(run, repeats: int = 5) -> float:
@@ -173,8 +193,8 @@ class ItuneSteps:
         ``dtype`` operands, float32 accumulation, float32 logits and ``dtype`` otherwise)."""
         rng = np.random.default_rng(0)
         rates = []
-        for name, m, k, n in shapes:
-            out_dtype = jnp.float32 if name == "tied logits" else dtype
+        for _, m, k, n, _, float32_out in shapes:
+            out_dtype = jnp.float32 if float32_out else dtype
             product = jax.jit(functools.partial(matmul.matmul, "tk,kn->tn", dtype=dtype,
                                                 out_dtype=out_dtype))
             x = jnp.asarray(rng.standard_normal((m, k)), dtype)
@@ -247,7 +267,7 @@ class TorchSteps:
         torch = self.torch
         generator = torch.Generator().manual_seed(0)
         rates = []
-        for _, m, k, n in shapes:
+        for _, m, k, n, _, _ in shapes:
             x = torch.randn(m, k, generator=generator)
             w = torch.randn(n, k, generator=generator)
 
@@ -263,8 +283,9 @@ class TorchSteps:
 
 def _serve(connection, kind: str, variants: list, batch: dict, keep_memory: bool) -> None:
     """A worker process's loop: builds its runner, then answers ``(method, args)`` with the
-    runner's ``method(*args)`` until it receives None. ``keep_memory``: glibc's malloc keeps freed memory
-    (`itune.runtime.keep_freed_host_memory`, which ``itune-train`` applies on CPU)."""
+    runner's ``method(*args)`` until it receives None. ``keep_memory``: glibc's malloc keeps
+    freed memory (`itune.runtime.keep_freed_host_memory`, which ``itune-train`` applies on
+    CPU)."""
     try:
         if keep_memory:
             runtime.keep_freed_host_memory()  # Before JAX or torch starts a thread.
@@ -387,7 +408,7 @@ def main() -> None:
         for label, runner, variant in configs:
             seconds, losses[label] = runner.run(variant, args.steps)
             times[label].append(seconds / args.steps)
-    shapes = matmul_shapes(model_config, positions)
+    shapes = projections(model_config, positions)
     rates = {
         (name, dtype): runner.matmuls(dtype, shapes)
         for name, runner in (("itune", itune), ("torch", torch_steps)) if runner is not None
@@ -461,7 +482,7 @@ def main() -> None:
     )
     matmul_rows = []
     for dtype in dtypes:
-        for i, (name, m, k, n) in enumerate(shapes):
+        for i, (name, m, k, n, _, _) in enumerate(shapes):
             xla = rates["itune", dtype][i]
             row = [f"{name}, {dtype}", f"[{m}, {k}] x [{k}, {n}]", f"{xla / 1e9:.0f}"]
             if ("torch", dtype) in rates:
@@ -473,6 +494,21 @@ def main() -> None:
     report.table(
         "matmuls", ["product", "shape", "XLA (itune)", "PyTorch", "XLA / PyTorch"], matmul_rows
     )
+    for dtype in dtypes:
+        if ("torch", dtype) not in rates:
+            continue
+        itune_step = statistics.median(times[f"itune {dtype}, remat={remats[-1]}"])
+        torch_step = statistics.median(times[torch_label.format(dtype)])
+        itune_products = products_seconds(shapes, rates["itune", dtype])
+        torch_products = products_seconds(shapes, rates["torch", dtype])
+        with_torch_products = itune_step - itune_products + torch_products
+        print(
+            f"{dtype}: at these rates the step's products (each projection and its two "
+            f"gradients) take {itune_products:.1f} s in itune and {torch_products:.1f} s in "
+            f"PyTorch; the rest of the step {itune_step - itune_products:.1f} s and "
+            f"{torch_step - torch_products:.1f} s. itune with PyTorch's products: "
+            f"{torch_step / with_torch_products:.2f}x PyTorch.\n"
+        )
 
 
 if __name__ == "__main__":
