@@ -71,6 +71,9 @@ class ModelConfig:
     param_dtype: str = "float32"
     dtype: str = "float32"  # Computation dtype; softmax and the loss always run in float32.
     remat: str = "none"  # 'none' | 'full' | 'save_dots'
+    # The train and eval loss compute the logits this many vocabulary entries at a time
+    # (`itune.training.chunked_loss`), never those of the whole vocabulary at once; 0: at once.
+    loss_vocab_chunk: int = 1024
     # LoRA (`itune.model.lora`): rank of the adapters on the projections named in lora_targets
     # (0: none). With LoRA on, only the adapters train; the base weights are frozen.
     lora_rank: int = 0
@@ -92,6 +95,8 @@ class ModelConfig:
         ):
             if value not in allowed:
                 raise ValueError(f"model.{field}={value!r}; expected one of {list(allowed)}")
+        if self.loss_vocab_chunk < 0:
+            raise ValueError(f"model.loss_vocab_chunk={self.loss_vocab_chunk}; expected 0 or more")
         for field in ("param_dtype", "dtype"):
             if getattr(self, field) not in ("float32", "bfloat16", "float16"):
                 raise ValueError(
@@ -444,6 +449,18 @@ class Decoder(nnx.Module):
             out, ("activation_batch", "activation_length", "activation_vocab"), self.rules
         )
         return out.astype(jnp.float32)
+
+    def output_weight(self) -> jax.Array:
+        """The logits' projection ``[vocab, d_model]`` in the computation dtype."""
+        weight = self.embed[...] if self.cfg.tie_embeddings else self.lm_head[...].T
+        return weight.astype(self.cfg.dtype)
+
+    def features(self, tokens, positions, segment_ids, dropout_rng=None):
+        """`hidden_states` and `output_weight`, from which a loss computes the logits itself;
+        with LoRA, as in ``__call__``."""
+        model = lora.freeze_base(self) if self.cfg.lora_rank else self
+        hidden = model.hidden_states(tokens, positions, segment_ids, dropout_rng)
+        return hidden, model.output_weight()
 
     def __call__(self, tokens, positions, segment_ids, dropout_rng=None):
         """Logits; with LoRA, the base parameters enter through ``stop_gradient`` (only the

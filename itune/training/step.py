@@ -11,6 +11,8 @@ import jax.numpy as jnp
 import optax
 from flax import nnx, struct
 
+from itune.training import chunked_loss
+
 # How the loss of a batch is averaged (`train_step`'s ``loss_normalization``).
 LOSS_NORMALIZATIONS = ("token", "sequence")
 
@@ -64,10 +66,21 @@ def cross_entropy(
     max_logit = jax.lax.stop_gradient(jnp.max(logits, axis=-1))
     log_z = max_logit + jnp.log(jnp.sum(jnp.exp(logits - max_logit[..., None]), axis=-1))
     target_logit = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
-    weights = weights.astype(jnp.float32)
-    unweighted_loss = log_z - target_logit
-    token_loss = unweighted_loss * weights
     correct = (target_logit >= max_logit).astype(jnp.float32)
+    return token_sums(log_z - target_logit, correct, weights, groups, num_groups, segment_ids)
+
+
+def token_sums(
+    unweighted_loss: jax.Array,
+    correct: jax.Array,
+    weights: jax.Array,
+    groups: jax.Array | None = None,
+    num_groups: int = 0,
+    segment_ids: jax.Array | None = None,
+) -> dict[str, jax.Array]:
+    """`cross_entropy`'s sums from each token's loss and correctness ``[batch, length]``."""
+    weights = weights.astype(jnp.float32)
+    token_loss = unweighted_loss * weights
     sums = {
         "loss_sum": jnp.sum(token_loss),
         "correct_sum": jnp.sum(correct * weights),
@@ -91,15 +104,22 @@ def batch_sums(
     dropout_rng: jax.Array | None = None,
 ):
     """`cross_entropy` sums of the model's logits; with ``sequences``, the `sequence_sums` too.
-    ``dropout_rng`` turns on the model's dropout (LoRA's)."""
+    ``dropout_rng`` turns on the model's dropout (LoRA's). With the model's
+    ``loss_vocab_chunk``, from `chunked_loss.token_log_loss` of its hidden states."""
     model = nnx.merge(graphdef, params)
     kwargs = {} if dropout_rng is None else {"dropout_rng": dropout_rng}
-    logits = model(batch["inputs"], batch["positions"], batch["segment_ids"], **kwargs)
+    inputs = (batch["inputs"], batch["positions"], batch["segment_ids"])
     groups = batch.get("source_ids") if num_groups else None
     segment_ids = batch["segment_ids"] if sequences else None
-    return cross_entropy(
-        logits, batch["targets"], batch["loss_mask"], groups, num_groups, segment_ids
-    )
+    chunk = model.cfg.loss_vocab_chunk
+    if not chunk:
+        logits = model(*inputs, **kwargs)
+        return cross_entropy(
+            logits, batch["targets"], batch["loss_mask"], groups, num_groups, segment_ids
+        )
+    hidden, weight = model.features(*inputs, **kwargs)
+    loss, correct = chunked_loss.token_log_loss(hidden, weight, batch["targets"], chunk)
+    return token_sums(loss, correct, batch["loss_mask"], groups, num_groups, segment_ids)
 
 
 def _check_normalization(loss_normalization: str) -> None:
