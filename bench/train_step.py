@@ -34,9 +34,11 @@ positions, no recomputation counted) over the matmul peak of the same dtype meas
 
 A second table times each forward projection of the step alone, in each framework's process, as
 each framework computes it: itune's `itune.model.matmul` under XLA against transformers'
-``nn.functional.linear`` (under autocast in bfloat16), on the step's own shapes. The step's
-bfloat16 figure is bounded by these products: a last line gives the seconds the step's products
-take at these rates in each framework, and the rest of each step.
+``nn.functional.linear`` (under autocast in bfloat16), on each step's own shapes: itune's loss
+computes the logits a vocabulary slice at a time (``model.loss_vocab_chunk``,
+`itune.training.chunked_loss`) and recomputes them in the backward, PyTorch's at once. A last
+line gives the seconds the step's products take at these rates in each framework, and the rest
+of each step.
 
 ``--quick`` (about 3 minutes) uses batch 2 x 512 and 2 rounds: a smoke run of the benchmark, not
 figures to quote. The default (3 rounds of 1 step per config after a warm-up step each) takes
@@ -67,7 +69,7 @@ from bench import report
 from itune import configlib, runtime, sharding
 from itune.model import matmul
 from itune.model.decoder import ModelConfig
-from itune.training import flops, optimizer, state as state_lib, step
+from itune.training import chunked_loss, flops, optimizer, state as state_lib, step
 
 PRESET = "smollm2-135m"
 # The label of PyTorch rows run with itune's malloc settings (`_serve`).
@@ -99,7 +101,9 @@ def packed_batch(batch_size: int, seq_len: int, vocab_size: int, seed: int = 0) 
 
 
 class Projection(NamedTuple):
-    """A forward projection of the step, ``[m, k] x [k, n]``, run ``per_step`` times."""
+    """A forward projection of the step, ``[m, k] x [k, n]``, run ``per_step`` times, each run
+    with ``products`` products in all (itself and its two gradients; one more where the
+    backward recomputes it)."""
 
     name: str
     m: int
@@ -107,26 +111,35 @@ class Projection(NamedTuple):
     n: int
     per_step: int
     float32_out: bool = False  # The logits.
+    products: int = 3
 
 
-def projections(model_config: ModelConfig, positions: int) -> list[Projection]:
+def projections(model_config: ModelConfig, positions: int, vocab_chunk: int) -> list[Projection]:
+    """The step's forward projections; the logits a vocabulary slice at a time with
+    ``vocab_chunk`` (as `itune.training.chunked_loss` computes them, recomputed in the backward),
+    else whole."""
     d, layers = model_config.d_model, model_config.num_layers
     heads = model_config.num_heads * model_config.head_dim
     kv = model_config.num_kv_heads * model_config.head_dim
     mlp = model_config.mlp_dim
+    if vocab_chunk:
+        count, size = chunked_loss.vocabulary_slices(model_config.vocab_size, vocab_chunk)
+        logits = Projection("logits", positions, d, size, count, float32_out=True, products=4)
+    else:
+        logits = Projection("logits", positions, d, model_config.vocab_size, 1, float32_out=True)
     return [
         Projection("query / attention output", positions, d, heads, 2 * layers),
         Projection("key / value", positions, d, kv, 2 * layers),
         Projection("MLP gate / up", positions, d, mlp, 2 * layers),
         Projection("MLP down", positions, mlp, d, layers),
-        Projection("logits", positions, d, model_config.vocab_size, 1, float32_out=True),
+        logits,
     ]
 
 
 def products_seconds(shapes: list[Projection], rates: list[float]) -> float:
-    """Seconds of the step's products (each forward projection and its two gradients) at the
+    """Seconds of the step's products (each forward projection and its gradients) at the
     forward projections' ``rates``."""
-    return sum(3 * s.per_step * 2 * s.m * s.k * s.n / r for s, r in zip(shapes, rates))
+    return sum(s.products * s.per_step * 2 * s.m * s.k * s.n / r for s, r in zip(shapes, rates))
 
 
 def best_seconds(run, repeats: int = 5) -> float:
@@ -193,7 +206,7 @@ class ItuneSteps:
         ``dtype`` operands, float32 accumulation, float32 logits and ``dtype`` otherwise)."""
         rng = np.random.default_rng(0)
         rates = []
-        for _, m, k, n, _, float32_out in shapes:
+        for _, m, k, n, _, float32_out, _ in shapes:
             out_dtype = jnp.float32 if float32_out else dtype
             product = jax.jit(functools.partial(matmul.matmul, "tk,kn->tn", dtype=dtype,
                                                 out_dtype=out_dtype))
@@ -267,7 +280,7 @@ class TorchSteps:
         torch = self.torch
         generator = torch.Generator().manual_seed(0)
         rates = []
-        for _, m, k, n, _, _ in shapes:
+        for _, m, k, n, *_ in shapes:
             x = torch.randn(m, k, generator=generator)
             w = torch.randn(n, k, generator=generator)
 
@@ -408,9 +421,12 @@ def main() -> None:
         for label, runner, variant in configs:
             seconds, losses[label] = runner.run(variant, args.steps)
             times[label].append(seconds / args.steps)
-    shapes = projections(model_config, positions)
+    shapes = {
+        "itune": projections(model_config, positions, model_config.loss_vocab_chunk),
+        "torch": projections(model_config, positions, 0),
+    }
     rates = {
-        (name, dtype): runner.matmuls(dtype, shapes)
+        (name, dtype): runner.matmuls(dtype, shapes[name])
         for name, runner in (("itune", itune), ("torch", torch_steps)) if runner is not None
         for dtype in dtypes
     }
@@ -480,11 +496,15 @@ def main() -> None:
         "`itune.model.matmul`, XLA; PyTorch: `nn.functional.linear`, under autocast in "
         "bfloat16), best of 5, GFLOP/s:\n"
     )
+    def shape(p: Projection) -> str:
+        return f"[{p.m}, {p.k}] x [{p.k}, {p.n}]" + (f" x {p.per_step}" if p.per_step > 1 else "")
+
     matmul_rows = []
     for dtype in dtypes:
-        for i, (name, m, k, n, _, _) in enumerate(shapes):
+        for i, (ours, theirs) in enumerate(zip(shapes["itune"], shapes["torch"], strict=True)):
             xla = rates["itune", dtype][i]
-            row = [f"{name}, {dtype}", f"[{m}, {k}] x [{k}, {n}]", f"{xla / 1e9:.0f}"]
+            shapes_text = shape(ours) if ours == theirs else f"{shape(ours)} / {shape(theirs)}"
+            row = [f"{ours.name}, {dtype}", shapes_text, f"{xla / 1e9:.0f}"]
             if ("torch", dtype) in rates:
                 torch_rate = rates["torch", dtype][i]
                 row += [f"{torch_rate / 1e9:.0f}", f"{xla / torch_rate:.2f}x"]
@@ -499,8 +519,8 @@ def main() -> None:
             continue
         itune_step = statistics.median(times[f"itune {dtype}, remat={remats[-1]}"])
         torch_step = statistics.median(times[torch_label.format(dtype)])
-        itune_products = products_seconds(shapes, rates["itune", dtype])
-        torch_products = products_seconds(shapes, rates["torch", dtype])
+        itune_products = products_seconds(shapes["itune"], rates["itune", dtype])
+        torch_products = products_seconds(shapes["torch"], rates["torch", dtype])
         with_torch_products = itune_step - itune_products + torch_products
         print(
             f"{dtype}: at these rates the step's products (each projection and its two "
