@@ -30,7 +30,7 @@ def get_config(arg=None):
             c.model = configlib.model_section("tiny")
         else:
             # The logits at once: computed a vocabulary slice at a time, the step needed 13.65
-            # instead of 10.94 GiB per chip here (`itune-preflight`).
+            # instead of 11.62 GiB per chip here (`itune-preflight`).
             c.model = configlib.model_section(
                 "gemma-2b", dtype="bfloat16", remat="full", loss_vocab_chunk=0
             )

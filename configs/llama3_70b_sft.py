@@ -26,11 +26,7 @@ def get_config(arg=None):
     c = llama3_8b_sft.get_config("runlocal" if arg.runlocal else None)
     with c.unlocked():
         if not arg.runlocal:
-            # The logits at once: computed a vocabulary slice at a time, the step needed 32.49
-            # instead of 27.65 GiB per chip here (`itune-preflight`).
-            c.model = configlib.model_section(
-                "llama3-70b", dtype="bfloat16", remat="full", loss_vocab_chunk=0
-            )
+            c.model = configlib.model_section("llama3-70b", dtype="bfloat16", remat="full")
             c.data.global_batch_size = 128
         c.preflight.topology = "v5p-256"
     c.lock()
