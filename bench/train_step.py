@@ -523,9 +523,9 @@ def main() -> None:
         torch_products = products_seconds(shapes["torch"], rates["torch", dtype])
         with_torch_products = itune_step - itune_products + torch_products
         print(
-            f"{dtype}: at these rates the step's products (each projection and its two "
-            f"gradients) take {itune_products:.1f} s in itune and {torch_products:.1f} s in "
-            f"PyTorch; the rest of the step {itune_step - itune_products:.1f} s and "
+            f"{dtype}: at these rates the step's products (each projection and its "
+            f"gradients; itune's logits recomputed too) take {itune_products:.1f} s in itune "
+            f"and {torch_products:.1f} s in PyTorch; the rest of the step {itune_step - itune_products:.1f} s and "
             f"{torch_step - torch_products:.1f} s. itune with PyTorch's products: "
             f"{torch_step / with_torch_products:.2f}x PyTorch.\n"
         )
