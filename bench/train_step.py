@@ -526,8 +526,8 @@ def main() -> None:
             f"{dtype}: at these rates the step's products (each projection and its "
             f"gradients; itune's logits recomputed too) take {itune_products:.1f} s in itune "
             f"and {torch_products:.1f} s in PyTorch; the rest of the step "
-            f"{itune_step - itune_products:.1f} s and {torch_step - torch_products:.1f} s. itune with PyTorch's products: "
-            f"{torch_step / with_torch_products:.2f}x PyTorch.\n"
+            f"{itune_step - itune_products:.1f} s and {torch_step - torch_products:.1f} s. "
+            f"itune with PyTorch's products: {torch_step / with_torch_products:.2f}x PyTorch.\n"
         )
 
 
