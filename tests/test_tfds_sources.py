@@ -2,6 +2,7 @@
 
 import json
 import socket
+import tempfile
 
 import ml_collections
 import numpy as np
@@ -171,6 +172,19 @@ def test_not_prepared_names_the_dataset_and_data_dir(prepared, tmp_path):
         read_tfds("mnist", "train", str(tmp_path))
     with pytest.raises(ValueError, match="Unknown split"):
         list(read_tfds("itune_chat/mine", "test", data_dir))
+
+
+def test_preparing_and_looking_up_write_nothing_outside_data_dir(tmp_path, monkeypatch):
+    system_temp = tmp_path / "system_temp"
+    system_temp.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(system_temp))
+    path = _jsonl(tmp_path / "a.jsonl", ALPACA)
+    data_dir = str(tmp_path / "tfds")
+    prepare_jsonl_dataset("once", {"train": [path]}, data_dir)
+    with pytest.raises(DatasetNotPreparedError):
+        read_tfds("itune_chat/absent:1.0.0", "train", data_dir)
+    assert list(read_tfds("itune_chat/once", "train", data_dir)) == _expected("once", [path])
+    assert list(system_temp.iterdir()) == []
 
 
 def test_bad_record_raises_the_sources_data_error(tmp_path):

@@ -34,6 +34,7 @@ entry with a ``tfds`` key (see `TfdsSourceSpec`)::
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import logging
@@ -167,7 +168,8 @@ def prepare_jsonl_dataset(
         field_map=field_map,
         role_map=role_map,
     )
-    builder = ChatJsonl(config=config, data_dir=data_dir)
+    with _tfds_temp_folders_removed():
+        builder = ChatJsonl(config=config, data_dir=data_dir)
     if builder.is_prepared() and not overwrite:
         stored = json.loads((builder.data_path / _METADATA_FILE).read_text())
         if stored != config.recipe():
@@ -187,6 +189,21 @@ def prepare_jsonl_dataset(
     with tempfile.TemporaryDirectory() as scratch:
         builder.download_and_prepare(download_dir=scratch, download_config=download)
     return builder
+
+
+@contextlib.contextmanager
+def _tfds_temp_folders_removed() -> Iterator[None]:
+    """Keeps the folders TFDS makes in the system temp dir inside one that is removed on exit.
+
+    A builder of a dataset not yet prepared makes a ``tmp*tfds`` folder there for metadata from
+    its GCS bucket (`tfds.core.DatasetInfo.initialize_from_bucket`) and leaves it behind.
+    """
+    with tempfile.TemporaryDirectory() as scratch:
+        system_temp, tempfile.tempdir = tempfile.tempdir, scratch
+        try:
+            yield
+        finally:
+            tempfile.tempdir = system_temp
 
 
 def _files_by_split(name: str, files_by_split: Mapping[str, Any]) -> dict[str, list[str]]:
@@ -323,7 +340,8 @@ def load_builder(name: str, data_dir: str | None = None, try_gcs: bool = False):
     tfds.core.naming.parse_builder_name_kwargs(name)  # A malformed name raises as it is.
     kwargs = {} if data_dir is None else {"data_dir": str(data_dir)}
     try:
-        builder = tfds.builder(name, try_gcs=try_gcs, **kwargs)
+        with _tfds_temp_folders_removed():
+            builder = tfds.builder(name, try_gcs=try_gcs, **kwargs)
         if builder.is_prepared():
             return builder
     except (tfds.core.DatasetNotFoundError, ValueError):
