@@ -18,6 +18,7 @@ Hugging Face LLaMA), so they are un-permuted here as transformers' GGUF loader d
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
 from typing import Any, Callable
 
@@ -98,6 +99,23 @@ class _File:
                 ) from e
         shape = self.shape(name)
         return np.asarray(out, np.float32).reshape((-1,) + shape[1:] if len(shape) > 1 else -1)
+
+
+def _open(path: str | os.PathLike) -> _File:
+    """The parsed file, read once per process while it is unchanged: parsing the metadata of a
+    tokenizer's vocabulary and merges takes seconds, and loading a model asks for it several
+    times (its config, its weights, its tokenizer)."""
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"no GGUF file at {path}")
+    stat = os.stat(path)
+    return _parsed(path, stat.st_mtime_ns, stat.st_size)
+
+
+@functools.lru_cache(maxsize=2)
+def _parsed(path: str, mtime_ns: int, size: int) -> _File:
+    del mtime_ns, size  # Only keys: a rewritten file is parsed again.
+    return _File(path)
 
 
 def _meta(key: str) -> str:
@@ -225,7 +243,7 @@ def gguf_config(
 ) -> ModelConfig:
     """The `ModelConfig` of a LLaMA-architecture GGUF file, from its metadata; ``overrides`` set
     other fields (``attention``, ``remat``...)."""
-    return _config(_File(path), param_dtype, dtype, overrides)
+    return _config(_open(path), param_dtype, dtype, overrides)
 
 
 def _expected_tensors(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
@@ -361,7 +379,7 @@ def load_gguf(
     one, on the first device) and stored as ``param_dtype``; ``overrides`` set `ModelConfig`
     fields that leave the parameters' shapes alone (``attention``, ``remat``, ``scan_layers``...).
     A missing or misshapen tensor, or metadata itune cannot honour, is a ValueError naming it."""
-    file = _File(path)
+    file = _open(path)
     cfg = _config(file, param_dtype, dtype, overrides)
     _check_tensors(file, cfg)
     graphdef, params = place_params(cfg, _reader(file, cfg), mesh, rules)
@@ -379,7 +397,7 @@ def load_gguf_tokenizer(path: str | os.PathLike):
     # Imported here: it imports TensorFlow, which loading a model does not need.
     from itune.data.hf_tokenizer import HFTokenizer, _byte_decoder  # noqa: PLC0415
 
-    file = _File(path)
+    file = _open(path)
     model = file.require("tokenizer.ggml.model")
     if model != "gpt2":
         raise ValueError(
