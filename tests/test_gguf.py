@@ -413,6 +413,16 @@ def test_tiny_file_layout_types_and_sharded_load(tmp_path):
         np.testing.assert_array_equal(a.astype(jnp.bfloat16), b, err_msg=name)
 
 
+def test_a_rewritten_file_is_read_again(tmp_path):
+    path = tmp_path / "tiny.gguf"
+    write_gguf(path, tiny_weights(0))
+    first = host_params(gguf_import.load_gguf(path)[2])
+    assert gguf_import.gguf_config(path).vocab_size == TINY["vocab"]  # Parsed once, read twice.
+    write_gguf(path, tiny_weights(1), metadata={"general.name": "rewritten"})
+    second = host_params(gguf_import.load_gguf(path)[2])
+    assert any(not np.array_equal(a, b) for (_, a), (_, b) in zip(first, second))
+
+
 def llama3_factors(theta, head_dim, factor, low, high, original) -> np.ndarray:
     """The rope_freqs.weight convert_hf_to_gguf.py writes for Llama 3 scaling."""
     out = []
