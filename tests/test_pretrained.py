@@ -1,4 +1,7 @@
-"""Fine-tuning a pretrained model: ``config.init_from`` (full and LoRA) on the real SmolLM2."""
+"""Fine-tuning a pretrained model: ``config.init_from`` (full and LoRA) on the real SmolLM2.
+
+The runs are ``configs/smollm2_gsm8k.py`` in its ``runlocal`` form, through ``itune-train``.
+"""
 
 import json
 import os
@@ -59,6 +62,12 @@ def test_full_fine_tune_starts_from_the_pretrained_weights(shared_dir, pretraine
     task = report["tasks"]["gsm8k_held_out"]
     assert task["n"] == 2 and set(task["metrics"]) == {"exact_match", "answer_form"}
     assert "gsm8k_held_out" in result.stdout + result.stderr
+    # What tests/test_configs.py checks of every other shipped config.
+    results = json.loads((tmp_path / "frozen" / "eval_results.json").read_text())
+    assert "eval_loss" in results and set(results["eval_loss_per_source"]) == {"gsm8k"}
+    saved = json.loads((tmp_path / "frozen" / "config.json").read_text())
+    assert saved["train"]["num_steps"] == 1
+    assert (tmp_path / "frozen" / "checkpoints" / "1").is_dir()
     # A real learning rate moves the weights.
     _train(tmp_path / "trained", "")
     moved = _flat(model_dir.load_model(str(tmp_path / "trained")).params)
