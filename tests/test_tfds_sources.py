@@ -3,6 +3,7 @@
 import json
 import socket
 import tempfile
+from unittest import mock
 
 import ml_collections
 import numpy as np
@@ -244,9 +245,11 @@ class QaToy(tfds.core.GeneratorBasedBuilder, skip_registration=True):
 @pytest.fixture(scope="module")
 def qa_toy(tmp_path_factory):
     data_dir = str(tmp_path_factory.mktemp("qa"))
-    QaToy(data_dir=data_dir).download_and_prepare(
-        download_config=tfds.download.DownloadConfig(try_download_gcs=False)
-    )
+    # A new builder leaves a folder in the system temp dir; it goes to the test's own instead.
+    with mock.patch.object(tempfile, "tempdir", str(tmp_path_factory.mktemp("temp"))):
+        QaToy(data_dir=data_dir).download_and_prepare(
+            download_config=tfds.download.DownloadConfig(try_download_gcs=False)
+        )
     return data_dir
 
 
