@@ -413,13 +413,18 @@ def test_tiny_file_layout_types_and_sharded_load(tmp_path):
         np.testing.assert_array_equal(a.astype(jnp.bfloat16), b, err_msg=name)
 
 
-def test_a_rewritten_file_is_read_again(tmp_path):
+def test_a_file_is_parsed_once_and_again_when_rewritten(tmp_path, monkeypatch):
+    parsed = []
+    reader = gguf.GGUFReader
+    monkeypatch.setattr(gguf, "GGUFReader", lambda p: parsed.append(p) or reader(p))
     path = tmp_path / "tiny.gguf"
     write_gguf(path, tiny_weights(0))
     first = host_params(gguf_import.load_gguf(path)[2])
-    assert gguf_import.gguf_config(path).vocab_size == TINY["vocab"]  # Parsed once, read twice.
+    assert gguf_import.gguf_config(path).vocab_size == TINY["vocab"]
+    assert len(parsed) == 1
     write_gguf(path, tiny_weights(1), metadata={"general.name": "rewritten"})
     second = host_params(gguf_import.load_gguf(path)[2])
+    assert len(parsed) == 2
     assert any(not np.array_equal(a, b) for (_, a), (_, b) in zip(first, second))
 
 

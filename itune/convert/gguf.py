@@ -57,8 +57,6 @@ class _File:
 
     def __init__(self, path: str | os.PathLike):
         self.path = os.fspath(path)
-        if not os.path.isfile(self.path):
-            raise FileNotFoundError(f"no GGUF file at {self.path}")
         try:
             self.reader = gguf.GGUFReader(self.path)
         except (ValueError, OSError) as e:
