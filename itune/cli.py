@@ -43,7 +43,7 @@ def define_model_flags() -> None:
     flags.DEFINE_float("temperature", 0.0, "Sampling temperature; 0 is greedy.")
     flags.DEFINE_integer("top_k", 0, "Sample from the k most likely tokens only; 0: all.")
     flags.DEFINE_float("top_p", 1.0, "Sample from the top-p nucleus only; 1: all.")
-    flags.DEFINE_integer("seed", 0, "Seed of the sampling.")
+    flags.DEFINE_integer("seed", 0, "Seed of the sampling.", lower_bound=0, upper_bound=2**32 - 1)
     flags.DEFINE_integer("batch_size", 32, "Prompts decoded together.")
 
 

@@ -1,6 +1,10 @@
-"""Test set-up: 8 CPU devices for mesh tests (before jax is imported), quiet TensorFlow."""
+"""Test set-up: 8 CPU devices for mesh tests (before jax is imported), quiet TensorFlow, and one
+XLA compilation cache for the session."""
 
+import atexit
 import os
+import shutil
+import tempfile
 
 os.environ["XLA_FLAGS"] = (
     os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
@@ -8,6 +12,11 @@ os.environ["XLA_FLAGS"] = (
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
+# Tests and the command-line runs they start compile many of the same programs (the real
+# SmolLM2's decode loop, the smoke config's train step): JAX's persistent cache compiles each once.
+if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix="itune-tests-xla-")
+    atexit.register(shutil.rmtree, os.environ["JAX_COMPILATION_CACHE_DIR"], ignore_errors=True)
 
 import pathlib
 

@@ -93,7 +93,9 @@ def test_greedy_is_deterministic_and_seeded_sampling_repeats():
     a = sampler.generate(graphdef, params, prompts, hot, pad_id=PAD)
     assert a == sampler.generate(graphdef, params, prompts, hot, pad_id=PAD)
     other_seed = sampler.SamplingConfig(max_new_tokens=8, temperature=1.5, seed=2)
+    compiled = sampler._generate._cache_size()
     assert a != sampler.generate(graphdef, params, prompts, other_seed, pad_id=PAD)
+    assert sampler._generate._cache_size() == compiled, "a new seed compiled a new program"
     assert a != first
 
 
@@ -180,3 +182,5 @@ def test_bad_sampling_settings_are_rejected():
         sampler.SamplingConfig(temperature=-1)
     with pytest.raises(ValueError, match="max_new_tokens"):
         sampler.SamplingConfig(max_new_tokens=0)
+    with pytest.raises(ValueError, match="seed"):
+        sampler.SamplingConfig(seed=-1)

@@ -59,6 +59,8 @@ class SamplingConfig:
             raise ValueError(f"top_k={self.top_k}; expected >= 0")
         if not 0.0 < self.top_p <= 1.0:
             raise ValueError(f"top_p={self.top_p}; expected 0 < top_p <= 1")
+        if not 0 <= self.seed < 2**32:
+            raise ValueError(f"seed={self.seed}; expected 0 <= seed < 2**32")
 
 
 def filter_logits(logits: jax.Array, top_k: int, top_p: float) -> jax.Array:
@@ -92,13 +94,23 @@ def pick_tokens(logits: jax.Array, keys: jax.Array, sampling: SamplingConfig) ->
     jax.jit, static_argnames=("graphdef", "sampling", "cache_len", "pad_id", "return_logits")
 )
 def _generate(
-    params, tokens, lengths, prompt_indices, *, graphdef, sampling, cache_len, pad_id, return_logits
+    params,
+    tokens,
+    lengths,
+    prompt_indices,
+    seed,
+    *,
+    graphdef,
+    sampling,
+    cache_len,
+    pad_id,
+    return_logits,
 ):
     model = nnx.merge(graphdef, params)
     batch, prompt_len = tokens.shape
     steps = sampling.max_new_tokens
     stop_ids = jnp.asarray(sampling.stop_ids or (-1,), jnp.int32)
-    base_key = jax.random.key(sampling.seed)
+    base_key = jax.random.key(seed)
     row_keys = jax.vmap(lambda i: jax.random.fold_in(base_key, i))(prompt_indices)
     rows = jnp.arange(batch)
 
@@ -178,6 +190,8 @@ def generate(
         batch_size = _round_up(batch_size, shards)
     prompt_len = _round_up(max(map(len, prompts)), LENGTH_BUCKET)
     cache_len = _round_up(prompt_len + sampling.max_new_tokens, LENGTH_BUCKET)
+    # The seed is an argument of the compiled program, not part of it: a new seed reuses it.
+    unseeded = dataclasses.replace(sampling, seed=0)
     outputs, all_logits = [], []
     for start in range(0, len(prompts), batch_size):
         chunk = list(prompts[start : start + batch_size])
@@ -195,8 +209,9 @@ def generate(
             out, seen = _generate(
                 params,
                 *args,
+                np.uint32(sampling.seed),
                 graphdef=graphdef,
-                sampling=sampling,
+                sampling=unseeded,
                 cache_len=cache_len,
                 pad_id=pad_id,
                 return_logits=return_logits,
