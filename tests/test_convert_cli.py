@@ -13,10 +13,10 @@ from tests.conftest import REPO
 GGUF = "models/smollm2-135m-instruct/SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
-def _run(module, *args, timeout=600, input_text=None):
+def _run(module, *args, timeout=600, input_text=None, python_options=()):
     env = dict(os.environ, PYTHONPATH=str(REPO))
     env.pop("XLA_FLAGS", None)  # One CPU device, as a user would have.
-    cmd = [sys.executable, "-m", module, *map(str, args)]
+    cmd = [sys.executable, *python_options, "-m", module, *map(str, args)]
     return subprocess.run(
         cmd,
         env=env,

@@ -1,6 +1,7 @@
 """itune-generate (sampling flags), itune-chat and itune-eval end to end on the real SmolLM2."""
 
 import json
+import re
 
 import pytest
 
@@ -28,8 +29,11 @@ def test_itune_generate_samples_reproducibly_with_a_seed(gguf, tmp_path):
             "--top_k=50",
             f"--seed={seed}",
             f"--output={out}",
+            python_options=("-X", "importtime"),  # Each import, on stderr.
         )
         assert result.returncode == 0, result.stderr[-3000:]
+        # TensorFlow feeds training data only; importing it would add seconds to every start.
+        assert not re.search(r"\|\s*tensorflow$", result.stderr, re.M)
         outputs.append([json.loads(line)["answer"] for line in out.read_text().splitlines()])
     assert outputs[0] == outputs[1] and len(outputs[0]) == 2
     assert outputs[0] != outputs[2]

@@ -415,8 +415,8 @@ def test_tiny_file_layout_types_and_sharded_load(tmp_path):
 
 def test_a_file_is_parsed_once_and_again_when_rewritten(tmp_path, monkeypatch):
     parsed = []
-    reader = gguf.GGUFReader
-    monkeypatch.setattr(gguf, "GGUFReader", lambda p: parsed.append(p) or reader(p))
+    reader = gguf_import._Reader
+    monkeypatch.setattr(gguf_import, "_Reader", lambda p: parsed.append(p) or reader(p))
     path = tmp_path / "tiny.gguf"
     write_gguf(path, tiny_weights(0))
     first = host_params(gguf_import.load_gguf(path)[2])

@@ -52,13 +52,27 @@ _PLAIN_TYPES = {
 }
 
 
+class _Reader(gguf.GGUFReader):
+    """`gguf.GGUFReader` over a plain array view of its memory map. Parsing a vocabulary slices
+    the map a quarter of a million times, and numpy's memmap subclass adds Python work to each
+    slice: the plain view parses SmolLM2's metadata in a third of the time."""
+
+    @property
+    def data(self) -> np.ndarray:
+        return self._data
+
+    @data.setter
+    def data(self, mapped: np.ndarray) -> None:
+        self._data = mapped.view(np.ndarray)  # Still backed by the map.
+
+
 class _File:
     """A GGUF file's metadata and tensors (memory-mapped: nothing is read until asked for)."""
 
     def __init__(self, path: str | os.PathLike):
         self.path = os.fspath(path)
         try:
-            self.reader = gguf.GGUFReader(self.path)
+            self.reader = _Reader(self.path)
         except (ValueError, OSError) as e:
             raise ValueError(f"{self.path}: not a readable GGUF file ({e})") from e
         self.tensors = {t.name: t for t in self.reader.tensors}

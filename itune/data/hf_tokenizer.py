@@ -13,11 +13,10 @@ import os
 from typing import Any, Mapping, Sequence
 
 import numpy as np
-import tensorflow as tf
 import tokenizers
 from tokenizers import AddedToken, decoders, models, pre_tokenizers
 
-from itune.data.tokenizer import SentencePieceTokenizer, fallback_id
+from itune.data.tokenizer import SentencePieceTokenizer, fallback_id, gfile
 
 # Pre-tokenizers for a vocab.json + merges.txt, by the names of llama.cpp's `tokenizer.ggml.pre`.
 # SmolLM2 ("smollm") and StarCoder split digits singly before GPT-2's regex, as their
@@ -69,9 +68,9 @@ def _pre_tokenizer(name: str) -> pre_tokenizers.PreTokenizer:
 
 
 def _read_text(path: str, what: str) -> str:
-    if not tf.io.gfile.exists(path):
+    if not gfile().exists(path):
         raise FileNotFoundError(f"no {what} at {path}")
-    with tf.io.gfile.GFile(path, "r") as f:
+    with gfile().GFile(path, "r") as f:
         return f.read()
 
 
@@ -227,12 +226,12 @@ class HFTokenizer:
         in itune's shared files) or, in a Hugging Face layout, ``tokenizer_config.json`` and
         ``special_tokens_map.json``.
         """
-        if not tf.io.gfile.isdir(path):
+        if not gfile().isdir(path):
             raise FileNotFoundError(f"no tokenizer directory at {path}")
 
         def optional_json(name: str) -> dict:
             file = os.path.join(path, name)
-            return _read_json(file, name) if tf.io.gfile.exists(file) else {}
+            return _read_json(file, name) if gfile().exists(file) else {}
 
         meta = optional_json("tokenizer_meta.json")
         config = optional_json("tokenizer_config.json")
@@ -249,10 +248,10 @@ class HFTokenizer:
         kwargs = dict(special, name=path, add_bos_token=add_bos)
 
         tokenizer_json = os.path.join(path, "tokenizer.json")
-        if tf.io.gfile.exists(tokenizer_json):
+        if gfile().exists(tokenizer_json):
             return cls.from_tokenizer_json(tokenizer_json, **kwargs)
         vocab_json, merges_txt = os.path.join(path, "vocab.json"), os.path.join(path, "merges.txt")
-        if not tf.io.gfile.exists(vocab_json) and not tf.io.gfile.exists(merges_txt):
+        if not gfile().exists(vocab_json) and not gfile().exists(merges_txt):
             raise FileNotFoundError(
                 f"no tokenizer at {path}: it has neither tokenizer.json nor vocab.json + merges.txt"
             )
@@ -354,11 +353,11 @@ class HFTokenizer:
 def load_tokenizer_path(path: str) -> SentencePieceTokenizer | HFTokenizer:
     """A SentencePiece ``.model`` file, a ``tokenizer.json`` file, or a directory of either
     Hugging Face layout (see `HFTokenizer.from_directory`)."""
-    if tf.io.gfile.isdir(path):
+    if gfile().isdir(path):
         return HFTokenizer.from_directory(path)
     if path.endswith(".json"):
         return HFTokenizer.from_tokenizer_json(path)
-    if not tf.io.gfile.exists(path):
+    if not gfile().exists(path):
         raise FileNotFoundError(
             f"data.tokenizer.path: no tokenizer at {path} (expected a SentencePiece .model file, "
             "a tokenizer.json or a directory holding one)"

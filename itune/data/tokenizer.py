@@ -14,7 +14,6 @@ import os
 from typing import Iterable, Iterator, Protocol, Sequence
 
 import sentencepiece as spm
-import tensorflow as tf
 
 
 class Tokenizer(Protocol):
@@ -51,9 +50,9 @@ class SentencePieceTokenizer:
 
     @classmethod
     def from_file(cls, path: str) -> "SentencePieceTokenizer":
-        if not tf.io.gfile.exists(path):
+        if not gfile().exists(path):
             raise FileNotFoundError(f"data.tokenizer.path: no SentencePiece model at {path}")
-        with tf.io.gfile.GFile(path, "rb") as f:
+        with gfile().GFile(path, "rb") as f:
             return cls(f.read(), name=path)
 
     def encode_with_offsets(self, text: str) -> tuple[list[int], list[tuple[int, int]]]:
@@ -163,17 +162,25 @@ def cached_sentencepiece(
         ).encode()
     ).hexdigest()[:12]
     path = os.path.join(cache_dir, f"spm_{vocab_size}_{digest}.model")
-    if tf.io.gfile.exists(path):
+    if gfile().exists(path):
         logging.info("Reusing SentencePiece model %s", path)
         return SentencePieceTokenizer.from_file(path)
     logging.info("Training a SentencePiece vocabulary of %d on the built-in corpus", vocab_size)
     proto = train_sentencepiece(lines_fn(), vocab_size, special_tokens, byte_fallback)
-    tf.io.gfile.makedirs(cache_dir)
+    gfile().makedirs(cache_dir)
     tmp = path + ".tmp"
-    with tf.io.gfile.GFile(tmp, "wb") as f:
+    with gfile().GFile(tmp, "wb") as f:
         f.write(proto)
-    tf.io.gfile.rename(tmp, path, overwrite=True)
+    gfile().rename(tmp, path, overwrite=True)
     return SentencePieceTokenizer(proto, name=path)
+
+
+def gfile():
+    """`tf.io.gfile` (local and cloud paths), imported on first use: TensorFlow takes seconds to
+    import, and the commands that only decode never need it."""
+    import tensorflow as tf  # noqa: PLC0415
+
+    return tf.io.gfile
 
 
 def _lines(lines: Iterable[str]) -> Iterator[str]:
