@@ -13,6 +13,9 @@ import os
 import shutil
 from typing import Any, Mapping
 
+from itune.data.hf_tokenizer import HFTokenizer, load_tokenizer_path
+from itune.data.tokenizer import SentencePieceTokenizer
+
 # Tokenizer files of a Hugging Face model folder, copied as they are.
 TOKENIZER_FILES = (
     "tokenizer.json",
@@ -41,8 +44,6 @@ def save_tokenizer(path: str, tokenizer: Any, chat_format: Any = None) -> dict[s
     """Writes ``tokenizer`` (a folder, an `HFTokenizer` or a `SentencePieceTokenizer`) into the
     folder ``path`` with ``chat_format``'s template; returns the ``bos/eos/pad_token_id`` for
     config.json. `load_hf_tokenizer` reads it back."""
-    from itune.data.hf_tokenizer import HFTokenizer  # noqa: PLC0415  (imports TensorFlow)
-    from itune.data.tokenizer import SentencePieceTokenizer  # noqa: PLC0415
 
     config: dict[str, Any] = {}
     meta_template = None  # The template of an itune folder's GGUF metadata.
@@ -126,8 +127,6 @@ def save_tokenizer(path: str, tokenizer: Any, chat_format: Any = None) -> dict[s
 
 
 def _load_tokenizer(path: str):
-    from itune.data.hf_tokenizer import load_tokenizer_path  # noqa: PLC0415
-
     has_fast = any(os.path.exists(os.path.join(path, f)) for f in ("tokenizer.json", "vocab.json"))
     if not has_fast and os.path.exists(os.path.join(path, "tokenizer.model")):
         return load_tokenizer_path(os.path.join(path, "tokenizer.model"))
