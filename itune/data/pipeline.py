@@ -406,9 +406,15 @@ class BatchIterator:
             raise item.error
         return item
 
-    def close(self) -> None:
+    def close(self, timeout: float = 10.0) -> None:
         self._stop.set()
-        self._thread.join(timeout=10)
+        self._thread.join(timeout)
+        if self._thread.is_alive():
+            logging.warning(
+                "The input pipeline's reader thread did not stop within %g s; it is left to "
+                "the interpreter's exit.",
+                timeout,
+            )
 
 
 @dataclasses.dataclass
