@@ -1,12 +1,9 @@
 """The tf.data pipeline: determinism, exact resume position, global batches, tokenizer choice."""
 
 import itertools
-import logging
-import threading
 
 import numpy as np
 import pytest
-import tensorflow as tf
 
 from itune import sharding
 from itune.data import mixture, pipeline, sources, tasks
@@ -313,22 +310,3 @@ def test_a_shard_without_training_examples_is_an_error(tmp_path):
     with pytest.raises(ValueError, match=r"data.sources.tiny .*tiny.jsonl.* data shard\(s\) \[0\]"):
         mixture.load_sources(config.data, (4, range(4)))
     assert len(mixture.load_sources(config.data, (2, range(2)))[0]) == 3
-
-
-def test_closing_a_reader_stuck_in_its_source_says_so(caplog):
-    entered, release = threading.Event(), threading.Event()
-
-    def slow_rows():
-        entered.set()
-        release.wait()
-        yield np.int32(1)
-
-    ds = tf.data.Dataset.from_generator(slow_rows, output_signature=tf.TensorSpec((), tf.int32))
-    batches = pipeline.BatchIterator(ds)
-    assert entered.wait(timeout=60)
-    with caplog.at_level(logging.WARNING):
-        batches.close(timeout=0.2)
-    assert "reader thread did not stop within 0.2 s" in caplog.text
-    release.set()  # The reader gets its row, sees the stop and ends.
-    batches.close()
-    assert not batches._thread.is_alive()

@@ -406,15 +406,9 @@ class BatchIterator:
             raise item.error
         return item
 
-    def close(self, timeout: float = 10.0) -> None:
+    def close(self) -> None:
         self._stop.set()
-        self._thread.join(timeout)
-        if self._thread.is_alive():
-            logging.warning(
-                "The input pipeline's reader thread did not stop within %g s; it is left to "
-                "the interpreter's exit.",
-                timeout,
-            )
+        self._thread.join(timeout=10)
 
 
 @dataclasses.dataclass

@@ -227,8 +227,7 @@ def train_and_evaluate(config: Any, workdir: str) -> dict:
     batches.close()
     watch.close()
 
-    # Closing (not only waiting) stops Orbax's writer threads before the interpreter exits.
-    ckpt.close()
+    ckpt.wait_until_finished()
     pipeline.log_stats("Train", packing_stats, spec.seq_len, config.data.max_dropped_share)
     if not results and start_step >= num_steps:
         logging.info("Already trained to step %d; evaluating the last checkpoint.", num_steps)
