@@ -22,6 +22,7 @@ import pathlib
 import statistics
 import sys
 import tempfile
+import threading
 import time
 
 import jax
@@ -186,8 +187,9 @@ class PipelineRound:
 
     def __init__(self, name: str, data_config, spec: pipeline.DataSpec):
         self.name, self.data_config, self.spec = name, data_config, spec
-        dataset, self.stats = pipeline.train_dataset(data_config, spec)
-        self.batches = pipeline.BatchIterator(dataset)
+        stop = threading.Event()
+        dataset, self.stats = pipeline.train_dataset(data_config, spec, stop=stop)
+        self.batches = pipeline.BatchIterator(dataset, stop=stop)
         self.first = next(self.batches)
         self.results: list[tuple[float, int, int]] = []  # (seconds, tokens, batches)
 

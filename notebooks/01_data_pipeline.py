@@ -32,6 +32,7 @@ import os
 import pathlib
 import sys
 import tempfile
+import threading
 
 from itune import cli
 
@@ -128,13 +129,15 @@ for name, (fmt, tokenizer) in formats.items():
 # `:runlocal` packs them into rows of 256 tokens. Each chat becomes next-token `inputs`,
 # `targets` and `loss_mask`; the first-fit packer puts several into a row, told apart by
 # `segment_ids` (0 is padding) with `positions` restarting at each. `train_dataset` is the
-# infinite `tf.data` stream of batches, read ahead by a `BatchIterator` thread.
+# endless `tf.data` stream of batches, read ahead by a `BatchIterator` thread; the shared `stop`
+# lets `close` end the stream before the reader goes.
 
 # %%
 config = sft_mix.get_config("runlocal")
 spec = pipeline.make_spec(config.data, str(workdir))
-dataset, _ = pipeline.train_dataset(config.data, spec)
-batches = pipeline.BatchIterator(dataset)
+stop = threading.Event()
+dataset, _ = pipeline.train_dataset(config.data, spec, stop=stop)
+batches = pipeline.BatchIterator(dataset, stop=stop)
 batch = next(batches)
 batches.close()
 print({k: v.shape for k, v in batch.items()})

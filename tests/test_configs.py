@@ -6,6 +6,7 @@
 
 import importlib.util
 import json
+import threading
 
 import pytest
 
@@ -34,7 +35,12 @@ def test_config_runs_one_step(path, tmp_path, request):
     config = _load(path, "runlocal")
     with config.unlocked():
         config.train.num_steps = 1
+    threads = {t.ident for t in threading.enumerate()}
     results = train_and_evaluate(config, str(tmp_path))
+    # The run stops the threads it started (the input pipeline's reader, Orbax's writers), so
+    # runs in one process (a notebook) do not pile them up. tqdm's monitor is tqdm's own.
+    left = [t.name for t in threading.enumerate() if t.ident not in threads]
+    assert set(left) <= {"tqdm_monitor"}, left
     assert "eval_loss" in results and results["eval_loss_per_source"]
     if not config.data.sources:
         assert set(results) >= {"trained_templates", "held_out_templates"}

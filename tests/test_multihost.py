@@ -9,7 +9,7 @@ import sys
 from tests.conftest import REPO
 
 _SCRIPT = """
-import hashlib, sys
+import hashlib, sys, threading
 import jax
 num_processes, process_id, port, workdir, shared = map(str, sys.argv[1:6])
 if int(num_processes) > 1:
@@ -35,8 +35,9 @@ for source in spec.sources:
     print("READ", jax.process_index(), source.name, source.stats.read, len(source))
 mesh = sharding.make_mesh(config.mesh)
 batch_sharding = sharding.batch_sharding(mesh, sharding.DEFAULT_RULES)
-ds, _ = pipeline.train_dataset(config.data, spec)
-batches = pipeline.BatchIterator(ds)
+stop = threading.Event()
+ds, _ = pipeline.train_dataset(config.data, spec, stop=stop)
+batches = pipeline.BatchIterator(ds, stop=stop)
 for _ in range(3):
     batch = pipeline.global_batch(next(batches), batch_sharding)
     full = {k: multihost_utils.process_allgather(v, tiled=True) for k, v in batch.items()}

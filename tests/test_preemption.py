@@ -128,3 +128,27 @@ def test_non_finite_steps_are_skipped_counted_and_stop_the_run(tmp_path):
         int(p.name) for p in (tmp_path / "run/checkpoints").iterdir() if p.name.isdigit()
     ):
         assert all(np.isfinite(x).all() for x in _params(tmp_path / "run", step))
+
+
+def test_a_run_stopped_by_non_finite_steps_leaves_no_threads_or_handler_behind(tmp_path):
+    import threading
+
+    import pytest
+
+    from configs import smoke
+    from itune.training.trainer import train_and_evaluate
+
+    config = smoke.get_config("runlocal")
+    with config.unlocked():
+        config.train.num_steps = 3
+        config.train.max_nonfinite_steps = 1
+        config.optim.learning_rate = 1e36
+        config.optim.warmup_steps = 1
+        config.optim.grad_clip_norm = 0
+    threads = {t.ident for t in threading.enumerate()}
+    handler = signal.getsignal(signal.SIGTERM)
+    with pytest.raises(FloatingPointError, match="non-finite loss or gradient norm"):
+        train_and_evaluate(config, str(tmp_path))
+    left = [t.name for t in threading.enumerate() if t.ident not in threads]
+    assert set(left) <= {"tqdm_monitor"}, left  # tqdm's own monitor.
+    assert signal.getsignal(signal.SIGTERM) is handler

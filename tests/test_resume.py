@@ -12,7 +12,7 @@ from tests.conftest import REPO
 
 # Runs the pipeline of a file mixture in a fresh process: from the start or from a saved state.
 _SCRIPT = """
-import hashlib, json, sys
+import hashlib, json, sys, threading
 from configs import smoke
 from itune.data import pipeline
 from itune import runtime
@@ -29,8 +29,9 @@ with config.unlocked():
 spec = pipeline.make_spec(config.data, workdir)
 state = json.load(open(workdir + "/state.json"))[0] if mode == "resume" else None
 states = pipeline.RowStates(1000)
-ds, _ = pipeline.train_dataset(config.data, spec, state=state, states=states)
-batches = pipeline.BatchIterator(ds)
+stop = threading.Event()
+ds, _ = pipeline.train_dataset(config.data, spec, state=state, states=states, stop=stop)
+batches = pipeline.BatchIterator(ds, stop=stop)
 for step in range(int(n)):
     batch = next(batches)
     last_row = int(batch.pop(pipeline.ROW_ID)[-1])

@@ -11,7 +11,9 @@ from __future__ import annotations
 import atexit
 import dataclasses
 import queue
+import sys
 import threading
+import traceback
 import functools
 import itertools
 import logging
@@ -274,11 +276,13 @@ def train_dataset(
     start_step: int = 0,
     state: dict | None = None,
     states: RowStates | None = None,
+    stop: threading.Event | None = None,
 ) -> tuple[tf.data.Dataset, packing.PackingStats]:
-    """Infinite per-process batches of `train_rows`.
+    """Per-process batches of `train_rows`, without end until ``stop`` is set.
 
     Resumes from a checkpointed pipeline ``state`` when given; otherwise from batch
-    ``start_step``, by replaying the stream from its start (exact, but slower).
+    ``start_step``, by replaying the stream from its start (exact, but slower). Pass the same
+    ``stop`` to the `BatchIterator` that reads the dataset: closing it then ends the dataset.
     """
     stats = packing.PackingStats()
     per_process = spec.global_batch_size // jax.process_count()
@@ -286,7 +290,7 @@ def train_dataset(
     def batches() -> Iterator[dict[str, np.ndarray]]:
         # Batched here rather than by tf.data: its per-element cost is paid once per batch.
         rows = train_rows(data_config, spec, stats, state, states)
-        while True:
+        while stop is None or not stop.is_set():
             chunk = [next(rows) for _ in range(per_process)]
             yield {k: np.stack([r[k] for r in chunk]) for k in chunk[0]}
 
@@ -361,14 +365,26 @@ class BatchIterator:
     next batch ready, on its devices; the time it still waits is the real input stall. A live
     iterator over a generator-backed dataset blocks interpreter shutdown, so every one is closed
     by an exit hook (and can be closed earlier with `close`).
+
+    ``stop`` is the event that ends ``dataset``'s source (`train_dataset`'s ``stop``). With it,
+    `close` reads the dataset to its end, so that tf.data's own threads have finished calling
+    into the Python source before the reader ends: a tf.data thread that enters Python while the
+    interpreter shuts down aborts the process.
     """
 
     _live: "weakref.WeakSet[BatchIterator]" = weakref.WeakSet()
 
     # Four batches ahead absorb the producer's slow moments (it shares the cores with XLA).
-    def __init__(self, dataset: tf.data.Dataset, transform=None, buffer: int = 4):
+    def __init__(
+        self,
+        dataset: tf.data.Dataset,
+        transform=None,
+        buffer: int = 4,
+        stop: threading.Event | None = None,
+    ):
         self._queue: queue.Queue = queue.Queue(maxsize=buffer)
-        self._stop = threading.Event()
+        self._stop = stop if stop is not None else threading.Event()
+        self._source_stops = stop is not None
         self._thread = threading.Thread(
             target=self._fill, args=(dataset, transform), daemon=True, name="itune-batches"
         )
@@ -392,6 +408,14 @@ class BatchIterator:
                         continue
                 if isinstance(item, _Failure):
                     return
+            if self._source_stops:
+                # The source has seen the stop: the batches tf.data still holds or is making are
+                # read and dropped, until the dataset ends.
+                try:
+                    for _ in iterator:
+                        pass
+                except Exception:  # Closed: what the source would have said no longer matters.
+                    pass
         finally:
             del iterator  # Released in this thread, before the interpreter shuts down.
 
@@ -406,9 +430,18 @@ class BatchIterator:
             raise item.error
         return item
 
-    def close(self) -> None:
+    def close(self, timeout: float = 10.0) -> None:
         self._stop.set()
-        self._thread.join(timeout=10)
+        self._thread.join(timeout)
+        if self._thread.is_alive():
+            frame = sys._current_frames().get(self._thread.ident)
+            where = "".join(traceback.format_stack(frame)[-4:]) if frame else "(unknown)\n"
+            logging.warning(
+                "The input pipeline's reader thread did not stop within %g s; it is left to "
+                "the interpreter's exit. It is at:\n%s",
+                timeout,
+                where.rstrip(),
+            )
 
 
 @dataclasses.dataclass

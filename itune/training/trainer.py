@@ -10,6 +10,7 @@ import functools
 import json
 import logging
 import os
+import threading
 from typing import Any, Callable
 
 import jax
@@ -150,8 +151,9 @@ def train_and_evaluate(config: Any, workdir: str) -> dict:
 
     per_process_batch = spec.global_batch_size // jax.process_count()
     row_states = pipeline.RowStates(capacity=(config.data.prefetch + 8) * per_process_batch)
+    reader_stop = threading.Event()
     dataset, packing_stats = pipeline.train_dataset(
-        config.data, spec, start_step, data_state, row_states
+        config.data, spec, start_step, data_state, row_states, stop=reader_stop
     )
 
     def to_device(local: dict) -> tuple[int, int, dict]:
@@ -159,7 +161,7 @@ def train_and_evaluate(config: Any, workdir: str) -> dict:
         tokens = int((local["segment_ids"] > 0).sum()) * jax.process_count()
         return int(local[pipeline.ROW_ID][-1]), tokens, pipeline.global_batch(local, batch_sharding)
 
-    batches = pipeline.BatchIterator(dataset, transform=to_device)
+    batches = pipeline.BatchIterator(dataset, transform=to_device, stop=reader_stop)
     writer = metrics_lib.MetricsWriter(workdir, enabled=jax.process_index() == 0)
     peak, peak_source = flops.total_peak(model_config.dtype)
     logging.info("Peak for MFU: %.3g FLOP/s (%s)", peak, peak_source)
@@ -180,54 +182,58 @@ def train_and_evaluate(config: Any, workdir: str) -> dict:
             data_state = runtime.gather_json(row_states.after(last_row))
             checkpoint.save(ckpt, state, dict(meta, data_state=data_state), force=force)
 
-    with jax.set_mesh(mesh):
-        for step_num in range(start_step, num_steps):
-            with progress.timer("data_wait"):
-                last_row, tokens, batch = next(batches)
-            state, step_metrics = train_step(state, batch)
-            # Consecutive skipped steps, counted on device so that the loop never waits for a
-            # step; read at log steps, where the loop waits anyway.
-            skipped = step_metrics["nonfinite"] > 0
-            nonfinite_run = jnp.where(skipped, nonfinite_run + 1, 0)
-            longest_run = jnp.maximum(longest_run, nonfinite_run)
-            summary = progress.update(step_num + 1, step_metrics, tokens)
-            if summary is not None:
-                writer.write(step_num + 1, summary)
-                if int(longest_run) >= config.train.max_nonfinite_steps:
-                    batches.close()
-                    raise FloatingPointError(
-                        f"{int(longest_run)} steps in a row up to step {step_num + 1} had a "
-                        "non-finite loss or gradient norm and were skipped; stopping (train."
-                        "max_nonfinite_steps). Lower optim.learning_rate, check the data, or "
-                        "restart from the last checkpoint."
-                    )
+    try:
+        with jax.set_mesh(mesh):
+            for step_num in range(start_step, num_steps):
+                with progress.timer("data_wait"):
+                    last_row, tokens, batch = next(batches)
+                state, step_metrics = train_step(state, batch)
+                # Consecutive skipped steps, counted on device so that the loop never waits for a
+                # step; read at log steps, where the loop waits anyway.
+                skipped = step_metrics["nonfinite"] > 0
+                nonfinite_run = jnp.where(skipped, nonfinite_run + 1, 0)
+                longest_run = jnp.maximum(longest_run, nonfinite_run)
+                summary = progress.update(step_num + 1, step_metrics, tokens)
+                if summary is not None:
+                    writer.write(step_num + 1, summary)
+                    if int(longest_run) >= config.train.max_nonfinite_steps:
+                        raise FloatingPointError(
+                            f"{int(longest_run)} steps in a row up to step {step_num + 1} had a "
+                            "non-finite loss or gradient norm and were skipped; stopping (train."
+                            "max_nonfinite_steps). Lower optim.learning_rate, check the data, or "
+                            "restart from the last checkpoint."
+                        )
 
-            last = step_num + 1 == num_steps
-            every = config.eval.every_steps
-            if last or (every and (step_num + 1) % every == 0):
-                with progress.timer("eval"):
-                    results = evaluate(
-                        config, state.params, spec, eval_step, eval_batches, respond, task_sets
+                last = step_num + 1 == num_steps
+                every = config.eval.every_steps
+                if last or (every and (step_num + 1) % every == 0):
+                    with progress.timer("eval"):
+                        results = evaluate(
+                            config, state.params, spec, eval_step, eval_batches, respond, task_sets
+                        )
+                    _write_task_report(results, workdir, step_num + 1, progress.print)
+                    writer.write_eval(step_num + 1, results)
+                    writer.write_transcripts(step_num + 1, results.get("transcripts", []), workdir)
+                    progress.print(builtin_eval.results_table(results))
+                every = config.checkpoint.every_steps
+                saved = last or bool(every and (step_num + 1) % every == 0)
+                if saved:
+                    save(state, last_row)
+                if not last and watch.should_stop(step_num + 1, ckpt):
+                    if not saved:
+                        save(state, last_row, force=True)
+                    progress.print(
+                        f"Stopped at step {step_num + 1} for preemption; checkpoint saved."
                     )
-                _write_task_report(results, workdir, step_num + 1, progress.print)
-                writer.write_eval(step_num + 1, results)
-                writer.write_transcripts(step_num + 1, results.get("transcripts", []), workdir)
-                progress.print(builtin_eval.results_table(results))
-            every = config.checkpoint.every_steps
-            saved = last or bool(every and (step_num + 1) % every == 0)
-            if saved:
-                save(state, last_row)
-            if not last and watch.should_stop(step_num + 1, ckpt):
-                if not saved:
-                    save(state, last_row, force=True)
-                progress.print(f"Stopped at step {step_num + 1} for preemption; checkpoint saved.")
-                results = {"preempted_at": step_num + 1}
-                break
-        progress.close()
-    batches.close()
-    watch.close()
-
-    ckpt.wait_until_finished()
+                    results = {"preempted_at": step_num + 1}
+                    break
+            progress.close()
+    finally:
+        # Also when the run stops on an error: the reader and Orbax's writer threads end here,
+        # and closing the manager (not only waiting for it) lets its threads go.
+        batches.close()
+        watch.close()
+        ckpt.close()
     pipeline.log_stats("Train", packing_stats, spec.seq_len, config.data.max_dropped_share)
     if not results and start_step >= num_steps:
         logging.info("Already trained to step %d; evaluating the last checkpoint.", num_steps)
