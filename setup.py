@@ -71,14 +71,14 @@ setup(
     extras_require=EXTRAS_REQUIRE,
     entry_points={
         "console_scripts": [
-            "itune-train=itune.train:run",
-            "itune-inspect=itune.inspect:run",
-            "itune-plan=itune.plan:run",
-            "itune-convert=itune.convert.main:run",
-            "itune-generate=itune.generate:run",
-            "itune-chat=itune.chat:run",
-            "itune-eval=itune.eval:run",
-            "itune-preflight=itune.preflight:run",
+            "itune-train=itune.cli.train:run",
+            "itune-inspect=itune.cli.inspect:run",
+            "itune-plan=itune.cli.plan:run",
+            "itune-convert=itune.cli.convert:run",
+            "itune-generate=itune.cli.generate:run",
+            "itune-chat=itune.cli.chat:run",
+            "itune-eval=itune.cli.eval:run",
+            "itune-preflight=itune.cli.preflight:run",
         ],
     },
 )

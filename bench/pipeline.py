@@ -34,7 +34,7 @@ from configs import smoke
 from itune import configlib, sharding
 from itune.data import mixture, packing, pipeline
 from itune.model.decoder import ModelConfig
-from itune.training import optimizer, state as state_lib, step
+from itune.training import feed, optimizer, state as state_lib, step
 
 TARGET = 0.97  # Non-padding share wanted at seq_len 2048.
 TARGET_SEQ_LEN = 2048
@@ -189,7 +189,7 @@ class PipelineRound:
         self.name, self.data_config, self.spec = name, data_config, spec
         stop = threading.Event()
         dataset, self.stats = pipeline.train_dataset(data_config, spec, stop=stop)
-        self.batches = pipeline.BatchIterator(dataset, stop=stop)
+        self.batches = feed.BatchIterator(dataset, stop=stop)
         self.first = next(self.batches)
         self.results: list[tuple[float, int, int]] = []  # (seconds, tokens, batches)
 
@@ -234,7 +234,7 @@ class StepRound:
         )
         # Only the model's fields: a pipeline may add bookkeeping fields to its batches.
         fields = {k: local_batch[k] for k in packing.ROW_FIELDS}
-        self.batch = jax.block_until_ready(pipeline.global_batch(fields, batch_sharding))
+        self.batch = jax.block_until_ready(feed.global_batch(fields, batch_sharding))
         self.tokens = non_padding(local_batch)
         self.results: list[tuple[float, int, int]] = []
         self.steps(3)  # Compiles.

@@ -51,7 +51,7 @@ def base_config() -> ml_collections.ConfigDict:
 
     c.data = ml_collections.ConfigDict()
     # Named file sources, each {path, format, field_map, role_map, weight} (itune.data.sources);
-    # empty: the built-in task mixture of itune.data.tasks.
+    # empty: the built-in task mixture of itune.data.synthetic_tasks.
     c.data.sources = ml_collections.ConfigDict()
     c.data.mixture = "weights"  # 'weights', 'examples' (capped) or 'temperature' (mixture.py).
     c.data.mixture_cap = 0  # Examples-proportional cap per source; 0: none.

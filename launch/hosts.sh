@@ -35,7 +35,7 @@ coordinator="${host_list[0]#*@}:$port"  # user@host: the address is the host's.
 pids=()
 for i in "${!host_list[@]}"; do
   train=$(quote env JAX_COORDINATOR_ADDRESS="$coordinator" JAX_NUM_PROCESSES="${#host_list[@]}" \
-    JAX_PROCESS_ID="$i" "${train_env[@]}" "$python" -m itune.train "$@")
+    JAX_PROCESS_ID="$i" "${train_env[@]}" "$python" -m itune.cli.train "$@")
   cmd=(ssh "${host_list[$i]}" "cd $(quote "$remote_dir") && $train")
   if [ "$dry_run" = 1 ]; then
     run "${cmd[@]}"

@@ -23,7 +23,7 @@ pids=()
 for ((i = 0; i < processes; i++)); do
   cmd=(env JAX_PLATFORMS=cpu "XLA_FLAGS=--xla_force_host_platform_device_count=$devices"
        "JAX_COORDINATOR_ADDRESS=127.0.0.1:$port" "JAX_NUM_PROCESSES=$processes" "JAX_PROCESS_ID=$i"
-       python -m itune.train "$@")
+       python -m itune.cli.train "$@")
   if [ "$dry_run" = 1 ]; then
     printf -v line '%q ' "${cmd[@]}"
     echo "${line% }"

@@ -56,7 +56,7 @@ case "$per" in
 esac
 
 # What every task runs; srun gives each its SLURM_PROCID, SLURM_LOCALID and the node list.
-task=$(quote srun --kill-on-bad-exit=1 env "${train_env[@]}" "$python" -m itune.train "$@")
+task=$(quote srun --kill-on-bad-exit=1 env "${train_env[@]}" "$python" -m itune.cli.train "$@")
 sbatch=(sbatch --job-name="$job_name" --nodes="$nodes" --ntasks-per-node="$tasks_per_node"
         --gpus-per-node="$gpus" --time="$time_limit" --output="$output")
 [ -z "$partition" ] || sbatch+=(--partition="$partition")

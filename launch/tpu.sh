@@ -176,7 +176,7 @@ case "$command" in
   run)
     [ $# -gt 0 ] || fail "itune-train's flags go after --, e.g. -- --config=configs/llama3_8b_sft.py --workdir=gs://BUCKET/run"
     q_dir=$(quote "$remote_dir")
-    train=$(quote env ITUNE_DISTRIBUTED=1 "${train_env[@]}" .venv/bin/python -m itune.train "$@")
+    train=$(quote env ITUNE_DISTRIBUTED=1 "${train_env[@]}" .venv/bin/python -m itune.cli.train "$@")
     if [ "$attach" = 1 ]; then
       on_all_workers "set -o pipefail; cd $q_dir && $train 2>&1 | tee train.log"
     else

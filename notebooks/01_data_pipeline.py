@@ -34,7 +34,7 @@ import sys
 import tempfile
 import threading
 
-from itune import cli
+from itune.cli import common as cli
 
 cli.quiet_tensorflow()
 
@@ -54,6 +54,7 @@ assert SHARED.is_dir(), f"this notebook reads real data from {SHARED} (set ITUNE
 from configs import sft_mix
 from itune.data import chat, inspection, packing, pipeline, sources
 from itune.data.hf_tokenizer import load_tokenizer_path
+from itune.training import feed
 
 pipeline.configure_tensorflow()
 workdir = pathlib.Path(tempfile.mkdtemp(prefix="itune_data_"))
@@ -137,7 +138,7 @@ config = sft_mix.get_config("runlocal")
 spec = pipeline.make_spec(config.data, str(workdir))
 stop = threading.Event()
 dataset, _ = pipeline.train_dataset(config.data, spec, stop=stop)
-batches = pipeline.BatchIterator(dataset, stop=stop)
+batches = feed.BatchIterator(dataset, stop=stop)
 batch = next(batches)
 batches.close()
 print({k: v.shape for k, v in batch.items()})

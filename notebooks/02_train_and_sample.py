@@ -29,7 +29,7 @@ import pathlib
 import sys
 import tempfile
 
-from itune import cli
+from itune.cli import common as cli
 
 cli.quiet_tensorflow()
 

@@ -29,7 +29,7 @@ import sys
 import tempfile
 import time
 
-from itune import cli
+from itune.cli import common as cli
 
 cli.quiet_tensorflow()
 
@@ -98,7 +98,7 @@ print(f"{len(prompt)} tokens:\n{loaded.tokenizer.decode(prompt)}")
 # %% [markdown]
 # ## Chat
 #
-# `itune.chat.converse` is the loop behind `itune-chat`: each line is a user turn, answered with
+# `itune.cli.chat.converse` is the loop behind `itune-chat`: each line is a user turn, answered with
 # the whole conversation so far as context. Here the lines are scripted; greedy decoding of at
 # most 48 new tokens, stopping at `<|im_end|>`.
 

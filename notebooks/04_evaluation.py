@@ -38,7 +38,7 @@ import sys
 import tempfile
 import time
 
-from itune import cli
+from itune.cli import common as cli
 
 cli.quiet_tensorflow()
 

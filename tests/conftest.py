@@ -41,13 +41,13 @@ def shared_dir() -> pathlib.Path:
 @pytest.fixture(scope="session")
 def builtin_tokenizer(tmp_path_factory):
     """A SentencePiece model trained on a small built-in corpus, shared by the tests."""
-    from itune.data import chat, tasks
+    from itune.data import chat, synthetic_tasks
     from itune.data.tokenizer import cached_sentencepiece
 
     return cached_sentencepiece(
         str(tmp_path_factory.mktemp("tok")),
         {"test": 1},
-        lambda: tasks.corpus(0, 2000),
+        lambda: synthetic_tasks.corpus(0, 2000),
         256,
         list(chat.CHATML.special_tokens),
     )

@@ -5,7 +5,7 @@ import dataclasses
 import ml_collections
 import pytest
 
-from itune.data import chat, tasks
+from itune.data import chat, synthetic_tasks
 from itune.data.tokenizer import SentencePieceTokenizer, train_sentencepiece
 
 CHAT = [
@@ -300,7 +300,7 @@ def test_special_tokens_with_their_own_pieces_are_single_ids():
         line
         for i in range(200)
         for line in chat.to_text(
-            chat.render(tasks.make_example(0, i, "train")["messages"], fmt)
+            chat.render(synthetic_tasks.make_example(0, i, "train")["messages"], fmt)
         ).split("\n")
         if line
     )

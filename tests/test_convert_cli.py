@@ -33,9 +33,9 @@ def converted(shared_dir, tmp_path_factory):
     """The GGUF converted to an itune folder, and that folder to a Hugging Face one."""
     root = tmp_path_factory.mktemp("convert")
     itune_dir, hf_dir = root / "smollm2", root / "smollm2_hf"
-    first = _run("itune.convert.main", shared_dir / GGUF, itune_dir)
+    first = _run("itune.cli.convert", shared_dir / GGUF, itune_dir)
     assert first.returncode == 0, first.stderr[-3000:]
-    second = _run("itune.convert.main", itune_dir, hf_dir)
+    second = _run("itune.cli.convert", itune_dir, hf_dir)
     assert second.returncode == 0, second.stderr[-3000:]
     return itune_dir, hf_dir
 
@@ -73,7 +73,7 @@ def test_itune_generate_answers_a_question_with_the_converted_model(converted, t
     itune_dir, _ = converted
     out = tmp_path / "answers.jsonl"
     result = _run(
-        "itune.generate",
+        "itune.cli.generate",
         f"--checkpoint={itune_dir}",
         "--prompt=What is the capital of France?",
         "--max_new_tokens=16",
@@ -89,19 +89,19 @@ def test_conversion_errors_are_one_line_and_leave_nothing_behind(converted, tmp_
     itune_dir, _ = converted
     not_a_model = tmp_path / "empty"
     not_a_model.mkdir()
-    result = _run("itune.convert.main", not_a_model, tmp_path / "out")
+    result = _run("itune.cli.convert", not_a_model, tmp_path / "out")
     assert result.returncode != 0 and "not a model" in result.stderr
     assert "Traceback" not in result.stderr and not (tmp_path / "out").exists()
-    result = _run("itune.convert.main", itune_dir, itune_dir)
+    result = _run("itune.cli.convert", itune_dir, itune_dir)
     assert result.returncode != 0 and "exists" in result.stderr
     # A tensor of the wrong shape in a Hugging Face folder: named, and no output written.
     broken = tmp_path / "broken"
-    result = _run("itune.convert.main", itune_dir, broken)
+    result = _run("itune.cli.convert", itune_dir, broken)
     assert result.returncode == 0, result.stderr[-2000:]
     config = json.loads((broken / "config.json").read_text())
     config["intermediate_size"] += 1
     (broken / "config.json").write_text(json.dumps(config))
-    result = _run("itune.convert.main", broken, tmp_path / "from_broken")
+    result = _run("itune.cli.convert", broken, tmp_path / "from_broken")
     assert result.returncode != 0 and "Traceback" not in result.stderr
     assert "mlp" in result.stderr and "shape" in result.stderr
     assert not (tmp_path / "from_broken").exists()
@@ -121,7 +121,7 @@ def test_a_training_run_exports_to_hugging_face(tmp_path):
         [
             sys.executable,
             "-m",
-            "itune.train",
+            "itune.cli.train",
             f"--config={REPO / 'configs/smoke.py'}:runlocal",
             f"--workdir={workdir}",
             "--config.train.num_steps=2",
@@ -133,7 +133,7 @@ def test_a_training_run_exports_to_hugging_face(tmp_path):
         cwd=REPO,
     )
     assert train.returncode == 0, train.stderr[-3000:]
-    result = _run("itune.convert.main", workdir, tmp_path / "hf")
+    result = _run("itune.cli.convert", workdir, tmp_path / "hf")
     assert result.returncode == 0, result.stderr[-3000:]
     loaded = model_dir.load_model(str(workdir))
     assert loaded.chat_format == "chatml"

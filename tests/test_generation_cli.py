@@ -5,7 +5,7 @@ import re
 
 import pytest
 
-from itune.chat import converse
+from itune.cli.chat import converse
 from tests.test_convert_cli import GGUF, _run
 
 
@@ -19,7 +19,7 @@ def test_itune_generate_samples_reproducibly_with_a_seed(gguf, tmp_path):
     for seed in (1, 1, 2):
         out = tmp_path / f"answers_{len(outputs)}.jsonl"
         result = _run(
-            "itune.generate",
+            "itune.cli.generate",
             f"--checkpoint={gguf}",
             "--prompt=Write a short poem about the sea.",
             "--prompt=Name a color.",
@@ -41,7 +41,7 @@ def test_itune_generate_samples_reproducibly_with_a_seed(gguf, tmp_path):
 
 def test_itune_chat_keeps_the_conversation(gguf, tmp_path):
     session = "My name is Ada.\nWhat is my name?\n/exit\nThis line is never read.\n"
-    result = _run("itune.chat", f"--checkpoint={gguf}", "--max_new_tokens=24", input_text=session)
+    result = _run("itune.cli.chat", f"--checkpoint={gguf}", "--max_new_tokens=24", input_text=session)
     assert result.returncode == 0, result.stderr[-3000:]
     print(result.stdout)
     answers = [a.strip() for a in result.stdout.split("\n\n") if a.strip()]
@@ -56,7 +56,7 @@ def test_itune_chat_keeps_the_conversation(gguf, tmp_path):
     prompts.write_text(json.dumps({"messages": conversation}) + "\n")
     out = tmp_path / "answer.jsonl"
     result = _run(
-        "itune.generate",
+        "itune.cli.generate",
         f"--checkpoint={gguf}",
         f"--prompts_file={prompts}",
         "--max_new_tokens=24",
@@ -92,7 +92,7 @@ def test_itune_eval_reports_every_task_kind(gguf, tmp_path):
         + "\n"
     )
     result = _run(
-        "itune.eval",
+        "itune.cli.eval",
         f"--checkpoint={gguf}",
         f"--prompt_sets={rouge},{math},ifeval_sample",
         "--limit=2",
@@ -120,6 +120,6 @@ def test_itune_eval_reports_every_task_kind(gguf, tmp_path):
 def test_itune_eval_names_a_bad_prompt_file(gguf, tmp_path):
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"question": "2 + 2?", "answer": "#### 4"}\n{"question": 3}\n')
-    result = _run("itune.eval", f"--checkpoint={gguf}", f"--prompt_sets={bad}")
+    result = _run("itune.cli.eval", f"--checkpoint={gguf}", f"--prompt_sets={bad}")
     assert result.returncode != 0 and "Traceback" not in result.stderr
     assert f"{bad}:2" in result.stderr

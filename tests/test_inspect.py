@@ -4,7 +4,7 @@ import numpy as np
 
 from configs import smoke
 from itune import inspect as inspect_cli
-from itune.data import inspection, pipeline, tasks
+from itune.data import inspection, pipeline, synthetic_tasks
 
 
 def test_row_view_marks_segments_and_exactly_the_trained_tokens(tmp_path):
@@ -15,7 +15,7 @@ def test_row_view_marks_segments_and_exactly_the_trained_tokens(tmp_path):
     assert len(segments) == len(np.unique(row["segment_ids"][row["segment_ids"] > 0]))
     # Each segment's trained text is one example's answer followed by the end of turn.
     answers = {
-        tasks.make_example(
+        synthetic_tasks.make_example(
             config.data.seed, i, "train", system_prompt_rate=config.data.builtin.system_prompt_rate
         )["answer"]
         for i in range(300)

@@ -32,7 +32,7 @@ def test_local_launch_dry_run_starts_one_process_per_rank():
         assert f"JAX_PROCESS_ID={rank}" in line and "JAX_NUM_PROCESSES=3" in line
         assert "JAX_COORDINATOR_ADDRESS=127.0.0.1:12999" in line
         assert "--xla_force_host_platform_device_count=2" in line
-        assert line.endswith("python -m itune.train --config=configs/smoke.py --workdir=/tmp/x")
+        assert line.endswith("python -m itune.cli.train --config=configs/smoke.py --workdir=/tmp/x")
 
 
 def test_local_launch_rejects_unknown_flags():
@@ -125,7 +125,7 @@ def test_tpu_launch_runs_itune_train_on_all_workers_of_every_slice():
     train = remote[remote.index("env") : remote.index(">")]
     assert train == [
         "env", "ITUNE_DISTRIBUTED=1", "LIBTPU_INIT_ARGS=--xla_flag=1", ".venv/bin/python", "-m",
-        "itune.train", *args[1:],
+        "itune.cli.train", *args[1:],
     ]  # fmt: skip
     assert remote[-5:] == ["&", "echo", "$!", ">", "train.pid)"] and "(nohup" in remote
     nodes = _dry_run("tpu.sh", "run", *TPU, "--slices=2", *args)
@@ -189,7 +189,7 @@ def test_slurm_launch_starts_one_process_per_gpu_or_per_node():
     task = shlex.split(per_gpu[-1].removeprefix("--wrap="))
     assert task == [
         "srun", "--kill-on-bad-exit=1", "env", "ITUNE_DISTRIBUTED=1", "python", "-m",
-        "itune.train", *args[1:],
+        "itune.cli.train", *args[1:],
     ]  # fmt: skip
     env = dict(os.environ, ITUNE_SLURM_NODES="2", ITUNE_SLURM_PER="node")
     (per_node,) = _dry_run("slurm.sh", "--gpus-per-node=4", *args, env=env)
@@ -207,7 +207,7 @@ def test_hosts_launch_gives_explicit_addresses():
             "env", "JAX_COORDINATOR_ADDRESS=gpu-0:2222", "JAX_NUM_PROCESSES=2",
             f"JAX_PROCESS_ID={rank}",
         ]  # fmt: skip
-        assert remote[-4:] == [".venv/bin/python", "-m", "itune.train", "--workdir=/w"]
+        assert remote[-4:] == [".venv/bin/python", "-m", "itune.cli.train", "--workdir=/w"]
 
 
 def test_tpu_launch_copies_folders_the_run_reads_beside_the_checkout():

@@ -23,7 +23,7 @@ from itune import sharding
 from itune.convert import hf, peft, weights
 from itune.model import lora
 from itune.model.decoder import Decoder
-from itune.training import step
+from itune.training import state as state_lib, step
 from tests.util import packed_batch, tiny_model_config
 
 transformers.utils.logging.disable_progress_bar()
@@ -96,7 +96,7 @@ def stepped():
     params = randomize_adapters(params)
     batch = packed_batch(0, batch=8, length=16, vocab=CFG.vocab_size)
     tx = lora.optimizer(optax.adamw(LR, weight_decay=0.1), params)
-    state = step.TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params))
+    state = state_lib.TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params))
     fn = functools.partial(
         step.train_step, graphdef=graphdef, tx=tx, schedule=optax.constant_schedule(LR)
     )
@@ -382,7 +382,7 @@ def lora_layout(cfg, tx, mesh, rules):
         transform_non_params=lambda _: replicated,
         is_leaf=lambda x: isinstance(x, (nnx.Variable, optax.MaskedNode)),
     )
-    return graphdef, step.TrainState(
+    return graphdef, state_lib.TrainState(
         step=replicated, params=param_shardings, opt_state=opt_shardings
     )
 
@@ -398,7 +398,7 @@ def sharded_step(mesh_shape, batch, rules=sharding.DEFAULT_RULES):
 
     def init():
         params = nnx.state(Decoder(CFG, rules, rngs=nnx.Rngs(0)))
-        return step.TrainState(
+        return state_lib.TrainState(
             step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params)
         )
 

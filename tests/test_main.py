@@ -14,7 +14,7 @@ def _train(workdir, *overrides):
     cmd = [
         sys.executable,
         "-m",
-        "itune.train",
+        "itune.cli.train",
         f"--config={REPO / 'configs/smoke.py'}:runlocal",
         f"--workdir={workdir}",
         *overrides,

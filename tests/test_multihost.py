@@ -18,6 +18,7 @@ from jax.experimental import multihost_utils
 from configs import smoke
 from itune import sharding
 from itune.data import pipeline
+from itune.training import feed
 config = smoke.get_config("runlocal")
 with config.unlocked():
     config.data.shards = 2
@@ -37,9 +38,9 @@ mesh = sharding.make_mesh(config.mesh)
 batch_sharding = sharding.batch_sharding(mesh, sharding.DEFAULT_RULES)
 stop = threading.Event()
 ds, _ = pipeline.train_dataset(config.data, spec, stop=stop)
-batches = pipeline.BatchIterator(ds, stop=stop)
+batches = feed.BatchIterator(ds, stop=stop)
 for _ in range(3):
-    batch = pipeline.global_batch(next(batches), batch_sharding)
+    batch = feed.global_batch(next(batches), batch_sharding)
     full = {k: multihost_utils.process_allgather(v, tiled=True) for k, v in batch.items()}
     digest = hashlib.sha256(b"".join(full[k].tobytes() for k in sorted(full))).hexdigest()
     if jax.process_index() == 0:
@@ -48,7 +49,7 @@ batches.close()
 evals, _ = pipeline.eval_batches(config.data, spec, 24)
 for name, parts in sorted(evals.items()):
     for part in parts:
-        batch = pipeline.global_batch(part, batch_sharding)
+        batch = feed.global_batch(part, batch_sharding)
         full = {k: multihost_utils.process_allgather(v, tiled=True) for k, v in batch.items()}
         digest = hashlib.sha256(b"".join(full[k].tobytes() for k in sorted(full))).hexdigest()
         if jax.process_index() == 0:

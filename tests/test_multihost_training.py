@@ -63,7 +63,7 @@ def test_two_processes_train_like_one(tmp_path):
     assert two.returncode == 0, two.stderr[-3000:]
     one_env = dict(env, XLA_FLAGS="--xla_force_host_platform_device_count=8")
     one = subprocess.run(
-        [sys.executable, "-m", "itune.train", f"--workdir={tmp_path / 'one'}", *_ARGS],
+        [sys.executable, "-m", "itune.cli.train", f"--workdir={tmp_path / 'one'}", *_ARGS],
         env=one_env,
         capture_output=True,
         text=True,

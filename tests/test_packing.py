@@ -52,7 +52,7 @@ def test_packed_loss_equals_unpacked_loss(builtin_tokenizer):
     import jax.numpy as jnp
     from flax import nnx
 
-    from itune.data import chat, tasks
+    from itune.data import chat, synthetic_tasks
     from itune.model.decoder import Decoder
     from itune.training.step import loss_fn
     from tests.util import tiny_model_config
@@ -60,7 +60,7 @@ def test_packed_loss_equals_unpacked_loss(builtin_tokenizer):
     fmt, seq_len = chat.CHATML, 96
     examples = []
     for i in range(12):
-        messages = tasks.make_example(0, i, "train")["messages"]
+        messages = synthetic_tasks.make_example(0, i, "train")["messages"]
         ids, mask = chat.tokenize(chat.render(messages, fmt), builtin_tokenizer, fmt)
         examples.append(packing.to_next_token(ids, mask))
     packer = packing.Packer(seq_len, max_open_rows=4)

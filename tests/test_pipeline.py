@@ -9,7 +9,8 @@ import pytest
 import tensorflow as tf
 
 from itune import sharding
-from itune.data import mixture, pipeline, sources, tasks
+from itune.data import mixture, pipeline, sources, synthetic_tasks
+from itune.training import feed
 
 
 def _config(**data_overrides):
@@ -69,7 +70,7 @@ def test_rows_hold_whole_rendered_examples(tmp_path):
     np.testing.assert_array_equal(batch["inputs"][row, :n], example["inputs"])
     np.testing.assert_array_equal(batch["loss_mask"][row, :n], example["loss_mask"])
     trained = batch["targets"][row, :n][batch["loss_mask"][row, :n] == 1]
-    answer = tasks.make_example(
+    answer = synthetic_tasks.make_example(
         config.data.seed, 0, "train", system_prompt_rate=config.data.builtin.system_prompt_rate
     )["answer"]
     assert spec.tokenizer.decode(trained[:-1]).strip() == answer
@@ -81,7 +82,7 @@ def test_global_batch_is_sharded_along_the_batch_axes(tmp_path):
     spec = pipeline.make_spec(config.data, str(tmp_path))
     (local,), _ = _batches(config, spec, 0, 1)
     mesh = sharding.make_mesh({"data": 2, "fsdp": 4, "tensor": 1})
-    batch = pipeline.global_batch(local, sharding.batch_sharding(mesh, sharding.DEFAULT_RULES))
+    batch = feed.global_batch(local, sharding.batch_sharding(mesh, sharding.DEFAULT_RULES))
     inputs = batch["inputs"]
     assert inputs.shape == local["inputs"].shape and len(inputs.addressable_shards) == 8
     assert inputs.addressable_shards[0].data.shape == (
@@ -324,7 +325,7 @@ def test_closing_a_reader_stuck_in_its_source_says_so(caplog):
         yield np.int32(1)
 
     ds = tf.data.Dataset.from_generator(slow_rows, output_signature=tf.TensorSpec((), tf.int32))
-    batches = pipeline.BatchIterator(ds)
+    batches = feed.BatchIterator(ds)
     assert entered.wait(timeout=60)
     with caplog.at_level(logging.WARNING):
         batches.close(timeout=0.2)
@@ -349,7 +350,7 @@ def test_closing_a_reader_with_its_stop_lets_the_source_end_first():
             raise
 
     ds = tf.data.Dataset.from_generator(rows, output_signature=tf.TensorSpec((), tf.int32))
-    batches = pipeline.BatchIterator(ds.prefetch(2), stop=stop)
+    batches = feed.BatchIterator(ds.prefetch(2), stop=stop)
     assert next(batches) == 1
     batches.close()
     assert not batches._thread.is_alive()

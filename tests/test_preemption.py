@@ -18,7 +18,7 @@ def _command(workdir, *overrides):
     return [
         sys.executable,
         "-m",
-        "itune.train",
+        "itune.cli.train",
         f"--config={REPO / 'configs/smoke.py'}:runlocal",
         f"--workdir={workdir}",
         "--config.train.log_every=1",

@@ -109,7 +109,7 @@ def _preflight(*args):
     env = dict(os.environ)
     env.pop("XLA_FLAGS", None)  # The preflight's devices are the slice's, not forced CPU ones.
     return subprocess.run(
-        [sys.executable, "-m", "itune.preflight", "--config=configs/smoke.py", *args],
+        [sys.executable, "-m", "itune.cli.preflight", "--config=configs/smoke.py", *args],
         capture_output=True,
         text=True,
         timeout=600,

@@ -24,7 +24,7 @@ def _train(workdir, variant, *overrides):
     cmd = [
         sys.executable,
         "-m",
-        "itune.train",
+        "itune.cli.train",
         f"--config={CONFIG}:runlocal{variant}",
         f"--workdir={workdir}",
         "--config.train.num_steps=1",

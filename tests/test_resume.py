@@ -15,6 +15,7 @@ _SCRIPT = """
 import hashlib, json, sys, threading
 from configs import smoke
 from itune.data import pipeline
+from itune.training import feed
 from itune import runtime
 shared, workdir, mode, n, k = sys.argv[1:6]
 config = smoke.get_config("runlocal")
@@ -31,7 +32,7 @@ state = json.load(open(workdir + "/state.json"))[0] if mode == "resume" else Non
 states = pipeline.RowStates(1000)
 stop = threading.Event()
 ds, _ = pipeline.train_dataset(config.data, spec, state=state, states=states, stop=stop)
-batches = pipeline.BatchIterator(ds, stop=stop)
+batches = feed.BatchIterator(ds, stop=stop)
 for step in range(int(n)):
     batch = next(batches)
     last_row = int(batch.pop(pipeline.ROW_ID)[-1])
@@ -75,7 +76,7 @@ def _train(workdir, steps):
     cmd = [
         sys.executable,
         "-m",
-        "itune.train",
+        "itune.cli.train",
         f"--config={REPO / 'configs/smoke.py'}:runlocal",
         f"--workdir={workdir}",
         f"--config.train.num_steps={steps}",

@@ -34,7 +34,7 @@ import numpy as np
 
 from itune import runtime
 from itune.data import sources as sources_lib
-from itune.data import tasks, tfds_sources
+from itune.data import synthetic_tasks, tfds_sources
 from itune.data import templates as templates_lib
 
 MIXTURES = ("weights", "examples", "temperature")
@@ -200,7 +200,7 @@ def train_stream(
         position = {"index": i + num_shards, "counts": list(counts)}
         source = sources[s]
         if source.is_builtin:
-            example = tasks.make_example(
+            example = synthetic_tasks.make_example(
                 data_config.seed,
                 i,
                 "train",

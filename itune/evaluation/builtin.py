@@ -10,7 +10,7 @@ from typing import Any
 
 import numpy as np
 
-from itune.data import pipeline, tasks
+from itune.data import pipeline, synthetic_tasks
 from itune.evaluation.responder import Responder
 
 GROUPS = ("trained_templates", "held_out_templates")
@@ -19,7 +19,7 @@ _PROMPT_INDEX_OFFSET = 1_000_000
 
 
 def eval_prompts(data_config: Any, prompts_per_family: int) -> list[dict]:
-    families = data_config.builtin.families or tasks.FAMILIES
+    families = data_config.builtin.families or synthetic_tasks.FAMILIES
     examples = []
     for group in GROUPS:
         for f, family in enumerate(families):
@@ -51,7 +51,7 @@ def evaluate_generation(
                 "prompt": ex["messages"][-2]["content"],
                 "target": ex["answer"],
                 "answer": answer,
-                "correct": tasks.exact_match(answer, ex["answer"]),
+                "correct": synthetic_tasks.exact_match(answer, ex["answer"]),
             }
         )
     results = {}

@@ -9,7 +9,7 @@ import jax
 import jax.numpy as jnp
 import orbax.checkpoint as ocp
 
-from itune.training.step import TrainState
+from itune.training.state import TrainState
 
 
 def manager(workdir: str, checkpoint_config: Any) -> ocp.CheckpointManager:

@@ -55,7 +55,7 @@ def jit_train_step(
 def abstract_batch(
     data_config: Any, mesh: Mesh, rules: sharding.LogicalRules
 ) -> dict[str, jax.ShapeDtypeStruct]:
-    """The shapes, dtypes and shardings of a global training batch (`pipeline.global_batch`):
+    """The shapes, dtypes and shardings of a global training batch (`feed.global_batch`):
     ``data.global_batch_size`` rows of ``data.seq_len`` int32 tokens per row field."""
     shape = (data_config.global_batch_size, data_config.seq_len)
     batch_sharding = sharding.batch_sharding(mesh, rules)

@@ -14,12 +14,20 @@ import math
 import jax
 import jax.numpy as jnp
 import optax
-from flax import nnx
+from flax import nnx, struct
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from itune import sharding
 from itune.model.decoder import Decoder, ModelConfig
-from itune.training.step import TrainState
+
+
+@struct.dataclass
+class TrainState:
+    """What a train step carries from one step to the next, and a checkpoint holds."""
+
+    step: jax.Array
+    params: nnx.State
+    opt_state: optax.OptState
 
 
 @dataclasses.dataclass(frozen=True)

@@ -9,19 +9,13 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 import optax
-from flax import nnx, struct
+from flax import nnx
 
 from itune.training import chunked_loss
+from itune.training.state import TrainState
 
 # How the loss of a batch is averaged (`train_step`'s ``loss_normalization``).
 LOSS_NORMALIZATIONS = ("token", "sequence")
-
-
-@struct.dataclass
-class TrainState:
-    step: jax.Array
-    params: nnx.State
-    opt_state: optax.OptState
 
 
 def sequence_sums(

@@ -22,7 +22,7 @@ from itune.data import pipeline
 from itune.evaluation import builtin as builtin_eval, harness, sampler, samples
 from itune.evaluation import tasks as eval_tasks
 from itune.evaluation.responder import Responder
-from itune.training import checkpoint, flops, metrics as metrics_lib, optimizer
+from itune.training import checkpoint, feed, flops, metrics as metrics_lib, optimizer
 from itune.training import preemption, pretrained, program, state as state_lib, step
 
 
@@ -133,7 +133,7 @@ def train_and_evaluate(config: Any, workdir: str) -> dict:
     )
     logging.info("Eval data: %s", eval_stats.summary(spec.seq_len))
     eval_batches = {
-        name: [pipeline.global_batch(b, batch_sharding) for b in batches]
+        name: [feed.global_batch(b, batch_sharding) for b in batches]
         for name, batches in local_eval_batches.items()
     }
 
@@ -159,9 +159,9 @@ def train_and_evaluate(config: Any, workdir: str) -> dict:
     def to_device(local: dict) -> tuple[int, int, dict]:
         """(last row id, tokens in the global batch, the global batch on its devices)."""
         tokens = int((local["segment_ids"] > 0).sum()) * jax.process_count()
-        return int(local[pipeline.ROW_ID][-1]), tokens, pipeline.global_batch(local, batch_sharding)
+        return int(local[pipeline.ROW_ID][-1]), tokens, feed.global_batch(local, batch_sharding)
 
-    batches = pipeline.BatchIterator(dataset, transform=to_device, stop=reader_stop)
+    batches = feed.BatchIterator(dataset, transform=to_device, stop=reader_stop)
     writer = metrics_lib.MetricsWriter(workdir, enabled=jax.process_index() == 0)
     peak, peak_source = flops.total_peak(model_config.dtype)
     logging.info("Peak for MFU: %.3g FLOP/s (%s)", peak, peak_source)

@@ -17,7 +17,8 @@ import json
 import os
 import sys
 
-from itune import cli, runtime
+from itune import runtime
+from itune.cli import common as cli
 
 cli.quiet_tensorflow()
 

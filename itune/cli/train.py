@@ -1,7 +1,7 @@
 """``itune-train``: instruction-tune a model from a config file.
 
   itune-train --config=configs/smoke.py --workdir=/tmp/itune_smoke
-  python -m itune.train --config=configs/smoke.py:runlocal --workdir=/tmp/w --config.train.num_steps=5
+  python -m itune.cli.train --config=configs/smoke.py:runlocal --workdir=/tmp/w --config.train.num_steps=5
 
 Starting again with the same workdir resumes from its last checkpoint.
 """
@@ -9,7 +9,7 @@ Starting again with the same workdir resumes from its last checkpoint.
 import os
 import sys
 
-from itune import cli
+from itune.cli import common as cli
 
 cli.quiet_tensorflow()
 

@@ -11,7 +11,7 @@ LoRA only the adapters'), sharded as training shards it. The mesh is abstract: `
 
 from __future__ import annotations
 
-from itune import cli
+from itune.cli import common as cli
 
 cli.quiet_tensorflow()
 

@@ -9,7 +9,7 @@ highlighted), writes the same as ``<workdir>/inspect.html``, and prints the pipe
 import itertools
 import os
 
-from itune import cli
+from itune.cli import common as cli
 
 cli.quiet_tensorflow()
 

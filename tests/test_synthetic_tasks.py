@@ -3,8 +3,8 @@ from collections import Counter
 
 import pytest
 
-from itune.data import tasks
-from itune.data.tasks import (
+from itune.data import synthetic_tasks
+from itune.data.synthetic_tasks import (
     FAMILIES,
     NUM_HELD_OUT_TEMPLATES,
     corpus,
@@ -23,7 +23,7 @@ def user_text(example):
 def items_in(text):
     """Digits and lexicon words of a rendered instruction, in order."""
     words = re.findall(r"[A-Za-z]+|\d", text)
-    return [w for w in words if w.isdigit() or w in tasks.LEXICON]
+    return [w for w in words if w.isdigit() or w in synthetic_tasks.LEXICON]
 
 
 @pytest.fixture(scope="module")
@@ -45,7 +45,7 @@ def test_families_and_templates():
         for t in ts:
             # Every template has placeholders and no lexicon word, so inputs parse unambiguously.
             assert "{" in t
-            assert not set(re.findall(r"[a-z]+", t.lower())) & set(tasks.LEXICON), t
+            assert not set(re.findall(r"[a-z]+", t.lower())) & set(synthetic_tasks.LEXICON), t
 
 
 def test_held_out_templates_share_words_with_trained_ones():
@@ -161,7 +161,7 @@ def test_system_prompt_rate():
         systems = [
             ex["messages"][0]["content"] for ex in exs if ex["messages"][0]["role"] == "system"
         ]
-        assert set(systems) <= set(tasks.SYSTEM_PROMPTS)
+        assert set(systems) <= set(synthetic_tasks.SYSTEM_PROMPTS)
         return len(systems) / len(exs)
 
     assert rate(0.0) == 0.0
@@ -192,12 +192,12 @@ def test_corpus_covers_templates_and_prompts():
     assert lines == list(corpus(0, 300))
     assert all(line and "\n" not in line for line in lines)
     text = "\n".join(lines)
-    for prompt in tasks.SYSTEM_PROMPTS:
+    for prompt in synthetic_tasks.SYSTEM_PROMPTS:
         assert prompt in lines
     for family in FAMILIES:
         for t in templates(family):
             for chunk in re.split(r"\{\w+\}|\n", t):
                 assert chunk.strip() in text, (family, t, chunk)
     words = set(text.split())
-    assert {w.upper() for w in tasks.LEXICON} & words
+    assert {w.upper() for w in synthetic_tasks.LEXICON} & words
     assert len(lines) > 600

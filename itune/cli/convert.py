@@ -18,7 +18,8 @@ import os
 import shutil
 import sys
 
-from itune import cli, runtime
+from itune import runtime
+from itune.cli import common as cli
 
 cli.quiet_tensorflow()
 

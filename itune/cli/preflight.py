@@ -19,7 +19,7 @@ import math
 import os
 import sys
 
-from itune import cli
+from itune.cli import common as cli
 
 cli.quiet_tensorflow()
 

@@ -16,7 +16,8 @@ from __future__ import annotations
 import json
 import sys
 
-from itune import cli, runtime
+from itune import runtime
+from itune.cli import common as cli
 
 cli.quiet_tensorflow()
 
