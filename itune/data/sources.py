@@ -34,6 +34,8 @@ from typing import Any, Iterator, Mapping
 
 import tensorflow as tf
 
+from itune.errors import UserError
+
 ROLES = ("system", "user", "assistant", "tool")
 FORMATS = ("auto", "alpaca", "messages", "sharegpt", "prompt_completion")
 # The fields of each format, by their canonical names: the keys a field map may use.
@@ -62,7 +64,7 @@ _UNDECODABLE = re.compile("[\udc80-\udcff]")  # Bytes kept by the surrogateescap
 _LOGGED_SKIPS = 5  # Skipped examples logged per source; the rest are only counted.
 
 
-class DataError(ValueError):
+class DataError(UserError, ValueError):
     """A bad record: ``location: field 'f': problem``; ``reason`` is its short, countable kind."""
 
     def __init__(self, location: str, problem: str, field: str | None = None, reason: str = ""):

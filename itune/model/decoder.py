@@ -36,19 +36,22 @@ MLP_ACTIVATIONS = {
     "gelu": lambda x: jax.nn.gelu(x, approximate=False),
 }
 ROPE_SCALINGS = ("none", "llama3")
+# Metadata of the `ModelConfig` fields that decide the parameters' shapes: a checkpoint only
+# restores into a model whose shape fields are all equal (`shape_fields`).
+SHAPE = {"shape": True}
 
 
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
     """Shape and numerics of the decoder (built from ``config.model``)."""
 
-    vocab_size: int
-    d_model: int
-    num_layers: int
-    num_heads: int
-    num_kv_heads: int
-    head_dim: int
-    mlp_dim: int
+    vocab_size: int = dataclasses.field(metadata=SHAPE)
+    d_model: int = dataclasses.field(metadata=SHAPE)
+    num_layers: int = dataclasses.field(metadata=SHAPE)
+    num_heads: int = dataclasses.field(metadata=SHAPE)
+    num_kv_heads: int = dataclasses.field(metadata=SHAPE)
+    head_dim: int = dataclasses.field(metadata=SHAPE)
+    mlp_dim: int = dataclasses.field(metadata=SHAPE)
     rope_theta: float = 10_000.0
     # Llama-3 frequency scaling: frequencies of wavelengths above original_max_len /
     # low_freq_factor are divided by the factor, those below original_max_len / high_freq_factor
@@ -62,9 +65,9 @@ class ModelConfig:
     norm_eps: float = 1e-5
     norm_plus_one: bool = False  # RMSNorm scales by (1 + w) (Gemma) rather than w.
     mlp_activation: str = "silu"  # The gate's activation: one of MLP_ACTIVATIONS.
-    qkv_bias: bool = False  # Bias on the q, k and v projections (Qwen2).
+    qkv_bias: bool = dataclasses.field(default=False, metadata=SHAPE)  # Bias on the q, k and v projections (Qwen2).
     embed_scale: bool = False  # Embeddings multiplied by sqrt(d_model) (Gemma).
-    tie_embeddings: bool = True
+    tie_embeddings: bool = dataclasses.field(default=True, metadata=SHAPE)
     sliding_window: int = 0  # Attend to at most this many previous tokens (0: all; Mistral v0.1).
     attention: str = "xla"  # One of attention.IMPLEMENTATIONS.
     scan_layers: bool = True  # False: the layers are unrolled (same parameters).
@@ -76,10 +79,10 @@ class ModelConfig:
     loss_vocab_chunk: int = 1024
     # LoRA (`itune.model.lora`): rank of the adapters on the projections named in lora_targets
     # (0: none). With LoRA on, only the adapters train; the base weights are frozen.
-    lora_rank: int = 0
+    lora_rank: int = dataclasses.field(default=0, metadata=SHAPE)
     lora_alpha: float = 16.0  # The adapters' product is scaled by lora_alpha / lora_rank.
     lora_dropout: float = 0.0  # Dropout on the adapters' input, when a dropout_rng is passed.
-    lora_targets: str = "q,k,v,o"  # Comma-separated, from q, k, v, o, gate, up, down.
+    lora_targets: str = dataclasses.field(default="q,k,v,o", metadata=SHAPE)  # Comma-separated, from q, k, v, o, gate, up, down.
 
     def __post_init__(self):
         if self.num_heads % self.num_kv_heads:
@@ -131,6 +134,19 @@ class ModelConfig:
         if missing:
             raise ValueError(f"config.model: no value for {missing} (set them or a preset)")
         return cls(**values)
+
+    def shape_fields(self) -> dict[str, Any]:
+        """The fields that decide the parameters' shapes, by name (those marked `SHAPE`).
+
+        >>> ModelConfig(vocab_size=8, d_model=4, num_layers=1, num_heads=2, num_kv_heads=1,
+        ...             head_dim=2, mlp_dim=8).shape_fields()["d_model"]
+        4
+        """
+        return {
+            f.name: getattr(self, f.name)
+            for f in dataclasses.fields(self)
+            if f.metadata.get("shape")
+        }
 
     def num_params(self) -> int:
         attn = self.d_model * self.head_dim * (2 * self.num_heads + 2 * self.num_kv_heads)
