@@ -1,12 +1,9 @@
 """The tf.data pipeline: determinism, exact resume position, global batches, tokenizer choice."""
 
 import itertools
-import logging
-import threading
 
 import numpy as np
 import pytest
-import tensorflow as tf
 
 from itune import sharding
 from itune.data import mixture, pipeline, sources, synthetic_tasks
@@ -314,44 +311,3 @@ def test_a_shard_without_training_examples_is_an_error(tmp_path):
     with pytest.raises(ValueError, match=r"data.sources.tiny .*tiny.jsonl.* data shard\(s\) \[0\]"):
         mixture.load_sources(config.data, (4, range(4)))
     assert len(mixture.load_sources(config.data, (2, range(2)))[0]) == 3
-
-
-def test_closing_a_reader_stuck_in_its_source_says_so(caplog):
-    entered, release = threading.Event(), threading.Event()
-
-    def slow_rows():
-        entered.set()
-        release.wait()
-        yield np.int32(1)
-
-    ds = tf.data.Dataset.from_generator(slow_rows, output_signature=tf.TensorSpec((), tf.int32))
-    batches = feed.BatchIterator(ds)
-    assert entered.wait(timeout=60)
-    with caplog.at_level(logging.WARNING):
-        batches.close(timeout=0.2)
-    assert "reader thread did not stop within 0.2 s" in caplog.text
-    release.set()  # The reader gets its row, sees the stop and ends.
-    batches.close()
-    assert not batches._thread.is_alive()
-
-
-def test_closing_a_reader_with_its_stop_lets_the_source_end_first():
-    # tf.data's threads call into the Python source; they must be done with it when the reader
-    # ends, or one of them may enter Python while the interpreter shuts down (an abort).
-    stop, ends = threading.Event(), []
-
-    def rows():
-        try:
-            while not stop.is_set():
-                yield np.int32(1)
-            ends.append("returned")
-        except GeneratorExit:
-            ends.append("closed from outside")
-            raise
-
-    ds = tf.data.Dataset.from_generator(rows, output_signature=tf.TensorSpec((), tf.int32))
-    batches = feed.BatchIterator(ds.prefetch(2), stop=stop)
-    assert next(batches) == 1
-    batches.close()
-    assert not batches._thread.is_alive()
-    assert ends == ["returned"]

@@ -10,6 +10,7 @@ from __future__ import annotations
 import atexit
 import dataclasses
 import logging
+import os
 import queue
 import sys
 import threading
@@ -35,6 +36,19 @@ class BatchIterator:
     `close` reads the dataset to its end, so that tf.data's own threads have finished calling
     into the Python source before the reader ends: a tf.data thread that enters Python while the
     interpreter shuts down aborts the process.
+
+    >>> import numpy as np, threading
+    >>> stop = threading.Event()
+    >>> def rows():
+    ...     while not stop.is_set():
+    ...         yield np.int32(7)
+    >>> ds = tf.data.Dataset.from_generator(rows, output_signature=tf.TensorSpec((), tf.int32))
+    >>> batches = BatchIterator(ds, stop=stop)
+    >>> int(next(batches))
+    7
+    >>> batches.close()  # Returns once the reader and the source have ended.
+    >>> batches._thread.is_alive()
+    False
     """
 
     _live: "weakref.WeakSet[BatchIterator]" = weakref.WeakSet()
@@ -65,6 +79,8 @@ class BatchIterator:
                     item = transform(item) if transform else item
                 except BaseException as e:  # Handed to the consumer, raised there.
                     item = _Failure(e)
+                # A full queue is waited on in short turns that look at the stop, so a reader
+                # whose consumer has gone ends once closed.
                 while not self._stop.is_set():
                     try:
                         self._queue.put(item, timeout=0.1)
@@ -92,21 +108,33 @@ class BatchIterator:
             raise StopIteration
         item = self._queue.get()
         if isinstance(item, _Failure):
+            # The reader has ended: every later call raises the same instead of waiting forever.
+            self._queue.put(item)
             raise item.error
         return item
 
-    def close(self, timeout: float = 10.0) -> None:
+    def close(self, warn_after: float = 30.0) -> None:
+        """Stops the reader and returns once it has finished, however long that takes.
+
+        A busy machine only makes this slower: the reader ends once its current batch is done (and,
+        with ``stop``, once the source has ended), so there is no time limit to miss. A reader still
+        running after ``warn_after`` seconds is reported once, with where it is, and awaited.
+        """
         self._stop.set()
-        self._thread.join(timeout)
+        self._thread.join(warn_after)
         if self._thread.is_alive():
             frame = sys._current_frames().get(self._thread.ident)
-            where = "".join(traceback.format_stack(frame)[-4:]) if frame else "(unknown)\n"
+            # From the reader's own code down (the threading module's frames say nothing).
+            stack = traceback.format_stack(frame) if frame else ["(unknown)\n"]
+            where = "".join(line for line in stack if f"{os.sep}threading.py" not in line)
             logging.warning(
-                "The input pipeline's reader thread did not stop within %g s; it is left to "
-                "the interpreter's exit. It is at:\n%s",
-                timeout,
+                "The input pipeline's reader thread is still running %g s after close; waiting "
+                "for it to finish. It is at:\n%s",
+                warn_after,
                 where.rstrip(),
             )
+            self._thread.join()
+        BatchIterator._live.discard(self)
 
 
 @dataclasses.dataclass
