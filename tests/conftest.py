@@ -23,6 +23,10 @@ import pathlib
 import pytest
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
+# The limit on a child process or notebook the tests start. One that runs this long has hung
+# rather than slowed down: the limit only keeps a hang from stalling the suite, and no test may
+# fail because the machine is busy.
+HANG_GUARD_S = 30 * 60
 
 
 @pytest.fixture(scope="session")

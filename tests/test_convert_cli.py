@@ -8,12 +8,12 @@ import sys
 import numpy as np
 import pytest
 
-from tests.conftest import REPO
+from tests.conftest import HANG_GUARD_S, REPO
 
 GGUF = "models/smollm2-135m-instruct/SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
-def _run(module, *args, timeout=600, input_text=None, python_options=()):
+def _run(module, *args, timeout=HANG_GUARD_S, input_text=None, python_options=()):
     env = dict(os.environ, PYTHONPATH=str(REPO))
     env.pop("XLA_FLAGS", None)  # One CPU device, as a user would have.
     cmd = [sys.executable, *python_options, "-m", module, *map(str, args)]
@@ -129,7 +129,7 @@ def test_a_training_run_exports_to_hugging_face(tmp_path):
         env=env,
         capture_output=True,
         text=True,
-        timeout=600,
+        timeout=HANG_GUARD_S,
         cwd=REPO,
     )
     assert train.returncode == 0, train.stderr[-3000:]

@@ -6,7 +6,7 @@ import subprocess
 
 import pytest
 
-from tests.conftest import REPO
+from tests.conftest import HANG_GUARD_S, REPO
 
 
 def test_local_launch_dry_run_starts_one_process_per_rank():
@@ -23,7 +23,7 @@ def test_local_launch_dry_run_starts_one_process_per_rank():
         ],
         capture_output=True,
         text=True,
-        timeout=60,
+        timeout=HANG_GUARD_S,
         check=True,
     )
     lines = result.stdout.strip().splitlines()
@@ -37,7 +37,7 @@ def test_local_launch_dry_run_starts_one_process_per_rank():
 
 def test_local_launch_rejects_unknown_flags():
     result = subprocess.run(
-        [str(REPO / "launch/local.sh"), "--procs=2"], capture_output=True, text=True, timeout=60
+        [str(REPO / "launch/local.sh"), "--procs=2"], capture_output=True, text=True, timeout=HANG_GUARD_S
     )
     assert result.returncode == 2 and "unknown flag --procs=2" in result.stderr
 
@@ -51,7 +51,7 @@ def _dry_run(script, *args, env=None):
         [str(REPO / "launch" / script), *args],
         capture_output=True,
         text=True,
-        timeout=60,
+        timeout=HANG_GUARD_S,
         env=env,
     )
     assert result.returncode == 0, result.stderr
@@ -173,7 +173,7 @@ def test_tpu_launch_rejects_bad_settings(args, message):
         [str(REPO / "launch/tpu.sh"), *args, "--dry-run"],
         capture_output=True,
         text=True,
-        timeout=60,
+        timeout=HANG_GUARD_S,
     )
     assert result.returncode == 2 and message in result.stderr
 

@@ -5,7 +5,7 @@ import os
 import subprocess
 import sys
 
-from tests.conftest import REPO
+from tests.conftest import HANG_GUARD_S, REPO
 
 
 def _train(workdir, *overrides):
@@ -19,7 +19,7 @@ def _train(workdir, *overrides):
         f"--workdir={workdir}",
         *overrides,
     ]
-    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600, cwd=REPO)
+    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=HANG_GUARD_S, cwd=REPO)
 
 
 def test_cli_trains_evaluates_and_resumes(tmp_path):

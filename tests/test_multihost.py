@@ -6,7 +6,7 @@ import socket
 import subprocess
 import sys
 
-from tests.conftest import REPO
+from tests.conftest import HANG_GUARD_S, REPO
 
 _SCRIPT = """
 import hashlib, sys, threading
@@ -83,7 +83,7 @@ def _launch(num_processes: int, devices_per_process: int, workdir, shared="") ->
         )
         for i in range(num_processes)
     ]
-    outputs = [p.communicate(timeout=300) for p in procs]
+    outputs = [p.communicate(timeout=HANG_GUARD_S) for p in procs]
     for p, (_, err) in zip(procs, outputs):
         assert p.returncode == 0, err[-3000:]
     return [

@@ -8,7 +8,7 @@ import sys
 
 import numpy as np
 
-from tests.conftest import REPO
+from tests.conftest import HANG_GUARD_S, REPO
 
 _STEPS = 3
 _ARGS = [
@@ -57,7 +57,7 @@ def test_two_processes_train_like_one(tmp_path):
         env=env,
         capture_output=True,
         text=True,
-        timeout=600,
+        timeout=HANG_GUARD_S,
         cwd=REPO,
     )
     assert two.returncode == 0, two.stderr[-3000:]
@@ -67,7 +67,7 @@ def test_two_processes_train_like_one(tmp_path):
         env=one_env,
         capture_output=True,
         text=True,
-        timeout=600,
+        timeout=HANG_GUARD_S,
         cwd=REPO,
     )
     assert one.returncode == 0, one.stderr[-3000:]

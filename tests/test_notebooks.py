@@ -15,7 +15,7 @@ import jupytext
 import nbclient
 import pytest
 
-from tests.conftest import REPO
+from tests.conftest import HANG_GUARD_S, REPO
 
 NOTEBOOK_DIR = REPO / "notebooks"
 NOTEBOOKS = sorted(NOTEBOOK_DIR.glob("*.py"))
@@ -60,8 +60,8 @@ def test_notebook_runs(path, request, tmp_path):
     notebook = jupytext.read(generated)
     client = nbclient.NotebookClient(
         notebook,
-        timeout=600,
-        startup_timeout=180,
+        timeout=HANG_GUARD_S,
+        startup_timeout=HANG_GUARD_S,
         kernel_name="python3",
         resources={"metadata": {"path": str(NOTEBOOK_DIR)}},
     )

@@ -13,7 +13,7 @@ import pytest
 
 from itune import topology
 from itune.training import aot, flops
-from tests.conftest import REPO
+from tests.conftest import HANG_GUARD_S, REPO
 
 
 @pytest.mark.parametrize(
@@ -112,7 +112,7 @@ def _preflight(*args):
         [sys.executable, "-m", "itune.cli.preflight", "--config=configs/smoke.py", *args],
         capture_output=True,
         text=True,
-        timeout=600,
+        timeout=HANG_GUARD_S,
         cwd=REPO,
         env=env,
     )

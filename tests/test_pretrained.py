@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from tests.conftest import REPO
+from tests.conftest import HANG_GUARD_S, REPO
 from tests.test_convert_cli import GGUF
 
 CONFIG = REPO / "configs/smollm2_gsm8k.py"
@@ -30,7 +30,7 @@ def _train(workdir, variant, *overrides):
         "--config.train.num_steps=1",
         *overrides,
     ]
-    result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900, cwd=REPO)
+    result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=HANG_GUARD_S, cwd=REPO)
     assert result.returncode == 0, result.stderr[-4000:]
     return result
 

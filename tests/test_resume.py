@@ -8,7 +8,7 @@ import sys
 import numpy as np
 import orbax.checkpoint as ocp
 
-from tests.conftest import REPO
+from tests.conftest import HANG_GUARD_S, REPO
 
 # Runs the pipeline of a file mixture in a fresh process: from the start or from a saved state.
 _SCRIPT = """
@@ -52,7 +52,7 @@ def _run(*args):
         env=env,
         capture_output=True,
         text=True,
-        timeout=300,
+        timeout=HANG_GUARD_S,
         cwd=REPO,
     )
     assert result.returncode == 0, result.stderr[-3000:]
@@ -81,7 +81,7 @@ def _train(workdir, steps):
         f"--workdir={workdir}",
         f"--config.train.num_steps={steps}",
     ]
-    result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600, cwd=REPO)
+    result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=HANG_GUARD_S, cwd=REPO)
     assert result.returncode == 0, result.stderr[-3000:]
     return result.stdout + result.stderr
 
