@@ -13,6 +13,7 @@ import sys
 
 from itune import runtime
 from itune.cli import common as cli
+from itune.errors import UserError
 
 cli.quiet_tensorflow()
 
@@ -58,7 +59,7 @@ def main(argv):
     try:
         respond, loaded = cli.responder_from_flags()
     except (ValueError, FileNotFoundError) as e:
-        sys.exit(f"itune-chat: {e}")
+        raise UserError(str(e)) from e
     print(
         f"Chatting with {flags.FLAGS.checkpoint} ({loaded.config.num_params() / 1e6:.0f}M "
         f"parameters, {respond.chat_format.name} format). /reset starts over, /exit quits.",
@@ -69,8 +70,7 @@ def main(argv):
 
 def run():
     """Console entry point."""
-    flags.mark_flags_as_required(["checkpoint"])
-    app.run(main, flags_parser=cli.parse_flags)
+    cli.run(main, required=["checkpoint"])
 
 
 if __name__ == "__main__":

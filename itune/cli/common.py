@@ -1,9 +1,48 @@
-"""What every command-line entry point shares: quiet start-up and clean flag errors."""
+"""What every command-line entry point shares: quiet start-up, ``--help`` that shows the
+command's own flags and configs, and failures told in one line.
 
+A command defines its flags, then hands its ``main`` to `run`:
+
+  cli.run(main, required=["config", "workdir"])
+
+`run` parses the flags (``--help`` prints `help_text` and exits 0) and calls ``main``. A mistake
+the user can fix (`itune.errors.UserError`, a file that cannot be read or written, a bad flag,
+config or override, Ctrl-C) ends the program with ``<program>: <what, where, what to do>`` on
+one line and status 1; ``--verbose`` shows the traceback instead.
+"""
+
+from __future__ import annotations
+
+import ast
+import dataclasses
+import difflib
+import errno
 import os
+import re
 import sys
+import textwrap
+import types
 
-from absl import flags
+from absl import app, flags
+
+from itune.errors import UserError
+
+_VERBOSE = flags.DEFINE_bool("verbose", False, "On a failure, show the full traceback.")
+
+# The messages of the errno values a user meets most, each with what to do.
+_OS_PROBLEMS = {
+    errno.ENOENT: "no such file or folder; check the path",
+    errno.EACCES: "permission denied; check its permissions or choose another path",
+    errno.EPERM: "operation not permitted; check its permissions or choose another path",
+    errno.EROFS: "read-only file system; choose a writable path",
+    errno.ENOSPC: "no space left on the device; free some space and start again",
+    errno.EDQUOT: "disk quota exceeded; free some space and start again",
+    errno.EEXIST: "already exists and is in the way; remove it or choose another path",
+    errno.ENOTDIR: "a part of the path is a file, not a folder; choose another path",
+    errno.EISDIR: "is a folder, not a file; give a file",
+}
+_HELP_ARGS = ("--help", "-help", "-h", "--h", "-?", "--?")
+_WIDTH = 100
 
 
 def quiet_tensorflow() -> None:
@@ -13,18 +52,378 @@ def quiet_tensorflow() -> None:
     os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
 
 
-def parse_flags(argv: list[str]) -> list[str]:
-    """Parses flags; a bad flag or config override ends the program with a one-line message."""
-    try:
-        return flags.FLAGS(argv)
-    except (flags.Error, AttributeError, KeyError, TypeError, ValueError) as e:
-        # A misspelt override surfaces from ml_collections as the repr of a multi-line message.
-        message = str(e)
-        if len(message) > 1 and message[0] == message[-1] == "'":
-            message = message[1:-1]
-        message = message.replace("\\'", "'").replace("\\n", " ").replace("\n", " ")
-        program = os.path.basename(argv[0])
-        sys.exit(f"{program}: error in flags or config overrides: {message}")
+@dataclasses.dataclass
+class Command:
+    """What a command's help and messages need: its module, name and positional arguments."""
+
+    module: types.ModuleType
+    args: str = ""  # Positional arguments in the usage line, e.g. "SRC DST".
+    required: tuple[str, ...] = ()
+
+    @property
+    def name(self) -> str:
+        """``itune-train`` for ``itune.cli.train``, however the module was started."""
+        spec = getattr(self.module, "__spec__", None)
+        module_name = spec.name if spec is not None else self.module.__name__
+        return "itune-" + module_name.rpartition(".")[2]
+
+    def own_flags(self) -> list[flags.Flag]:
+        """The flags the command's module defined, then the shared ones it uses."""
+        by_module = flags.FLAGS.flags_by_module_id_dict()
+        shared = by_module.get(id(sys.modules[__name__]), [])
+        last = [f for f in shared if f.name == _VERBOSE.name]
+        return by_module.get(id(self.module), []) + [f for f in shared if f not in last] + last
+
+
+def run(main, *, required=(), args: str = "", interrupted: str = "interrupted") -> None:
+    """Runs ``main(argv)`` as the console command of the module that defines ``main``.
+
+    ``required`` names the flags that must be given; ``args`` the positional arguments shown in
+    the usage line (``main`` checks their number); ``interrupted`` is the line that Ctrl-C
+    (a `KeyboardInterrupt`) ends the command with.
+    """
+    command = Command(sys.modules[main.__module__], args, tuple(required))
+    if required:
+        flags.mark_flags_as_required(list(required))
+
+    def guarded(argv):
+        with failures_told(command.name, lambda: _VERBOSE.value, interrupted):
+            return main(argv)
+
+    app.run(guarded, flags_parser=lambda argv: parse_flags(argv, command))
+
+
+class failures_told:  # noqa: N801 - used as a context manager, like contextlib's.
+    """Turns a user's mistake raised inside into ``<program>: <message>`` and exit status 1;
+    ``verbose()`` true lets it through, traceback and all."""
+
+    def __init__(self, program: str, verbose, interrupted: str = "interrupted"):
+        self.program, self.verbose, self.interrupted = program, verbose, interrupted
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, kind, error, tb):
+        if error is None or isinstance(error, SystemExit):
+            return False
+        message = self.interrupted if isinstance(error, KeyboardInterrupt) else describe(error)
+        if message is None or self.verbose():
+            return False
+        print(f"{self.program}: {message}", file=sys.stderr, flush=True)
+        sys.exit(1)
+
+
+def describe(error: BaseException) -> str | None:
+    """The one line that tells a user's mistake, or None for an error that is not one (a bug,
+    which keeps its traceback).
+
+    >>> describe(PermissionError(errno.EACCES, "Permission denied", "/runs/a"))
+    '/runs/a: permission denied; check its permissions or choose another path'
+    >>> describe(UserError("data.seq_len=0: must be positive"))
+    'data.seq_len=0: must be positive'
+    >>> describe(KeyboardInterrupt())
+    'interrupted'
+    >>> describe(ZeroDivisionError("division by zero")) is None
+    True
+    """
+    if isinstance(error, KeyboardInterrupt):
+        return "interrupted"
+    if isinstance(error, UserError):
+        return _one_line(str(error))
+    if isinstance(error, app.UsageError):
+        return _one_line(f"{error}; see --help")
+    if isinstance(error, OSError):
+        if error.filename is None:  # A message of its own, e.g. FileNotFoundError("no GGUF...").
+            problem = _OS_PROBLEMS.get(error.errno) or str(error)
+            return _one_line(problem)
+        where = str(error.filename)
+        if error.filename2 is not None:
+            where += f" -> {error.filename2}"
+        problem = _OS_PROBLEMS.get(error.errno) or (error.strerror or str(error)).lower()
+        return _one_line(f"{where}: {problem}")
+    return None
+
+
+def _one_line(message: str) -> str:
+    return " ".join(message.split())
+
+
+def _verbose_in(argv: list[str]) -> bool:
+    """Whether ``--verbose`` is on the command line, for failures before the flags are parsed."""
+    return any(a in ("--verbose", "-verbose", "--verbose=true", "--verbose=1") for a in argv[1:])
+
+
+def parse_flags(argv: list[str], command: Command | None = None) -> list[str]:
+    """Parses flags. ``--help`` prints `help_text` and exits 0; a bad flag, config file, config
+    argument or override ends the program with a one-line message and status 1."""
+    command = command or Command(sys.modules["__main__"])
+    args = argv[1 : argv.index("--")] if "--" in argv else argv[1:]
+    if any(a in _HELP_ARGS for a in args):
+        print(help_text(command))
+        sys.exit(0)
+    for flag in command.own_flags():
+        if _is_config_file_flag(flag) and not isinstance(flag.parser, _ConfigFileParser):
+            flag.parser = _ConfigFileParser(flag.parser, flag.name)
+        if isinstance(flag.parser, _ConfigFileParser):
+            flag.parser.argv = list(argv)
+    with failures_told(command.name, lambda: _verbose_in(argv)):
+        try:
+            return flags.FLAGS(argv)
+        except (flags.Error, AttributeError, KeyError, TypeError, ValueError) as e:
+            raise UserError(_flag_error_message(e)) from e
+
+
+def _flag_error_message(error: Exception) -> str:
+    """One line for absl's or ml_collections' complaint about a flag or an override."""
+    message = str(error)
+    # A misspelt override surfaces from ml_collections as the repr of a multi-line message.
+    if len(message) > 1 and message[0] == message[-1] == "'":
+        message = message[1:-1]
+    message = _one_line(message.replace("\\'", "'").replace("\\n", " "))
+    if isinstance(error, flags.UnrecognizedFlagError):
+        close = re.search(r"Did you mean: (.*?) ?\?", message)
+        hint = f"; did you mean --{close.group(1)}?" if close else ""
+        return f"unknown flag --{error.flagname}{hint} See --help"
+    if required := re.search(r"Flag --(\S+) must have a value other than None", message):
+        return f"--{required.group(1)} is required; see --help"
+    if bad := re.match(r"flag (--(\S+?)=.*?): (.*)", message):  # absl: flag --name=value: why
+        flag, name, problem = bad.groups()
+        kind = flags.FLAGS[name].flag_type() if name in flags.FLAGS else None
+        expected = f"expected {'an' if kind[0] in 'aeiou' else 'a'} {kind}: " if kind else ""
+        return f"{flag}: {expected}{problem}; see --help"
+    return f"{message}; see --help"
+
+
+# ----------------------------------------------------------------------------- config files
+
+
+def _is_config_file_flag(flag: flags.Flag) -> bool:
+    from ml_collections.config_flags import config_flags  # noqa: PLC0415
+
+    return isinstance(flag.parser, config_flags.ConfigFileFlagParser)
+
+
+def configs_dir() -> str:
+    """The ``configs/`` folder shipped beside the ``itune`` package."""
+    package = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    return os.path.join(os.path.dirname(package), "configs")
+
+
+def _display_path(path: str) -> str:
+    relative = os.path.relpath(path)
+    return path if relative.startswith("..") else relative
+
+
+@dataclasses.dataclass
+class ConfigFile:
+    """A config file of ``configs/``: its path, what it is, and the arguments it takes."""
+
+    path: str
+    summary: str
+    arguments: dict  # Name -> default, as `itune.configlib.parse_arg` takes them.
+
+
+def shipped_configs() -> list[ConfigFile]:
+    """The config files in `configs_dir`, read without running them."""
+    folder = configs_dir()
+    names = sorted(os.listdir(folder)) if os.path.isdir(folder) else []
+    found = []
+    for name in names:
+        if name.endswith(".py") and not name.startswith("_"):
+            found.append(read_config_file(os.path.join(folder, name)))
+    return found
+
+
+def read_config_file(path: str) -> ConfigFile:
+    """A config file's docstring's first sentence and its ``get_config`` arguments.
+
+    The arguments are the keywords of the `itune.configlib.parse_arg` call in ``get_config``.
+    """
+    with open(path, encoding="utf-8") as f:
+        tree = ast.parse(f.read(), path)
+    doc = (ast.get_docstring(tree) or "").split("\n\n")[0]
+    summary = " ".join(doc.replace("``", "").split())
+    arguments = {}
+    for node in ast.walk(tree):
+        if isinstance(node, ast.FunctionDef) and node.name == "get_config":
+            for call in ast.walk(node):
+                if (
+                    isinstance(call, ast.Call)
+                    and getattr(call.func, "attr", getattr(call.func, "id", None)) == "parse_arg"
+                ):
+                    for keyword in call.keywords:
+                        try:
+                            value = ast.literal_eval(keyword.value)
+                        except ValueError:
+                            value = ast.unparse(keyword.value)
+                        arguments[keyword.arg] = value
+    return ConfigFile(_display_path(path), summary, arguments)
+
+
+def _argument_text(arguments: dict) -> str:
+    return ",".join(k if v is False else f"{k}={v}" for k, v in arguments.items())
+
+
+class _ConfigFileParser(flags.ArgumentParser):
+    """ml_collections' config file parser, with its failures told in one line: a missing file
+    (naming the shipped configs), an argument the config rejects, an override of a field that
+    does not exist."""
+
+    def __init__(self, inner, name: str):
+        self.inner, self.name, self.argv = inner, name, []
+
+    def flag_type(self):
+        return self.inner.flag_type()
+
+    def parse(self, argument):
+        from ml_collections.config_flags import config_flags  # noqa: PLC0415
+
+        where = f"--{self.name}={argument}"
+        path = argument.split(":", 1)[0]
+        if not os.path.isfile(path):
+            known = ", ".join(c.path for c in shipped_configs()) or "none"
+            raise UserError(f"{where}: no such config file; the configs are: {known}")
+        try:
+            config = self.inner.parse(argument)
+        except (TypeError, ValueError) as e:
+            # ml_collections re-raises get_config's error as a traceback in text.
+            # A ValueError is get_config's word for an argument it rejects.
+            cause = e.__context__ or e
+            if isinstance(cause, (UserError, ValueError)):
+                raise UserError(f"{where}: {cause}") from cause
+            raise UserError(f"{where}: {type(cause).__name__}: {cause}") from cause
+        if isinstance(config, config_flags._ErrorConfig):  # An IOError loading it, kept for later.
+            cause = config._error
+            raise UserError(f"{where}: cannot load it: {str(cause).splitlines()[0]}") from cause
+        self._check_overrides(config, where)
+        return config
+
+    def _check_overrides(self, config, where: str) -> None:
+        """Each ``--config.a.b`` of the command line names a field of ``config``."""
+        for arg in self.argv[1:]:
+            if arg == "--":
+                break
+            name = arg.lstrip("-").split("=", 1)[0]
+            for prefix in (f"{self.name}.", f"no{self.name}."):
+                if name.startswith(prefix):
+                    _check_field(config, name[len(prefix) :], self.name, where)
+
+
+def _check_field(config, path: str, flag: str, where: str) -> None:
+    node, done = config, []
+    for part in path.split("."):
+        if not hasattr(node, "keys"):  # A list or a value: ml_collections judges the rest.
+            return
+        if part not in node:
+            parent = ".".join([flag, *done])
+            fields = sorted(node.keys())
+            close = difflib.get_close_matches(part, fields, n=1)
+            hint = f"did you mean --{parent}.{close[0]}? " if close else ""
+            raise UserError(
+                f"--{flag}.{path}: {parent} has no field {part!r} ({where}); {hint}"
+                f"its fields: {', '.join(fields)}"
+            )
+        node, done = node[part], done + [part]
+
+
+# ----------------------------------------------------------------------------------- help
+
+
+def help_text(command: Command) -> str:
+    """The ``--help`` of ``command``: usage, its docstring, its flags and, for a command that
+    takes a config, the shipped configs and how to change them."""
+    own = command.own_flags()
+    usage = [command.name]
+    usage += [_flag_synopsis(f) for f in own if f.name in command.required]
+    usage += [command.args] if command.args else []
+    usage.append("[flags]")
+    doc = (command.module.__doc__ or "").replace("``", "").strip()
+    lines = ["usage: " + " ".join(usage), "", doc, "", "flags:"]
+    for flag in own:
+        lines.append("  " + _flag_synopsis(flag))
+        lines += textwrap.wrap(
+            _flag_description(flag, command.required),
+            _WIDTH,
+            initial_indent="      ",
+            subsequent_indent="      ",
+        )
+    config_flag = next((f for f in own if _is_config_file_flag(f)), None)
+    if config_flag is not None:
+        lines += ["", *_configs_help(command.name, config_flag.name)]
+    lines += ["", "--helpfull also lists the flags of absl (logging, debugging)."]
+    return "\n".join(lines)
+
+
+def _flag_synopsis(flag: flags.Flag) -> str:
+    if flag.boolean:
+        return f"--[no]{flag.name}"
+    if _is_config_file_flag(flag) or isinstance(flag.parser, _ConfigFileParser):
+        return f"--{flag.name}=FILE[:ARGS]"
+    values = getattr(flag.parser, "enum_values", None)
+    if values:
+        return f"--{flag.name}={{{','.join(values)}}}"
+    kind = {"int": "N", "float": "X", "comma separated list of strings": "A,B,..."}
+    placeholder = kind.get(flag.flag_type(), "TEXT")
+    if placeholder == "TEXT" and flag.name.endswith("dir"):
+        placeholder = "DIR"
+    elif placeholder == "TEXT" and flag.name.endswith(("file", "checkpoint", "output")):
+        placeholder = "PATH"
+    return f"--{flag.name}={placeholder}"
+
+
+def _flag_description(flag: flags.Flag, required) -> str:
+    text = re.sub(r"^<[^>]*>: ", "", flag.help)  # absl's list of an enum's values.
+    if isinstance(flag, flags.MultiFlag):
+        text += " Repeatable."
+    if flag.name in required:
+        text += " (required)"
+    elif flag.boolean:
+        text += f" (default: {'on' if flag.default else 'off'})"
+    elif flag.default not in (None, "", []):
+        default = ",".join(flag.default) if isinstance(flag.default, list) else flag.default
+        text += f" (default: {default})"
+    return text
+
+
+def _example_arguments(arguments: dict) -> str:
+    """A switch (other than ``runlocal``, when there is one) and a key=value of ``arguments``."""
+    switches = [k for k, v in arguments.items() if v is False]
+    values = [f"{k}={v}" for k, v in arguments.items() if v is not False]
+    switches = [k for k in switches if k != "runlocal"] or switches
+    return ",".join(switches[:1] + values[:1])
+
+
+def _configs_help(program: str, name: str) -> list[str]:
+    lines = [f"configs (--{name}=FILE, or FILE:ARGS to pass it arguments):"]
+    example, most = None, 0
+    for config in shipped_configs():
+        lines.append(f"  {config.path}")
+        lines += textwrap.wrap(
+            config.summary, _WIDTH, initial_indent="      ", subsequent_indent="      "
+        )
+        if config.arguments:
+            listed = _argument_text(config.arguments).replace(",", ", ")
+            lines.append(f"      arguments: {listed}")
+            if len(config.arguments) > most:
+                most = len(config.arguments)
+                example = f"{config.path}:{_example_arguments(config.arguments)}"
+    text = [
+        "A config's arguments follow a colon, comma-separated: switches by name, values as "
+        + (f"key=value, e.g. --{name}={example}." if example else "key=value."),
+        f"--{name}.FIELD=VALUE overrides one field of the config; every field, with what it "
+        "means, is in itune/configlib.py (base_config). E.g.:",
+    ]
+    lines.append("")
+    for paragraph in text:
+        lines += textwrap.wrap(paragraph, _WIDTH)
+    lines.append(
+        f"  {program} --{name}=configs/smoke.py --{name}.train.num_steps=10 "
+        f"--{name}.optim.learning_rate=3e-3 ..."
+    )
+    return lines
+
+
+# ------------------------------------------------------------------------ model commands
 
 
 def define_model_flags() -> None:

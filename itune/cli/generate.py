@@ -14,10 +14,10 @@ is sharded over all local devices.
 from __future__ import annotations
 
 import json
-import sys
 
 from itune import runtime
 from itune.cli import common as cli
+from itune.errors import UserError
 
 cli.quiet_tensorflow()
 
@@ -65,7 +65,7 @@ def main(argv):
         chats = conversations(_PROMPT.value, _PROMPTS_FILE.value, _SYSTEM.value)
         respond, _ = cli.responder_from_flags()
     except (ValueError, FileNotFoundError) as e:
-        sys.exit(f"itune-generate: {e}")
+        raise UserError(str(e)) from e
     answers = respond(chats)
     out = open(_OUTPUT.value, "w", encoding="utf-8") if _OUTPUT.value else None
     for messages, text in zip(chats, answers):
@@ -78,8 +78,7 @@ def main(argv):
 
 def run():
     """Console entry point."""
-    flags.mark_flags_as_required(["checkpoint"])
-    app.run(main, flags_parser=cli.parse_flags)
+    cli.run(main, required=["checkpoint"])
 
 
 if __name__ == "__main__":

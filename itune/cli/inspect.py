@@ -8,6 +8,7 @@ highlighted), writes the same as ``<workdir>/inspect.html``, and prints the pipe
 
 import itertools
 import os
+import sys
 
 from itune.cli import common as cli
 
@@ -17,12 +18,17 @@ from absl import app, flags
 from ml_collections import config_flags
 
 _CONFIG = config_flags.DEFINE_config_file(
-    "config", None, "Config file (path[:arg]).", lock_config=True
+    "config", None, "The config file, with its arguments after a colon.", lock_config=True
 )
-_WORKDIR = flags.DEFINE_string("workdir", None, "Run directory (tokenizer cache, inspect.html).")
+_WORKDIR = flags.DEFINE_string(
+    "workdir", None, "The run's folder: its tokenizer is kept there, and inspect.html written."
+)
 _ROWS = flags.DEFINE_integer("rows", 4, "Rows to show.")
 _BATCHES = flags.DEFINE_integer("batches", 1, "Batches to read for the statistics.")
-_COLOR = flags.DEFINE_bool("color", True, "Highlight trained tokens with terminal colours.")
+_COLOR = flags.DEFINE_bool(
+    "color", None, "Highlight trained tokens with terminal colours; default: when printing to a "
+    "terminal."
+)
 
 
 def inspect(config, workdir: str, num_rows: int, num_batches: int, color: bool) -> str:
@@ -56,15 +62,13 @@ def inspect(config, workdir: str, num_rows: int, num_batches: int, color: bool) 
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {' '.join(argv[1:])}")
-    inspect(
-        _CONFIG.value, os.path.abspath(_WORKDIR.value), _ROWS.value, _BATCHES.value, _COLOR.value
-    )
+    color = sys.stdout.isatty() if _COLOR.value is None else _COLOR.value
+    inspect(_CONFIG.value, os.path.abspath(_WORKDIR.value), _ROWS.value, _BATCHES.value, color)
 
 
 def run():
     """Console entry point."""
-    flags.mark_flags_as_required(["config", "workdir"])
-    app.run(main, flags_parser=cli.parse_flags)
+    cli.run(main, required=["config", "workdir"])
 
 
 if __name__ == "__main__":

@@ -115,13 +115,12 @@ def main(argv):
 def run():
     """Console entry point."""
     _FLAGS["config"] = config_flags.DEFINE_config_file(
-        "config", None, "Config file (path[:arg]).", lock_config=True
+        "config", None, "The config file, with its arguments after a colon.", lock_config=True
     )
     _FLAGS["devices"] = flags.DEFINE_integer(
-        "devices", None, "Devices of the mesh (default: jax's count)."
+        "devices", None, "Devices of the mesh; default: this host's count."
     )
-    flags.mark_flags_as_required(["config"])
-    app.run(main, flags_parser=cli.parse_flags)
+    cli.run(main, required=["config"])
 
 
 if __name__ == "__main__":

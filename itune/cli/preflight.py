@@ -20,6 +20,7 @@ import os
 import sys
 
 from itune.cli import common as cli
+from itune.errors import UserError
 
 cli.quiet_tensorflow()
 
@@ -267,7 +268,7 @@ def main(argv):
     try:
         fits, text = preflight(config, config_name, slice_name, num_slices)
     except (ImportError, ValueError) as e:  # No libtpu, a bad slice name or batch.
-        sys.exit(f"itune-preflight: {e}")
+        raise UserError(str(e)) from e
     print(text)
     sys.exit(0 if fits else 1)
 
@@ -276,7 +277,7 @@ def run():
     """Console entry point."""
     _set_up_environment()
     _FLAGS["config"] = config_flags.DEFINE_config_file(
-        "config", None, "Config file (path[:arg]).", lock_config=True
+        "config", None, "The config file, with its arguments after a colon.", lock_config=True
     )
     _FLAGS["topology"] = flags.DEFINE_string(
         "topology", None, "TPU slice (v5p-64, v5e-16, v4-8...); default: the config's."
@@ -284,8 +285,7 @@ def run():
     _FLAGS["num_slices"] = flags.DEFINE_integer(
         "num_slices", None, "Slices joined over the data-center network; default: the config's."
     )
-    flags.mark_flags_as_required(["config"])
-    app.run(main, flags_parser=cli.parse_flags)
+    cli.run(main, required=["config"])
 
 
 if __name__ == "__main__":

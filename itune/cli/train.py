@@ -7,9 +7,9 @@ Starting again with the same workdir resumes from its last checkpoint.
 """
 
 import os
-import sys
 
 from itune.cli import common as cli
+from itune.errors import UserError
 
 cli.quiet_tensorflow()
 
@@ -17,9 +17,14 @@ from absl import app, flags
 from ml_collections import config_flags
 
 _CONFIG = config_flags.DEFINE_config_file(
-    "config", None, "Config file (path[:arg]).", lock_config=True
+    "config", None, "The run's config file, with its arguments after a colon.", lock_config=True
 )
-_WORKDIR = flags.DEFINE_string("workdir", None, "Where checkpoints, metrics and results go.")
+_WORKDIR = flags.DEFINE_string(
+    "workdir",
+    None,
+    "The run's folder (checkpoints, metrics, results); given again, the run resumes from its "
+    "last checkpoint.",
+)
 
 
 def main(argv):
@@ -28,19 +33,22 @@ def main(argv):
     from itune.runtime import initialize
 
     initialize()
-    from itune.data.sources import DataError  # After the runtime is set up.
-    from itune.training.trainer import train_and_evaluate
+    from itune.training.trainer import train_and_evaluate  # After the runtime is set up.
 
     try:
         train_and_evaluate(_CONFIG.value, os.path.abspath(_WORKDIR.value))
-    except (DataError, FloatingPointError) as e:
-        sys.exit(f"itune-train: {e}")
+    except FloatingPointError as e:  # The loss diverged: the run stops with its message.
+        raise UserError(str(e)) from e
 
 
 def run():
     """Console entry point."""
-    flags.mark_flags_as_required(["config", "workdir"])
-    app.run(main, flags_parser=cli.parse_flags)
+    cli.run(
+        main,
+        required=["config", "workdir"],
+        interrupted="interrupted; start it again with the same --workdir to resume from its "
+        "last checkpoint",
+    )
 
 
 if __name__ == "__main__":
