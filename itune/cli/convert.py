@@ -5,6 +5,16 @@ training workdirs.
   itune-convert /tmp/smollm2 /tmp/smollm2_hf            # itune -> Hugging Face folder
   itune-convert /tmp/run/workdir /tmp/tuned_hf --to=hf  # a training run's newest checkpoint
 
+SRC, read (``--from``):
+  itune     an itune model folder: model.json, params/, tokenizer/
+  hf        a Hugging Face folder: config.json (Llama, Mistral, Qwen2, Gemma), *.safetensors and
+            the tokenizer's files
+  gguf      a llama.cpp GGUF file of a LLaMA-architecture model, any quantization
+  workdir   a training workdir (``itune-train --workdir``): its newest checkpoint
+DST, written (``--to``), a path that does not exist yet:
+  itune     an itune model folder
+  hf        a Hugging Face folder (safetensors, split at ``--max_shard_gb``)
+
 What SRC is comes from the path (``--from`` names it otherwise); DST is an itune folder when SRC
 is a Hugging Face folder or a GGUF file, and a Hugging Face folder otherwise (``--to`` decides).
 Nothing is written under DST until the conversion has succeeded: a failure (unknown
@@ -16,10 +26,10 @@ from __future__ import annotations
 
 import os
 import shutil
-import sys
 
 from itune import runtime
 from itune.cli import common as cli
+from itune.errors import UserError
 
 cli.quiet_tensorflow()
 
@@ -78,21 +88,21 @@ def convert(
 
 def main(argv):
     if len(argv) != 3:
-        raise app.UsageError("usage: itune-convert SRC DST [--from=...] [--to=...]")
+        raise app.UsageError("expected two arguments, SRC and DST")
     src, dst = argv[1:]
     runtime.initialize()
     try:
         kind = convert(
             src, dst, _FROM.value, _TO.value, _DTYPE.value, int(_MAX_SHARD_GB.value * 2**30)
         )
-    except (ValueError, FileNotFoundError, FileExistsError, KeyError) as e:
-        sys.exit(f"itune-convert: {e}")
+    except (ValueError, KeyError) as e:  # Not a model, or one that does not convert.
+        raise UserError(e.args[0] if isinstance(e, KeyError) and e.args else str(e)) from e
     print(f"Wrote {'an itune model folder' if kind == 'itune' else 'a Hugging Face folder'}: {dst}")
 
 
 def run():
     """Console entry point."""
-    app.run(main, flags_parser=cli.parse_flags)
+    cli.run(main, args="SRC DST")
 
 
 if __name__ == "__main__":

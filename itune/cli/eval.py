@@ -19,6 +19,7 @@ import sys
 
 from itune import runtime
 from itune.cli import common as cli
+from itune.errors import UserError
 
 cli.quiet_tensorflow()
 
@@ -27,7 +28,11 @@ from ml_collections import config_flags
 
 cli.define_model_flags()
 _CONFIG = config_flags.DEFINE_config_file(
-    "config", None, "Take the tasks of this config's eval section (path[:arg]).", lock_config=True
+    "config",
+    None,
+    "Also score the tasks of this config's eval section (a config file, with its arguments "
+    "after a colon).",
+    lock_config=True,
 )
 _PROMPT_SETS = flags.DEFINE_list(
     "prompt_sets", [], "JSONL prompt sets, or built-in names (ifeval_sample)."
@@ -63,7 +68,7 @@ def main(argv):
         sets = prompt_sets(config, _PROMPT_SETS.value, _LIMIT.value)
         respond, _ = cli.responder_from_flags()
     except (ValueError, FileNotFoundError) as e:
-        sys.exit(f"itune-eval: {e}")
+        raise UserError(str(e)) from e
     print(
         f"Scoring {flags.FLAGS.checkpoint} on {', '.join(f'{s.name} ({len(s.records)})' for s in sets)}",
         file=sys.stderr,
@@ -79,8 +84,7 @@ def main(argv):
 
 def run():
     """Console entry point."""
-    flags.mark_flags_as_required(["checkpoint"])
-    app.run(main, flags_parser=cli.parse_flags)
+    cli.run(main, required=["checkpoint"])
 
 
 if __name__ == "__main__":
