@@ -109,9 +109,19 @@ def load_sources(data_config: Any, shards: tuple[int, range] | None = None) -> l
         if bank:
             banks[name] = templates_lib.TemplateBank.from_config(bank)
         entries[name] = values
+    specs = tfds_sources.specs_from_config(entries)
+    # Every source is found and holds records before any is read: a missing or empty file stops
+    # the run at once, naming it.
+    counts = [tfds_sources.count_any_records(spec) for spec in specs]
+    for spec, num_records in zip(specs, counts):
+        if not num_records:
+            raise sources_lib.DataError(
+                _where(spec.name, entries[spec.name]),
+                "has no records; give it some, or remove it from data.sources",
+                reason="no records",
+            )
     loaded, local = [], []
-    for spec in tfds_sources.specs_from_config(entries):
-        num_records = tfds_sources.count_any_records(spec)
+    for spec, num_records in zip(specs, counts):
         num_eval = min(data_config.eval_examples_per_source, num_records // 2)
         # The eval slice is a fixed random subset of the records, never trained on.
         order = np.random.default_rng([data_config.seed, 7]).permutation(num_records)
@@ -141,13 +151,18 @@ def load_sources(data_config: Any, shards: tuple[int, range] | None = None) -> l
         sizes = {int(s): n for p in parts for s, n in p["sizes"].items()}
         source.size = sum(sizes.values())
         if empty := sorted(s for s, n in sizes.items() if n == 0):
-            spec = entries[source.name]
-            where = f"data.sources.{source.name} ({spec.get('path') or spec.get('tfds')})"
-            raise ValueError(
-                f"{where} has no training examples in data shard(s) {empty} of {num_shards} "
-                f"({source.stats.summary()}); give it more examples or use fewer data.shards"
+            raise sources_lib.DataError(
+                _where(source.name, entries[source.name]),
+                f"has no training examples in data shard(s) {empty} of {num_shards} "
+                f"({source.stats.summary()}); give it more examples or use fewer data.shards",
+                reason="no training examples",
             )
     return loaded
+
+
+def _where(name: str, entry: dict) -> str:
+    """A source as a user named it: ``data.sources.<name> (<its file or TFDS name>)``."""
+    return f"data.sources.{name} ({entry.get('path') or entry.get('tfds')})"
 
 
 def mixture_rates(data_config: Any, sources: Sequence[Source]) -> np.ndarray:
