@@ -59,6 +59,7 @@ class Command:
     module: types.ModuleType
     args: str = ""  # Positional arguments in the usage line, e.g. "SRC DST".
     required: tuple[str, ...] = ()
+    interrupted: str = "interrupted"  # The line that Ctrl-C ends the command with.
 
     @property
     def name(self) -> str:
@@ -82,12 +83,12 @@ def run(main, *, required=(), args: str = "", interrupted: str = "interrupted") 
     the usage line (``main`` checks their number); ``interrupted`` is the line that Ctrl-C
     (a `KeyboardInterrupt`) ends the command with.
     """
-    command = Command(sys.modules[main.__module__], args, tuple(required))
+    command = Command(sys.modules[main.__module__], args, tuple(required), interrupted)
     if required:
         flags.mark_flags_as_required(list(required))
 
     def guarded(argv):
-        with failures_told(command.name, lambda: _VERBOSE.value, interrupted):
+        with failures_told(command.name, lambda: _VERBOSE.value, command.interrupted):
             return main(argv)
 
     app.run(guarded, flags_parser=lambda argv: parse_flags(argv, command))
@@ -144,6 +145,32 @@ def describe(error: BaseException) -> str | None:
     return None
 
 
+def check_output_folder(path: str, flag: str) -> None:
+    """Raises a `UserError` unless ``path`` is a folder this process can write in, or can
+    create: a command checks where it will write before it starts its work. A remote path
+    (``gs://...``) is left to its file system.
+
+    >>> check_output_folder(__file__, "workdir")  # doctest: +ELLIPSIS
+    Traceback (most recent call last):
+    itune.errors.UserError: --workdir=...common.py: a file, not a folder; choose a folder
+    """
+    if "://" in path:
+        return
+    where = f"--{flag}={path}"
+    existing = os.path.abspath(path)
+    while not os.path.exists(existing):
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing):
+        if existing == os.path.abspath(path):
+            raise UserError(f"{where}: a file, not a folder; choose a folder")
+        raise UserError(f"{where}: {existing} is a file, not a folder; choose another path")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise UserError(
+            f"{where}: cannot write in {existing} (permission denied); change its permissions "
+            "or choose another path"
+        )
+
+
 def _one_line(message: str) -> str:
     return " ".join(message.split())
 
@@ -166,7 +193,7 @@ def parse_flags(argv: list[str], command: Command | None = None) -> list[str]:
             flag.parser = _ConfigFileParser(flag.parser, flag.name)
         if isinstance(flag.parser, _ConfigFileParser):
             flag.parser.argv = list(argv)
-    with failures_told(command.name, lambda: _verbose_in(argv)):
+    with failures_told(command.name, lambda: _verbose_in(argv), command.interrupted):
         try:
             return flags.FLAGS(argv)
         except (flags.Error, AttributeError, KeyError, TypeError, ValueError) as e:

@@ -62,6 +62,7 @@ def inspect(config, workdir: str, num_rows: int, num_batches: int, color: bool) 
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {' '.join(argv[1:])}")
+    cli.check_output_folder(_WORKDIR.value, "workdir")
     color = sys.stdout.isatty() if _COLOR.value is None else _COLOR.value
     inspect(_CONFIG.value, os.path.abspath(_WORKDIR.value), _ROWS.value, _BATCHES.value, color)
 

@@ -30,6 +30,7 @@ _WORKDIR = flags.DEFINE_string(
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {' '.join(argv[1:])}")
+    cli.check_output_folder(_WORKDIR.value, "workdir")
     from itune.runtime import initialize
 
     initialize()
