@@ -25,7 +25,6 @@ message naming it.
 from __future__ import annotations
 
 import os
-import shutil
 
 from itune import runtime
 from itune.cli import common as cli
@@ -62,27 +61,29 @@ def convert(
         raise FileExistsError(f"{dst} exists; choose a new path")
     overrides = {"param_dtype": dtype} if dtype else {}
     loaded = model_dir.load_model(src, kind=source_kind, **overrides)
-    if target_kind == "itune":  # Written atomically by save_model itself.
-        model_dir.save_model(
-            dst, loaded.config, loaded.params, loaded.tokenizer, loaded.chat_format
-        )
-        return target_kind
-    partial = dst.rstrip("/") + ".partial"
-    if os.path.exists(partial):
-        shutil.rmtree(partial)
+    # Both writers build DST in a temporary folder beside it and rename it at the end: a failure
+    # (a full disk, Ctrl-C) leaves nothing behind.
     try:
-        hf.save_hf(
-            partial,
-            loaded.config,
-            loaded.params,
-            loaded.tokenizer,
-            loaded.chat_format,
-            max_shard_bytes=max_shard_bytes,
-        )
-    except BaseException:
-        shutil.rmtree(partial, ignore_errors=True)
-        raise
-    os.rename(partial, dst)
+        if target_kind == "itune":
+            model_dir.save_model(
+                dst, loaded.config, loaded.params, loaded.tokenizer, loaded.chat_format
+            )
+        else:
+            hf.save_hf(
+                dst,
+                loaded.config,
+                loaded.params,
+                loaded.tokenizer,
+                loaded.chat_format,
+                max_shard_bytes=max_shard_bytes,
+            )
+    except OSError as e:
+        if isinstance(e, FileExistsError):
+            raise
+        raise UserError(
+            f"cannot write {dst}: {e.strerror or e}; nothing was written: make room (or choose "
+            "a writable place) and run again"
+        ) from e
     return target_kind
 
 

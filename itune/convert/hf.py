@@ -35,7 +35,7 @@ import numpy as np
 from flax import nnx
 from safetensors import safe_open
 
-from itune import sharding
+from itune import atomic, sharding
 from itune.convert import weights
 from itune.convert.hf_config import config_from_hf, config_to_hf
 from itune.convert.tokenizer_files import read_json as _read_json, save_tokenizer
@@ -406,14 +406,31 @@ def save_hf(
     if tokenizer is None and chat_format is not None:
         raise ValueError("save_hf: a chat_format needs a tokenizer to attach its template to")
     writes = jax.process_index() == 0
+    # Process 0 writes into a temporary folder that becomes ``path`` once complete; a failure (a
+    # full disk, Ctrl-C) leaves ``path`` as it was.
+    with (atomic.folder(path, merge=True) if writes else contextlib.nullcontext()) as out:
+        files = _save_hf_files(out, params, np_dtype, max_shard_bytes, dtype)
+        if writes:
+            if tokenizer is not None:
+                hf_config.update(save_tokenizer(out, tokenizer, chat_format))
+            _write_json(os.path.join(out, "config.json"), hf_config)
     if writes:
-        os.makedirs(path, exist_ok=True)
         for old in os.listdir(path):  # Weights of an earlier export would mix with these.
-            if old in (SINGLE_FILE, INDEX_FILE) or re.fullmatch(
-                r"model-\d+-of-\d+\.safetensors", old
-            ):
+            if old not in files and _is_weights_file(old):
                 os.remove(os.path.join(path, old))
 
+
+def _is_weights_file(name: str) -> bool:
+    return name in (SINGLE_FILE, INDEX_FILE) or bool(
+        re.fullmatch(r"model-\d+-of-\d+\.safetensors", name)
+    )
+
+
+def _save_hf_files(
+    out: str | None, params: nnx.State, np_dtype, max_shard_bytes: int, dtype: str
+) -> set[str]:
+    """The weights as safetensors in the folder ``out`` (None: gathered, not written); returns
+    the names of the files."""
     shards = _plan(params, np_dtype.itemsize, max_shard_bytes)
     tensors = _hf_tensors(params, np_dtype)
     code = _SAFETENSORS_DTYPES[dtype]
@@ -425,20 +442,18 @@ def save_hf(
             else f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
         )
         _write_safetensors(
-            os.path.join(path, file) if writes else None, entries, code, np_dtype.itemsize, tensors
+            os.path.join(out, file) if out else None, entries, code, np_dtype.itemsize, tensors
         )
         for name, shape in entries:
             weight_map[name] = file
             total += math.prod(shape) * np_dtype.itemsize
     if next(tensors, None) is not None:
         raise AssertionError("parameters left over after the planned tensors")
-    if not writes:
-        return
-    if len(shards) > 1:
+    files = set(weight_map.values())
+    if out and len(shards) > 1:
         _write_json(
-            os.path.join(path, INDEX_FILE),
+            os.path.join(out, INDEX_FILE),
             {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))},
         )
-    if tokenizer is not None:
-        hf_config.update(save_tokenizer(path, tokenizer, chat_format))
-    _write_json(os.path.join(path, "config.json"), hf_config)
+        files.add(INDEX_FILE)
+    return files

@@ -23,7 +23,7 @@ import orbax.checkpoint as ocp
 from flax import nnx
 from jax.sharding import Mesh
 
-from itune import sharding
+from itune import atomic, sharding
 from itune.convert import tokenizer_files, weights
 from itune.model.decoder import ModelConfig
 
@@ -73,29 +73,24 @@ def save_model(
 ) -> None:
     """Writes an itune model folder (see the module docstring); ``path`` must not exist yet.
 
-    Files are written to ``path.partial`` and renamed at the end, so a failure never leaves a
-    half-written model behind.
+    Files are written to a temporary folder beside ``path`` and renamed at the end
+    (`itune.atomic.folder`), so a failure (a full disk, Ctrl-C) leaves nothing behind.
     """
     if os.path.exists(path):
         raise FileExistsError(f"{path} exists; choose a new folder")
-    partial = path.rstrip("/") + ".partial"
-    if os.path.exists(partial):
-        import shutil  # noqa: PLC0415
-
-        shutil.rmtree(partial)
-    os.makedirs(os.path.join(partial, "tokenizer"))
-    checkpointer = ocp.StandardCheckpointer()
-    checkpointer.save(os.path.abspath(os.path.join(partial, "params")), params)
-    checkpointer.wait_until_finished()
-    tokenizer_files.save_tokenizer(os.path.join(partial, "tokenizer"), tokenizer, chat_format)
-    meta = {
-        "format": "itune-model",
-        "model": dataclasses.asdict(config),
-        "chat_format": chat_format,
-    }
-    with open(os.path.join(partial, MODEL_JSON), "w", encoding="utf-8") as f:
-        json.dump(meta, f, indent=2)
-    os.rename(partial, path)
+    with atomic.folder(path) as partial:
+        os.makedirs(os.path.join(partial, "tokenizer"))
+        with ocp.StandardCheckpointer() as checkpointer:
+            checkpointer.save(os.path.abspath(os.path.join(partial, "params")), params)
+            checkpointer.wait_until_finished()
+        tokenizer_files.save_tokenizer(os.path.join(partial, "tokenizer"), tokenizer, chat_format)
+        meta = {
+            "format": "itune-model",
+            "model": dataclasses.asdict(config),
+            "chat_format": chat_format,
+        }
+        with open(os.path.join(partial, MODEL_JSON), "w", encoding="utf-8") as f:
+            json.dump(meta, f, indent=2)
 
 
 def load_model(

@@ -12,7 +12,7 @@ import numpy as np
 from flax import nnx
 from safetensors import safe_open
 
-from itune import sharding
+from itune import atomic, sharding
 from itune.convert import weights
 from itune.convert.hf import LAYOUTS
 from itune.convert.tokenizer_files import read_json as _read_json
@@ -76,23 +76,23 @@ def save_adapters(
             tensors[_peft_name(target, layer, which)] = np.ascontiguousarray(hf_value)
     if jax.process_index() != 0:
         return
-    os.makedirs(path, exist_ok=True)
-    safetensors.numpy.save_file(tensors, os.path.join(path, ADAPTER_FILE), {"format": "pt"})
-    _write_json(
-        os.path.join(path, ADAPTER_CONFIG),
-        {
-            "peft_type": "LORA",
-            "task_type": "CAUSAL_LM",
-            "base_model_name_or_path": base_model,
-            "r": cfg.lora_rank,
-            "lora_alpha": cfg.lora_alpha,
-            "lora_dropout": cfg.lora_dropout,
-            "target_modules": [_peft_module(t) for t in lora.parse_targets(cfg.lora_targets)],
-            "init_lora_weights": True,
-            "inference_mode": True,
-            **_PEFT_PLAIN,
-        },
-    )
+    with atomic.folder(path, merge=True) as out:  # A failure leaves nothing behind.
+        safetensors.numpy.save_file(tensors, os.path.join(out, ADAPTER_FILE), {"format": "pt"})
+        _write_json(
+            os.path.join(out, ADAPTER_CONFIG),
+            {
+                "peft_type": "LORA",
+                "task_type": "CAUSAL_LM",
+                "base_model_name_or_path": base_model,
+                "r": cfg.lora_rank,
+                "lora_alpha": cfg.lora_alpha,
+                "lora_dropout": cfg.lora_dropout,
+                "target_modules": [_peft_module(t) for t in lora.parse_targets(cfg.lora_targets)],
+                "init_lora_weights": True,
+                "inference_mode": True,
+                **_PEFT_PLAIN,
+            },
+        )
 
 
 def adapter_config(path: str, cfg: ModelConfig) -> ModelConfig:

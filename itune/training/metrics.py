@@ -13,6 +13,9 @@ import numpy as np
 import tensorflow as tf
 import tqdm
 
+from itune import atomic
+from itune.errors import UserError
+
 
 class Progress:
     """A progress bar with ETA, and per-interval averages of the step metrics, with throughput
@@ -89,14 +92,48 @@ class Progress:
         self._bar.close()
 
 
-class MetricsWriter:
-    """TensorBoard scalars under ``<workdir>/tensorboard`` and lines in ``<workdir>/metrics.jsonl``."""
+def keep_steps_until(path: str, last_step: int) -> None:
+    """Drops the lines of the JSONL log ``path`` past ``last_step`` (written by a run that went
+    on past the checkpoint it now resumes from) and any line cut short; rewrites it atomically.
 
-    def __init__(self, workdir: str, enabled: bool = True):
+    >>> import tempfile
+    >>> path = os.path.join(tempfile.mkdtemp(), "metrics.jsonl")
+    >>> _ = open(path, "w").write('{"step": 2}\\n{"step": 4}\\n{"step": 5}\\n{"st')
+    >>> keep_steps_until(path, 4)
+    >>> open(path).read()
+    '{"step": 2}\\n{"step": 4}\\n'
+    """
+    if not os.path.exists(path):
+        return
+    with open(path, encoding="utf-8") as f:
+        lines = f.read().splitlines()
+    kept = []
+    for line in lines:
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(row, dict) and isinstance(row.get("step"), int) and row["step"] <= last_step:
+            kept.append(line)
+    if kept != lines:
+        atomic.write_text(path, "".join(line + "\n" for line in kept))
+
+
+class MetricsWriter:
+    """TensorBoard scalars under ``<workdir>/tensorboard`` and lines in ``<workdir>/metrics.jsonl``.
+
+    A run that resumes from the checkpoint at ``start_step`` first drops the lines past it, so
+    that each step is in the log once. Each line is written with one call and flushed: a failure
+    can cut off at most the last line, which the next resume drops.
+    """
+
+    def __init__(self, workdir: str, enabled: bool = True, start_step: int = 0):
         self.enabled = enabled
         if enabled:
+            self._path = os.path.join(workdir, "metrics.jsonl")
+            keep_steps_until(self._path, start_step)
             self._tb = tf.summary.create_file_writer(os.path.join(workdir, "tensorboard"))
-            self._jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a")
+            self._jsonl = open(self._path, "a", encoding="utf-8")
 
     def write(self, step: int, scalars: dict[str, float], prefix: str = "train") -> None:
         if not self.enabled:
@@ -104,8 +141,11 @@ class MetricsWriter:
         with self._tb.as_default(step=step):
             for k, v in scalars.items():
                 tf.summary.scalar(f"{prefix}/{k}", v)
-        self._jsonl.write(json.dumps({"step": step, prefix: scalars}) + "\n")
-        self._jsonl.flush()
+        try:
+            self._jsonl.write(json.dumps({"step": step, prefix: scalars}) + "\n")
+            self._jsonl.flush()
+        except OSError as e:
+            raise UserError(f"cannot write {self._path}: {e.strerror or e}; make room") from e
 
     def write_eval(self, step: int, results: dict) -> None:
         scalars = {"loss": results["eval_loss"], "accuracy": results["eval_accuracy"]}
@@ -153,11 +193,14 @@ def write_results(
 ) -> None:
     """Writes ``eval_results.json`` (and the transcripts beside it) and prints a few samples."""
     transcripts = results.get("transcripts", [])
-    with open(os.path.join(workdir, "eval_results.json"), "w") as f:
-        json.dump({k: v for k, v in results.items() if k != "transcripts"}, f, indent=2)
-    with open(os.path.join(workdir, "eval_transcripts.jsonl"), "w") as f:
-        for t in transcripts:
-            f.write(json.dumps(t) + "\n")
+    atomic.write_text(
+        os.path.join(workdir, "eval_results.json"),
+        json.dumps({k: v for k, v in results.items() if k != "transcripts"}, indent=2),
+    )
+    atomic.write_text(
+        os.path.join(workdir, "eval_transcripts.jsonl"),
+        "".join(json.dumps(t) + "\n" for t in transcripts),
+    )
     step = max(1, len(transcripts) // max(1, num_samples))
     for t in transcripts[::step][:num_samples]:
         if "correct" not in t:  # Free-form samples of a file source.

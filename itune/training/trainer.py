@@ -24,11 +24,7 @@ from itune.evaluation import tasks as eval_tasks
 from itune.evaluation.responder import Responder
 from itune.training import checkpoint, feed, flops, metrics as metrics_lib, optimizer
 from itune.training import preemption, pretrained, program, state as state_lib, step
-
-
-def _save_config(config: Any, workdir: str) -> None:
-    with open(os.path.join(workdir, "config.json"), "w") as f:
-        f.write(config.to_json_best_effort(indent=2, sort_keys=True))
+from itune.training import workdir as workdir_lib
 
 
 def evaluate(
@@ -82,9 +78,12 @@ def _write_task_report(results: dict, workdir: str, step_num: int, print_fn) -> 
 def train_and_evaluate(config: Any, workdir: str) -> dict:
     """Trains ``config`` in ``workdir`` (resuming from its last checkpoint); returns eval results."""
     pipeline.configure_tensorflow()
+    # The config is loaded here (a config flag loads on first use) and checked against the run
+    # in the workdir before anything there is written; config.json is replaced only once the
+    # run is set up.
+    config_json = config.to_json_best_effort(indent=2, sort_keys=True)
+    workdir_lib.check_resume(json.loads(config_json), workdir)
     os.makedirs(workdir, exist_ok=True)
-    if jax.process_index() == 0:
-        _save_config(config, workdir)
 
     mesh = sharding.make_mesh(config.mesh)
     rules = sharding.rules_from_config(config.mesh)
@@ -162,7 +161,9 @@ def train_and_evaluate(config: Any, workdir: str) -> dict:
         return int(local[pipeline.ROW_ID][-1]), tokens, feed.global_batch(local, batch_sharding)
 
     batches = feed.BatchIterator(dataset, transform=to_device, stop=reader_stop)
-    writer = metrics_lib.MetricsWriter(workdir, enabled=jax.process_index() == 0)
+    if jax.process_index() == 0:
+        workdir_lib.write_config(workdir, config_json)
+    writer = metrics_lib.MetricsWriter(workdir, jax.process_index() == 0, start_step)
     peak, peak_source = flops.total_peak(model_config.dtype)
     logging.info("Peak for MFU: %.3g FLOP/s (%s)", peak, peak_source)
     progress = metrics_lib.Progress(
@@ -219,21 +220,25 @@ def train_and_evaluate(config: Any, workdir: str) -> dict:
                 saved = last or bool(every and (step_num + 1) % every == 0)
                 if saved:
                     save(state, last_row)
+                checkpoint.check(ckpt)  # A save that failed in the background stops the run.
                 if not last and watch.should_stop(step_num + 1, ckpt):
                     if not saved:
                         save(state, last_row, force=True)
+                    checkpoint.finish(ckpt)
                     progress.print(
-                        f"Stopped at step {step_num + 1} for preemption; checkpoint saved."
+                        f"Stopped at step {step_num + 1} {watch.reason}; checkpoint saved. "
+                        "Run the same command to resume."
                     )
                     results = {"preempted_at": step_num + 1}
                     break
             progress.close()
+            checkpoint.finish(ckpt)  # The last save, before results that claim it.
     finally:
         # Also when the run stops on an error: the reader and Orbax's writer threads end here,
         # and closing the manager (not only waiting for it) lets its threads go.
         batches.close()
         watch.close()
-        ckpt.close()
+        checkpoint.close(ckpt)
     pipeline.log_stats("Train", packing_stats, spec.seq_len, config.data.max_dropped_share)
     if not results and start_step >= num_steps:
         logging.info("Already trained to step %d; evaluating the last checkpoint.", num_steps)
