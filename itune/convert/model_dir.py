@@ -25,6 +25,7 @@ from jax.sharding import Mesh
 
 from itune import atomic, sharding
 from itune.convert import tokenizer_files, weights
+from itune.errors import UserError
 from itune.model.decoder import ModelConfig
 
 MODEL_JSON = "model.json"
@@ -57,7 +58,13 @@ def kind_of(path: str) -> str:
     config = os.path.join(path, "config.json")
     if os.path.exists(config):
         with open(config, encoding="utf-8") as f:
-            values = json.load(f)
+            try:
+                values = json.load(f)
+            except (UnicodeDecodeError, json.JSONDecodeError) as e:
+                raise UserError(
+                    f"{config}: not valid JSON ({e}); restore the file, or point at another "
+                    "model"
+                ) from e
         if "model_type" in values or "architectures" in values:
             return "hf"
         if "model" in values and os.path.isdir(os.path.join(path, "checkpoints")):
@@ -130,12 +137,18 @@ def _default_mesh(mesh: Mesh | None) -> Mesh:
     return sharding.make_mesh({"data": 1, "fsdp": 1, "tensor": 1}, jax.devices()[:1])
 
 
-def _restore_params(directory: str, config: ModelConfig, mesh: Mesh, rules) -> tuple:
+def _params_target(config: ModelConfig, mesh: Mesh, rules) -> tuple:
+    """The model's graph, and its parameters as restore targets in their shards on ``mesh``."""
     graphdef, abstract = weights.abstract_params(config, rules)
     shardings = sharding.state_shardings(abstract, mesh, rules)
     target = jax.tree.map(
         lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings
     )
+    return graphdef, target
+
+
+def _restore_params(directory: str, config: ModelConfig, mesh: Mesh, rules) -> tuple:
+    graphdef, target = _params_target(config, mesh, rules)
     params = ocp.StandardCheckpointer().restore(os.path.abspath(directory), target)
     return graphdef, params
 
@@ -175,35 +188,41 @@ def _workdir_run(path: str):
     """``(run config, model config, tokenizer, chat format)`` of a training workdir."""
     import ml_collections  # noqa: PLC0415
 
-    from itune.training import pretrained  # noqa: PLC0415
+    from itune.convert import run_model  # noqa: PLC0415  (resolves init_from through here)
 
     with open(os.path.join(path, "config.json"), encoding="utf-8") as f:
         run_config = ml_collections.ConfigDict(json.load(f))
-    config, tokenizer = pretrained.model_and_tokenizer(run_config, path)
-    return run_config, config, tokenizer, run_config.data.chat_format
+    run = run_model.resolve(run_config, path)
+    return run_config, run.config, run.tokenizer, run_config.data.chat_format
 
 
 def _load_workdir(path: str, mesh, rules, **overrides) -> LoadedModel:
-    """The newest checkpoint of a training run, with the run's tokenizer and chat format."""
-    from itune.training import optimizer, state as state_lib  # noqa: PLC0415
+    """The newest checkpoint of a training run, with the run's tokenizer and chat format.
 
-    run_config, config, tokenizer, _ = _workdir_run(path)
+    Only the parameters are read: the checkpoint's train state is restored partially, so
+    neither the optimizer nor its state is ever built."""
+    _, config, tokenizer, chat_format = _workdir_run(path)
     config = dataclasses.replace(config, **overrides)
-    mesh = _default_mesh(mesh)
-    tx = optimizer.make_model_optimizer(run_config.optim, run_config.train.num_steps, config)
-    layout = state_lib.state_layout(config, tx, mesh, rules, run_config.seed)
+    graphdef, target = _params_target(config, _default_mesh(mesh), rules)
     manager = ocp.CheckpointManager(
         os.path.abspath(os.path.join(path, "checkpoints")), item_names=("state", "meta")
     )
-    step = manager.latest_step()
-    if step is None:
-        raise FileNotFoundError(f"{path}: the run has no checkpoint yet")
-    restored = manager.restore(
-        step,
-        args=ocp.args.Composite(
-            state=ocp.args.StandardRestore(state_lib.abstract_with_shardings(layout))
-        ),
-    )
-    return LoadedModel(
-        config, layout.graphdef, restored.state.params, tokenizer, run_config.data.chat_format
-    )
+    try:
+        step = manager.latest_step()
+        if step is None:
+            raise FileNotFoundError(f"{path}: the run has no checkpoint yet")
+        # The train state was saved as {"step", "params", "opt_state"}; only "params" is read.
+        item = {"params": target}
+        restored = manager.restore(
+            step,
+            args=ocp.args.Composite(
+                state=ocp.args.PyTreeRestore(
+                    item,
+                    restore_args=ocp.checkpoint_utils.construct_restore_args(item),
+                    partial_restore=True,
+                )
+            ),
+        )
+    finally:
+        manager.close()
+    return LoadedModel(config, graphdef, restored.state["params"], tokenizer, chat_format)
