@@ -88,12 +88,12 @@ def test_lora_fine_tune_trains_only_adapters_on_the_pretrained_base(pretrained, 
 
 
 def test_a_model_field_that_changes_shapes_is_refused():
-    from itune.training import pretrained
+    from itune.convert import run_model
     from tests.util import tiny_model_config
 
     base = tiny_model_config()
     section = {"preset": "", "d_model": 64, "dtype": "bfloat16", "vocab_size": 0}
     with pytest.raises(ValueError, match=r"model.d_model=64 \(the model has 32\)"):
-        pretrained.with_run_fields(section, base, "x.gguf")
+        run_model.with_run_fields(section, base, "x.gguf")
     section["d_model"] = None
-    assert pretrained.with_run_fields(section, base, "x.gguf").dtype == "bfloat16"
+    assert run_model.with_run_fields(section, base, "x.gguf").dtype == "bfloat16"

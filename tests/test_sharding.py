@@ -121,7 +121,7 @@ def test_mesh_errors_name_the_problem():
 
 def test_plan_of_llama3_8b_on_a_2x2x2_mesh_needs_no_devices():
     from configs import llama3_8b_sft
-    from itune import plan
+    from itune.cli import plan
 
     config = llama3_8b_sft.get_config()
     with config.unlocked():

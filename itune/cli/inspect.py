@@ -33,12 +33,12 @@ _COLOR = flags.DEFINE_bool(
 
 def inspect(config, workdir: str, num_rows: int, num_batches: int, color: bool) -> str:
     """Prints the view and statistics; returns the path of the HTML page."""
+    from itune.convert import run_model
     from itune.data import inspection, packing, pipeline
-    from itune.training import pretrained
 
     pipeline.configure_tensorflow()
     os.makedirs(workdir, exist_ok=True)
-    spec, _ = pretrained.data_spec(config, workdir)
+    spec = pipeline.make_spec(config.data, workdir, run_model.resolve(config, workdir).tokenizer)
     stats = packing.PackingStats()
     rows = list(
         itertools.islice(

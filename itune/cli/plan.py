@@ -6,7 +6,9 @@
 Prints each parameter's shape, logical axes, mesh axes and bytes per device, then the totals per
 device for the parameters and the state of the config's optimizer (``config.optim.name``, with
 LoRA only the adapters'), sharded as training shards it. The mesh is abstract: ``--devices``
-(default: this host's count) only resolves a ``-1`` axis.
+(default: this host's count) only resolves a ``-1`` axis. The model is the one the config trains
+(`itune.convert.run_model.resolve`, without a workdir); the second line says where its
+architecture and vocabulary size come from.
 """
 
 from __future__ import annotations
@@ -42,11 +44,11 @@ def _spec(spec) -> str:
 def format_plan(config, num_devices: int) -> str:
     """The plan of ``config`` on ``num_devices`` devices, as a markdown table and totals."""
     from itune import sharding
-    from itune.convert import weights
-    from itune.model.decoder import ModelConfig
+    from itune.convert import run_model, weights
     from itune.training import optimizer
 
-    model_config = ModelConfig.from_config(config.model, _vocab_size(config))
+    run = run_model.resolve(config)
+    model_config = run.config
     rules = sharding.rules_from_config(config.mesh)
     shape = sharding.mesh_shape(config.mesh, num_devices)
     mesh = sharding.abstract_mesh(shape)
@@ -57,6 +59,7 @@ def format_plan(config, num_devices: int) -> str:
     lines = [
         f"Sharding plan: {model_config.num_params() / 1e6:,.1f}M parameters "
         f"({model_config.param_dtype}), mesh ({mesh_text}), {strategy}",
+        f"model: {run.architecture}; vocabulary {model_config.vocab_size:,}: {run.vocabulary}",
         "",
         "| parameter | shape | logical axes | mesh axes | bytes per device |",
         "|---|---|---|---|---|",
@@ -93,15 +96,6 @@ def _optimizer_state_bytes(model_config, tx, mesh, rules, seed: int) -> int:
         math.prod(sharding.shard_shape(array.shape)) * array.dtype.itemsize
         for array, sharding in zip(arrays, shardings, strict=True)
     )
-
-
-def _vocab_size(config) -> int | None:
-    """The tokenizer's vocabulary size when the model takes it from there (vocab_size 0)."""
-    if config.model.get("vocab_size") or not config.data.tokenizer.path:
-        return None
-    from itune.data.hf_tokenizer import load_tokenizer_path
-
-    return load_tokenizer_path(config.data.tokenizer.path).vocab_size
 
 
 def main(argv):

@@ -9,8 +9,9 @@ optimizer, shardings, rematerialisation and microbatching) on a mesh of the slic
 which libtpu describes without a TPU (the ``tpu`` extra), compiles it, and prints the memory each
 device needs against the chip's HBM, the FLOPs of a step, and the step time those imply at 40%
 and 60% MFU. A config that does not fit exits with status 1, XLA's figures and what to change.
-Needs no data files: the batch is abstract, the vocabulary size comes from the model's preset or
-config.
+Needs no data files: the batch is abstract, and the model is the one the config trains as
+`itune.convert.run_model.resolve` finds it without a workdir (the report says where its
+architecture and vocabulary size come from).
 """
 
 from __future__ import annotations
@@ -57,33 +58,6 @@ def _bytes(n: float) -> str:
 
 def _seconds(s: float) -> str:
     return f"{s * 1e3:.1f} ms" if s < 1 else f"{s:.2f} s"
-
-
-def vocab_size(config) -> int | None:
-    """The vocabulary size when the model takes it from the tokenizer (``model.vocab_size`` 0 and
-    no preset's): a trained vocabulary's upper bound (``data.tokenizer.vocab_size``), or the
-    size of the tokenizer file the config names, when it is there."""
-    from itune.model import presets
-
-    model = config.model
-    init_from = config.get("init_from")
-    if (
-        (init_from and os.path.exists(init_from))
-        or model.get("vocab_size")
-        or (model.get("preset") and presets.preset(model.preset).get("vocab_size"))
-    ):
-        return None
-    path = config.data.tokenizer.path
-    if not path:
-        return config.data.tokenizer.vocab_size
-    if not os.path.exists(path):
-        raise ValueError(
-            f"The model takes its vocabulary size from the tokenizer {path}, which is not here: "
-            "give it with --config.model.vocab_size=N"
-        )
-    from itune.data.hf_tokenizer import load_tokenizer_path
-
-    return load_tokenizer_path(path).vocab_size
 
 
 def hints(config, topology) -> list[str]:
@@ -133,29 +107,26 @@ def _inputs_rows(inputs) -> list[str]:
     ]
 
 
-def _setup_lines(config, model_config, mesh_shape) -> list[str]:
+def _setup_lines(config, run, mesh_shape) -> list[str]:
+    """The model (a `run_model.RunModel`), mesh and batch."""
     tokens = config.data.global_batch_size * config.data.seq_len
     strategy = "custom rules" if config.mesh.get("rules") else f"strategy {config.mesh.strategy}"
     mesh_text = ", ".join(f"{a} {n}" for a, n in mesh_shape.items())
-    init_from = config.get("init_from")
-    if init_from and os.path.exists(init_from):
-        source = init_from
-    elif init_from:
-        source = f"{config.model.get('preset') or 'config.model'} ({init_from} is not on this host)"
-    else:
-        source = config.model.get("preset") or "config.model"
+    model_config = run.config
     return [
-        f"model: {source}, "
+        f"model: {run.architecture}, "
         f"{model_config.num_params() / 1e6:,.1f}M parameters ({model_config.param_dtype}), "
         f"compute {model_config.dtype}, remat {model_config.remat}, attention "
         f"{model_config.attention}; optimizer {config.optim.name}",
+        f"vocabulary {model_config.vocab_size:,}: {run.vocabulary}",
         f"mesh ({mesh_text}), {strategy}; batch {config.data.global_batch_size} x "
         f"{config.data.seq_len} = {tokens:,} tokens in {config.train.microbatches} microbatch(es)",
     ]
 
 
-def report(config, config_name: str, topology, compiled) -> str:
-    """The printed preflight: set-up, memory per device, FLOPs and implied step times."""
+def report(config, config_name: str, topology, compiled, run) -> str:
+    """The printed preflight of ``run`` (`run_model.RunModel`) compiled: set-up, memory per
+    device, FLOPs and implied step times."""
     from itune.training import aot
 
     model_config, flops = compiled.model_config, compiled.flops
@@ -163,7 +134,7 @@ def report(config, config_name: str, topology, compiled) -> str:
     hbm = topology.chip.hbm_bytes
     tokens = config.data.global_batch_size * config.data.seq_len
     lines = [f"Preflight of {config_name} on {topology.describe()}"]
-    lines += _setup_lines(config, model_config, compiled.mesh.shape)
+    lines += _setup_lines(config, run, compiled.mesh.shape)
     lines += [
         f"compiled in {compiled.seconds:.1f} s",
         "",
@@ -207,15 +178,13 @@ def report(config, config_name: str, topology, compiled) -> str:
     return "\n".join(lines)
 
 
-def does_not_fit(config, config_name: str, topology, error) -> str:
-    """The printed preflight of a step that XLA could not fit in device memory."""
+def does_not_fit(config, config_name: str, topology, error, run) -> str:
+    """The printed preflight of ``run``'s step, which XLA could not fit in device memory."""
     from itune import sharding
-    from itune.training import aot
 
-    model_config = aot.model_config_for(config, vocab_size(config))
     shape = sharding.mesh_shape(config.mesh, topology.num_chips)
     lines = [f"Preflight of {config_name} on {topology.describe()}: DOES NOT FIT"]
-    lines += _setup_lines(config, model_config, dict(zip(sharding.MESH_AXES, shape)))
+    lines += _setup_lines(config, run, dict(zip(sharding.MESH_AXES, shape)))
     lines += ["", "| memory per device | |", "|---|---|", *_inputs_rows(error.inputs)]
     if error.needed:
         lines += [
@@ -228,21 +197,32 @@ def does_not_fit(config, config_name: str, topology, error) -> str:
     return "\n".join(lines)
 
 
-def preflight(config, config_name: str, slice_name: str, num_slices: int) -> tuple[bool, str]:
-    """(fits, the printed report) of ``config``'s train step on ``num_slices`` x ``slice_name``."""
+def lower(config, slice_name: str, num_slices: int):
+    """The preflight up to XLA's compilation: ``(topology, run, lowered)``, the slice, the
+    model the config trains (`itune.convert.run_model.RunModel`) and its train step lowered for
+    the slice's devices (`itune.training.aot.Lowered`)."""
     from itune import topology as topology_lib
+    from itune.convert import run_model
     from itune.training import aot
 
     topology = topology_lib.parse_slice(slice_name, num_slices)
     _check_batch(config, topology)
     devices = topology_lib.topology_devices(topology)
-    vocab = vocab_size(config)
+    run = run_model.resolve(config)
+    return topology, run, aot.lower_for_devices(config, devices, run.config)
+
+
+def preflight(config, config_name: str, slice_name: str, num_slices: int) -> tuple[bool, str]:
+    """(fits, the printed report) of ``config``'s train step on ``num_slices`` x ``slice_name``."""
+    from itune.training import aot
+
+    topology, run, lowered = lower(config, slice_name, num_slices)
     try:
-        compiled = aot.compile_for_devices(config, devices, vocab)
+        compiled = aot.compile_lowered(lowered)
     except aot.DoesNotFit as e:
-        return False, does_not_fit(config, config_name, topology, e)
+        return False, does_not_fit(config, config_name, topology, e, run)
     fits = aot.Memory.of(compiled.compiled).total <= topology.chip.hbm_bytes
-    return fits, report(config, config_name, topology, compiled)
+    return fits, report(config, config_name, topology, compiled, run)
 
 
 def _check_batch(config, topology) -> None:

@@ -2,7 +2,8 @@
 
 `compile_for_devices` builds the train state's layout and the jitted step exactly as
 `itune.training.trainer` does (`itune.training.program`), lowers it against abstract inputs on a
-mesh of the target's devices (from libtpu's topology API: no TPU needed) and compiles it. The
+mesh of the target's devices (from libtpu's topology API: no TPU needed; `lower_for_devices`,
+seconds) and compiles it (`compile_lowered`, XLA's part: minutes for a large model). The
 compiled program tells how much memory each device needs (`Memory`); the traced one how many
 FLOPs a step takes (`StepFlops`).
 
@@ -17,7 +18,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import os
 import re
 import time
 from typing import Any, Sequence
@@ -25,6 +25,7 @@ from typing import Any, Sequence
 import jax
 
 from itune import sharding
+from itune.convert import run_model
 from itune.model.decoder import ModelConfig
 from itune.training import flops, optimizer, program, state as state_lib
 
@@ -100,6 +101,20 @@ class DoesNotFit(Exception):
 
 
 @dataclasses.dataclass(frozen=True)
+class Lowered:
+    """A train step lowered for a set of devices (no XLA compilation yet: seconds, not
+    minutes), with what it was built from."""
+
+    lowered: Any  # jax.stages.Lowered
+    traced: Any  # jax.stages.Traced, whose program the FLOPs are counted on.
+    model_config: ModelConfig
+    mesh: jax.sharding.Mesh
+    inputs: Inputs
+    model_flops: float  # Per step, as MFU counts them (`StepFlops.model`).
+    start: float  # time.perf_counter() when lowering began.
+
+
+@dataclasses.dataclass(frozen=True)
 class Compiled:
     """A train step compiled for a set of devices, with what it was built from."""
 
@@ -111,33 +126,17 @@ class Compiled:
     inputs: Inputs
 
 
-def model_config_for(config: Any, vocab_size: int | None) -> ModelConfig:
-    """The model as training builds it: the architecture of ``init_from`` with ``config.model``'s
-    other fields when that model is on this host (`pretrained.model_and_tokenizer`), else
-    ``config.model`` (its preset) alone."""
-    init_from = config.get("init_from")
-    if init_from and os.path.exists(init_from):
-        from itune.convert import model_dir
-        from itune.training import pretrained
-
-        base = model_dir.describe(init_from)[0]
-        return pretrained.with_run_fields(config.model, base, init_from)
-    return ModelConfig.from_config(config.model, vocab_size)
-
-
-def compile_for_devices(
-    config: Any, devices: Sequence[Any], vocab_size: int | None = None
-) -> Compiled:
-    """The train step of ``config`` compiled for ``devices`` (those of a TPU topology, or any
-    others); ``vocab_size`` is used when the model takes its vocabulary from the tokenizer.
-
-    Raises `DoesNotFit` when XLA runs out of device memory while compiling.
-    """
+def lower_for_devices(
+    config: Any, devices: Sequence[Any], model_config: ModelConfig | None = None
+) -> Lowered:
+    """The train step of ``config`` lowered for ``devices`` (those of a TPU topology, or any
+    others), for ``model_config`` or else the model ``config`` trains
+    (`itune.convert.run_model.resolve`, without a workdir)."""
     start = time.perf_counter()
     mesh = sharding.make_mesh(config.mesh, devices)
     rules = sharding.rules_from_config(config.mesh)
     # As in `trainer.train_and_evaluate`, from here to the compiled step.
-    model_config = model_config_for(config, vocab_size)
+    model_config = model_config or run_model.resolve(config).config
     num_steps = config.train.num_steps
     tx = optimizer.make_model_optimizer(config.optim, num_steps, model_config)
     schedule = optimizer.learning_rate_schedule(config.optim, num_steps)
@@ -153,23 +152,39 @@ def compile_for_devices(
     with jax.set_mesh(mesh):
         traced = train_step.trace(state, batch)
         lowered = traced.lower()
+    tokens = config.data.global_batch_size * config.data.seq_len
+    model_flops = model_config.flops_per_token(config.data.seq_len) * tokens
+    return Lowered(lowered, traced, model_config, mesh, inputs, model_flops, start)
+
+
+def compile_lowered(lowered: Lowered) -> Compiled:
+    """XLA's compilation of a lowered step; `DoesNotFit` when it runs out of device memory."""
     try:
-        compiled = lowered.compile()
+        compiled = lowered.lowered.compile()
     except Exception as e:  # XlaRuntimeError, whose module path varies between jax releases.
         message = str(e)
         if "RESOURCE_EXHAUSTED" not in message and "Ran out of memory" not in message:
             raise
         figures = next(filter(None, (p.search(message) for p in _OOM_FIGURES)), None)
         what, needed, available = figures.groups() if figures else ("", "", "")
-        raise DoesNotFit(_first_lines(message), inputs, what, needed, available) from None
-    tokens = config.data.global_batch_size * config.data.seq_len
+        raise DoesNotFit(_first_lines(message), lowered.inputs, what, needed, available) from None
     step_flops = StepFlops(
-        xla=reported_flops(compiled) * len(devices),
-        program=flops.program_flops(traced.jaxpr),
-        model=model_config.flops_per_token(config.data.seq_len) * tokens,
+        xla=reported_flops(compiled) * lowered.mesh.devices.size,
+        program=flops.program_flops(lowered.traced.jaxpr),
+        model=lowered.model_flops,
     )
-    seconds = time.perf_counter() - start
-    return Compiled(compiled, model_config, mesh, seconds, step_flops, inputs)
+    seconds = time.perf_counter() - lowered.start
+    return Compiled(
+        compiled, lowered.model_config, lowered.mesh, seconds, step_flops, lowered.inputs
+    )
+
+
+def compile_for_devices(
+    config: Any, devices: Sequence[Any], model_config: ModelConfig | None = None
+) -> Compiled:
+    """`lower_for_devices`, then `compile_lowered`: raises `DoesNotFit` when XLA runs out of
+    device memory while compiling."""
+    return compile_lowered(lower_for_devices(config, devices, model_config))
 
 
 def _first_lines(message: str, n: int = 3) -> str:

@@ -18,6 +18,7 @@ import jax.numpy as jnp
 from jax.sharding import NamedSharding, PartitionSpec
 
 from itune import runtime, sharding
+from itune.convert import run_model
 from itune.data import pipeline
 from itune.evaluation import builtin as builtin_eval, harness, sampler, samples
 from itune.evaluation import tasks as eval_tasks
@@ -87,7 +88,8 @@ def train_and_evaluate(config: Any, workdir: str) -> dict:
 
     mesh = sharding.make_mesh(config.mesh)
     rules = sharding.rules_from_config(config.mesh)
-    spec, model_config = pretrained.data_spec(config, workdir)
+    run = run_model.resolve(config, workdir)
+    spec, model_config = pipeline.make_spec(config.data, workdir, run.tokenizer), run.config
     num_steps = config.train.num_steps
     tx = optimizer.make_model_optimizer(config.optim, num_steps, model_config)
     schedule = optimizer.learning_rate_schedule(config.optim, num_steps)
