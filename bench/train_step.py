@@ -12,7 +12,7 @@ config's settings) in four configurations:
   `itune.training.step.train_step` under `jax.jit`, built as `itune.training.trainer` builds it,
   with ``model.remat="save_dots"`` by default (``--remat none,save_dots`` adds a row per policy;
   saving only the dots and recomputing the elementwise chains was 1.35x faster than no remat in
-  bfloat16 here; the README says what limits each figure);
+  bfloat16 here; docs/benchmarks.md says what limits each figure);
 - PyTorch float32 and PyTorch bfloat16 (`torch.autocast("cpu", dtype=torch.bfloat16)`): a
   transformers `LlamaForCausalLM` of the same shape with ``attn_implementation="sdpa"``, loss from
   ``labels``, ``loss.backward()`` and a `torch.optim.AdamW` step. It is given plain causal
