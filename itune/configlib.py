@@ -135,7 +135,10 @@ def base_config() -> ml_collections.ConfigDict:
     c.eval.num_loss_examples = 256  # Held-out examples for the eval loss.
     c.eval.prompts_per_family = 16  # Generation prompts per task family and template group.
     c.eval.prompts_per_source = 4  # File sources: held-out prompts answered at each evaluation.
-    c.eval.max_new_tokens = 24
+    # Tokens an answer may have; 0: each task kind's default (`itune.evaluation.harness.KINDS`:
+    # 24 for the built-in tasks and the file sources' transcripts, 256 for exact match and
+    # ROUGE-L, 1,280 for IFEval as published).
+    c.eval.max_new_tokens = 0
     c.eval.batch_size = 128  # Prompts decoded together.
     # Generative tasks scored at each evaluation (`itune.evaluation.tasks`): JSONL prompt sets,
     # and file sources whose held-out answers are scored by exact match of the final

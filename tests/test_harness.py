@@ -56,13 +56,15 @@ def prompt_sets(tmp_path):
 
 
 class FakeGenerate:
-    """Answers by looking the last user turn up in a table; records every call."""
+    """Answers by looking the last user turn up in a table; records every call and its answer
+    length."""
 
     def __init__(self, answers):
-        self.answers, self.calls = answers, []
+        self.answers, self.calls, self.max_new_tokens = answers, [], []
 
-    def __call__(self, chats):
+    def __call__(self, chats, *, max_new_tokens):
         self.calls.append(chats)
+        self.max_new_tokens.append(max_new_tokens)
         return [self.answers[chat[-1]["content"]] for chat in chats]
 
 
@@ -216,6 +218,7 @@ def test_write_report(prompt_sets, tmp_path):
     assert summary["tasks"]["gsm"] == {
         "kind": "exact_match",
         "n": 3,
+        "max_new_tokens": 256,
         "primary_metric": "exact_match",
         "metrics": pytest.approx({"exact_match": 1 / 3, "answer_form": 2 / 3}),
     }
@@ -228,7 +231,7 @@ def test_write_report(prompt_sets, tmp_path):
 
 def test_generate_must_answer_every_chat(prompt_sets):
     with pytest.raises(ValueError, match="3 chats of 'gsm', got 2 answers"):
-        harness.evaluate(prompt_sets[:1], lambda chats: ["#### 1"] * 2)
+        harness.evaluate(prompt_sets[:1], lambda chats, max_new_tokens: ["#### 1"] * 2)
 
 
 def test_prompt_set_names_must_be_unique(prompt_sets):
@@ -256,3 +259,175 @@ def test_shipped_ifeval_sample():
             ifeval.arguments(instruction_id, kwargs)
             uses[instruction_id] += 1
     assert {i: uses[i] for i in ifeval.CHECKERS if uses[i] < 2} == {}
+
+
+def test_each_kind_answers_at_its_own_length_unless_told(prompt_sets):
+    assert harness.KINDS["ifeval"].max_new_tokens == 1280  # IFEval's published protocol.
+    generate = FakeGenerate(ANSWERS)
+    report = harness.evaluate(prompt_sets, generate)
+    assert generate.max_new_tokens == [256, 1280, 256]
+    assert [t.max_new_tokens for t in report.tasks] == [256, 1280, 256]
+    assert report.to_json()["tasks"]["instructions"]["max_new_tokens"] == 1280
+    generate = FakeGenerate(ANSWERS)
+    harness.evaluate(prompt_sets, generate, max_new_tokens=16)
+    assert generate.max_new_tokens == [16, 16, 16]
+
+
+def _length_score(record, response):
+    return {"short": len(response.split()) <= record["max_words"]}
+
+
+def test_a_new_kind_is_one_entry_of_the_table(tmp_path, monkeypatch):
+    records = [
+        {"prompt": "Describe the cat.", "max_words": 3, "group": "animals"},
+        {"prompt": "Where is the cat?", "max_words": 3, "group": "animals"},
+        {"prompt": "Name a colour.", "max_words": 1, "group": "colours"},
+    ]
+    path = _write(tmp_path / "brief.jsonl", records)
+    with pytest.raises(ValueError, match="cannot tell the record's kind"):
+        harness.load_prompt_set(path)
+    monkeypatch.setitem(
+        harness.KINDS,
+        "length",
+        harness.TaskKind(
+            "length",
+            score=_length_score,
+            aggregate=harness.mean_of(short="short"),
+            metrics=("short",),
+            primary="short",
+            max_new_tokens=128,
+            marker="max_words",
+        ),
+    )
+    prompt_set = harness.load_prompt_set(path)
+    assert prompt_set.kind == "length"
+    generate = FakeGenerate({**ANSWERS, "Name a colour.": "Blue.", ROUGE[0]["prompt"]: "A cat."})
+    report = harness.evaluate(
+        [prompt_set, harness.load_prompt_set(_write(tmp_path / "s.jsonl", ROUGE))], generate
+    )
+    assert generate.max_new_tokens == [128, 256]
+    brief = report.tasks[0]
+    assert (brief.kind, brief.n, brief.metrics) == ("length", 3, {"short": pytest.approx(2 / 3)})
+    assert brief.groups == {
+        "animals": {"n": 2, "metrics": {"short": 0.5}},
+        "colours": {"n": 1, "metrics": {"short": 1.0}},
+    }
+    assert brief.examples[2]["group"] == "colours"
+    assert report.overall == pytest.approx((2 / 3 + report.tasks[1].primary) / 2)
+    assert "short for length" in report.to_json()["overall_definition"]
+    lines = report.markdown().splitlines()
+    assert lines[0] == "| task | kind | n | short | rouge_l |"
+    assert lines[2:5] == [
+        "| brief | length | 3 | **66.7%** |  |",
+        "| brief/animals | length | 2 | **50.0%** |  |",
+        "| brief/colours | length | 1 | **100.0%** |  |",
+    ]
+
+
+def test_transcripts_are_kept_but_not_scored(tmp_path):
+    chats = [{"messages": [{"role": "user", "content": ROUGE[0]["prompt"]}], "reference": "r"}]
+    sets = [
+        harness.PromptSet("notes_samples", "transcript", chats),
+        harness.load_prompt_set(_write(tmp_path / "s.jsonl", ROUGE)),
+    ]
+    report = harness.evaluate(sets, FakeGenerate(ANSWERS))
+    samples, summaries = report.tasks
+    assert (samples.metrics, samples.primary) == ({}, None)
+    assert report.overall == summaries.primary
+    assert report.to_json()["tasks"]["notes_samples"]["primary_metric"] is None
+    assert samples.examples[0]["reference"] == "r"
+    assert harness.transcript(samples.examples[0]) == (
+        "[notes_samples] Describe the cat.\n--- answer ---\nThe cat sat on the mat.\n"
+        "--- reference ---\nr"
+    )
+    report = harness.evaluate(sets[:1], FakeGenerate(ANSWERS))
+    assert report.overall is None and "overall" not in report.markdown()
+
+
+def test_unknown_kind():
+    with pytest.raises(ValueError, match="unknown task kind 'poetry'.*ifeval"):
+        harness.evaluate([harness.PromptSet("p", "poetry", [{"prompt": "x"}])], FakeGenerate({}))
+
+
+def _builtin_answers(prompt_set):
+    """Fixed answers by position: wrong at every third and seventh prompt, the target otherwise
+    (every other one with its spaces stretched, which exact match ignores)."""
+    answers = []
+    for i, record in enumerate(prompt_set.records):
+        if i % 3 == 0 or i % 7 == 0:
+            answers.append("wrong")
+        elif i % 2:
+            answers.append("  " + record["answer"].replace(" ", "   ") + "\n")
+        else:
+            answers.append(record["answer"])
+    return answers
+
+
+def test_builtin_kind_scores_as_the_builtin_evaluation_did():
+    from configs import smoke
+    from itune.evaluation import builtin
+
+    data_config = smoke.get_config("runlocal").data
+    prompt_set = builtin.prompt_set(data_config, 3)
+    assert (prompt_set.name, prompt_set.kind, len(prompt_set.records)) == ("builtin", "builtin", 60)
+    assert prompt_set.chats()[0][-1]["content"] == "Work out the value of 1 + 0."
+    answers = _builtin_answers(prompt_set)
+    generate = lambda chats, max_new_tokens: answers  # noqa: E731
+    report = harness.evaluate([prompt_set], generate)
+    # The numbers of the evaluation before the task kinds, on these answers.
+    third, two_thirds = 1 / 3, 2 / 3
+    expected = {
+        "trained_templates": {
+            "exact_match": 0.5666666666666667,
+            "per_family": dict(
+                zip(
+                    data_config.builtin.families or builtin.synthetic_tasks.FAMILIES,
+                    [two_thirds, two_thirds, third, two_thirds, third]
+                    + [two_thirds, two_thirds, two_thirds, two_thirds, third],
+                )
+            ),
+        },
+        "held_out_templates": {
+            "exact_match": 0.5666666666666667,
+            "per_family": dict(
+                zip(
+                    data_config.builtin.families or builtin.synthetic_tasks.FAMILIES,
+                    [two_thirds, third, two_thirds, two_thirds, two_thirds]
+                    + [two_thirds, third, two_thirds, third, two_thirds],
+                )
+            ),
+        },
+    }
+    assert builtin.group_results(report) == expected
+    assert list(expected["trained_templates"]["per_family"])[:2] == ["arithmetic", "reverse"]
+    (task,) = report.tasks
+    assert task.max_new_tokens == 24 and task.primary == task.metrics["exact_match"]
+    assert task.examples[0] == {
+        "task": "builtin",
+        "index": 0,
+        "group": "trained_templates",
+        "family": "arithmetic",
+        "prompt": "Work out the value of 1 + 0.",
+        "response": "wrong",
+        "reference": "1",
+        "scores": {"correct": False},
+    }
+    markdown = report.markdown()
+    assert "| builtin/held_out_templates | builtin | 30 | **56.7%** |" in markdown
+    assert "| family | trained templates | held out templates |" in markdown
+    assert "| arithmetic | 66.7% | 66.7% |" in markdown
+    assert "| **mean** | **56.7%** | **56.7%** |" in markdown
+    assert harness.one_line(task.examples[1]).startswith("[ok ] [builtin/trained_templates/")
+
+
+def test_a_config_without_data_sources_is_scored_on_the_builtin_families():
+    from configs import smoke
+    from itune.evaluation import tasks
+
+    config = smoke.get_config("runlocal")
+    (prompt_set,) = tasks.prompt_sets(config)
+    assert (prompt_set.kind, len(prompt_set.records)) == ("builtin", 2 * 10)
+    with config.unlocked():
+        config.eval.prompt_sets = ("ifeval_sample",)
+    sets = tasks.prompt_sets(config, limit=2)
+    assert [(s.name, len(s.records)) for s in sets] == [("builtin", 20), ("ifeval_sample", 2)]

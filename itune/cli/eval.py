@@ -5,9 +5,12 @@
 
 Prompt sets are JSONL files in the formats of `itune.evaluation.harness` (GSM8K exact match,
 IFEval verifiable instructions, ROUGE-L), or the names of the built-in ones. ``--config`` adds
-the tasks of its ``eval`` section, among them the held-out slices of its data sources, so a model
-before and after training is scored on the same problems. ``--output_dir`` receives
-``<stem>.json``, ``<stem>.md`` and every answer with its scores in ``<stem>_outputs.jsonl``.
+the tasks of its ``eval`` section, among them the held-out slices of its data sources (or the
+built-in task families), so a model before and after training is scored on the same problems.
+An answer has at most ``--max_new_tokens`` tokens when the flag is given, else the config's
+``eval.max_new_tokens``, else its task kind's default (1,280 for IFEval, as published).
+``--output_dir`` receives ``<stem>.json``, ``<stem>.md`` and every answer with its scores in
+``<stem>_outputs.jsonl``.
 Sampling flags are those of ``itune-generate`` (greedy by default).
 """
 
@@ -45,11 +48,8 @@ _STEM = flags.DEFINE_string("stem", "eval", "File name stem of the report files.
 def prompt_sets(config, paths: list[str], limit: int):
     from itune.evaluation import harness, tasks  # noqa: PLC0415
 
-    sets = tasks.prompt_sets(config) if config is not None else []
+    sets = tasks.prompt_sets(config, limit=limit or None) if config is not None else []
     sets += [harness.load_prompt_set(p, limit=limit or None) for p in paths]
-    if limit:
-        for s in sets:
-            s.records = s.records[:limit]
     if not sets:
         raise ValueError("no tasks: pass --prompt_sets, or a --config whose eval section has some")
     return sets
@@ -62,8 +62,13 @@ def main(argv):
 
     runtime.initialize()
     config = _CONFIG.value
-    if config is not None and not flags.FLAGS["max_new_tokens"].present:
-        flags.FLAGS.max_new_tokens = config.eval.max_new_tokens
+    # Each task kind's answer length (IFEval's 1,280 tokens...) unless the flag or the config
+    # sets one for all.
+    max_new_tokens = None
+    if flags.FLAGS["max_new_tokens"].present:
+        max_new_tokens = flags.FLAGS.max_new_tokens
+    elif config is not None:
+        max_new_tokens = config.eval.max_new_tokens or None
     try:
         sets = prompt_sets(config, _PROMPT_SETS.value, _LIMIT.value)
         respond, _ = cli.responder_from_flags()
@@ -73,7 +78,7 @@ def main(argv):
         f"Scoring {flags.FLAGS.checkpoint} on {', '.join(f'{s.name} ({len(s.records)})' for s in sets)}",
         file=sys.stderr,
     )
-    report = harness.evaluate(sets, respond)
+    report = harness.evaluate(sets, respond, max_new_tokens=max_new_tokens)
     print(report.markdown())
     if _OUTPUT_DIR.value:
         written = harness.write_report(report, os.path.abspath(_OUTPUT_DIR.value), _STEM.value)

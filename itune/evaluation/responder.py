@@ -27,8 +27,9 @@ def stop_ids(tokenizer: Any, fmt: chat.ChatFormat) -> tuple[int, ...]:
 
 @dataclasses.dataclass
 class Responder:
-    """Callable on a list of chats (each a list of ``{role, content}`` ending with a user turn);
-    returns the model's answer to each."""
+    """Callable on a list of chats (each a list of ``{role, content}`` ending with a user turn),
+    and optionally ``max_new_tokens`` in place of the sampling setting's; returns the model's
+    answer to each (an `itune.evaluation.harness.Generate`)."""
 
     graphdef: nnx.GraphDef
     params: nnx.State
@@ -45,21 +46,29 @@ class Responder:
                 self.sampling, stop_ids=stop_ids(self.tokenizer, self.chat_format)
             )
 
-    def token_ids(self, chats: Sequence[Sequence[Mapping]]) -> list[list[int]]:
-        """The generated ids of each chat's answer."""
+    def token_ids(
+        self, chats: Sequence[Sequence[Mapping]], max_new_tokens: int | None = None
+    ) -> list[list[int]]:
+        """The generated ids of each chat's answer, at most ``max_new_tokens`` of them when given
+        (else the sampling setting's)."""
         prompts = [
             chat.prompt_ids(messages, self.tokenizer, self.chat_format) for messages in chats
         ]
+        sampling = self.sampling
+        if max_new_tokens is not None:
+            sampling = dataclasses.replace(sampling, max_new_tokens=max_new_tokens)
         return sampler.generate(
             self.graphdef,
             self.params,
             prompts,
-            self.sampling,
+            sampling,
             pad_id=max(self.tokenizer.pad_id, 0),
             batch_size=self.batch_size,
             mesh=self.mesh,
             rules=self.rules,
         )
 
-    def __call__(self, chats: Sequence[Sequence[Mapping]]) -> list[str]:
-        return [self.tokenizer.decode(ids).strip() for ids in self.token_ids(chats)]
+    def __call__(
+        self, chats: Sequence[Sequence[Mapping]], max_new_tokens: int | None = None
+    ) -> list[str]:
+        return [self.tokenizer.decode(ids).strip() for ids in self.token_ids(chats, max_new_tokens)]

@@ -1,11 +1,15 @@
-"""The evaluation tasks a config names (``config.eval``), for training and ``itune-eval``.
+"""The generative tasks a config names (``config.eval``), for training and ``itune-eval``.
 
+- the built-in task families, when the run trains on them (no ``data.sources``):
+  ``eval.prompts_per_family`` prompts per family and template group (`builtin`);
 - ``eval.prompt_sets``: JSONL prompt sets (paths, or `harness.BUILTIN_PROMPT_SETS` names);
 - ``eval.exact_match_sources``: file sources of ``data.sources`` whose held-out slice (the
   examples never trained on) is scored by exact match of the ``#### <number>`` final answer;
 - ``eval.rouge_sources``: the same, scored by ROUGE-L against the held-out answer;
+- given the run's data spec, ``eval.prompts_per_source`` held-out chats of each file source,
+  answered beside their references and not scored (`samples`);
 
-each cut to its first ``eval.prompts_per_task`` prompts (0: all).
+the prompt sets and sources each cut to their first ``eval.prompts_per_task`` prompts (0: all).
 """
 
 from __future__ import annotations
@@ -13,45 +17,55 @@ from __future__ import annotations
 from typing import Any
 
 from itune.data import mixture
-from itune.evaluation import harness
+from itune.errors import ConfigError
+from itune.evaluation import builtin, harness, samples
+
+# The config fields naming the file sources whose held-out slices are scored, by kind.
+SOURCE_FIELDS = {"exact_match": "exact_match_sources", "rouge": "rouge_sources"}
 
 
 def _held_out(source: mixture.Source, kind: str, limit: int) -> harness.PromptSet:
+    field = harness.kind(kind).reference
     records = []
     for example in source.eval[: limit or None]:
         messages = list(example["messages"])
         if not messages or messages[-1]["role"] != "assistant":
             continue
         answer = messages.pop()["content"]
-        field = harness.KIND_FIELD[kind]
         records.append({"messages": messages, field: answer})
     if not records:
-        raise ValueError(f"eval: source {source.name!r} has no held-out examples to score")
+        raise ConfigError(
+            f"eval: source {source.name!r} has no held-out examples to score; raise "
+            "data.eval_examples_per_source"
+        )
     return harness.PromptSet(name=f"{source.name}_held_out", kind=kind, records=records)
 
 
-def prompt_sets(
-    config: Any, sources: list[mixture.Source] | None = None
-) -> list[harness.PromptSet]:
-    """The prompt sets of ``config.eval`` (``sources``: the run's, loaded when not given)."""
+def prompt_sets(config: Any, spec: Any = None, limit: int | None = None) -> list[harness.PromptSet]:
+    """The prompt sets of ``config.eval``. ``spec`` (a `pipeline.DataSpec`): the run's data,
+    whose sources are read when not given, and whose held-out chats become the unscored
+    transcripts. ``limit``: prompts per prompt set and source, in place of
+    ``eval.prompts_per_task``."""
     eval_config = config.eval
-    limit = eval_config.get("prompts_per_task", 0) or None
-    sets = [
+    limit = limit or eval_config.get("prompts_per_task", 0) or None
+    sets = []
+    if not config.data.sources and eval_config.get("prompts_per_family", 0):
+        sets.append(builtin.prompt_set(config.data, eval_config.prompts_per_family))
+    sets += [
         harness.load_prompt_set(path, limit=limit) for path in eval_config.get("prompt_sets", ())
     ]
-    by_kind = {
-        "exact_match": eval_config.get("exact_match_sources", ()),
-        "rouge": eval_config.get("rouge_sources", ()),
-    }
+    by_kind = {kind: eval_config.get(field, ()) for kind, field in SOURCE_FIELDS.items()}
     if any(by_kind.values()):
-        sources = sources or mixture.load_sources(config.data)
+        sources = spec.sources if spec is not None else mixture.load_sources(config.data)
         named = {s.name: s for s in sources}
         for kind, names in by_kind.items():
             for name in names:
                 if name not in named:
-                    raise ValueError(
-                        f"eval.{kind}_sources names {name!r}, not one of data.sources "
+                    raise ConfigError(
+                        f"eval.{SOURCE_FIELDS[kind]} names {name!r}, not one of data.sources "
                         f"{sorted(named)}"
                     )
                 sets.append(_held_out(named[name], kind, limit or 0))
+    if spec is not None and not spec.is_builtin and eval_config.get("prompts_per_source", 0):
+        sets += samples.prompt_sets(config.data, spec, eval_config.prompts_per_source)
     return sets

@@ -15,6 +15,7 @@ import tqdm
 
 from itune import atomic
 from itune.errors import UserError
+from itune.evaluation import harness
 
 
 class Progress:
@@ -157,23 +158,19 @@ class MetricsWriter:
                 for family, score in results[group]["per_family"].items():
                     scalars[f"{group}/{family}"] = score
         if results.get("tasks"):
-            scalars["tasks/overall"] = results["tasks"]["overall"]
+            if results["tasks"]["overall"] is not None:  # None: no task is scored.
+                scalars["tasks/overall"] = results["tasks"]["overall"]
             for name, task in results["tasks"]["tasks"].items():
                 for metric, value in task["metrics"].items():
                     scalars[f"tasks/{name}/{metric}"] = value
         self.write(step, scalars, prefix="eval")
 
     def write_transcripts(self, step: int, transcripts: list[dict], workdir: str) -> None:
-        """The evaluation's generated answers: ``samples/step_<N>.txt`` and TensorBoard text."""
+        """The evaluation's generated answers (`itune.evaluation.harness.Report.outputs`):
+        ``samples/step_<N>.txt`` and TensorBoard text."""
         if not self.enabled or not transcripts:
             return
-        blocks = []
-        for t in transcripts:
-            head = t.get("source") or f"{t.get('group')}/{t.get('family')}"
-            target = t.get("reference", t.get("target"))
-            blocks.append(
-                f"[{head}] {t['prompt']}\n--- answer ---\n{t['answer']}\n--- reference ---\n{target}"
-            )
+        blocks = [harness.transcript(t) for t in transcripts]
         text = "\n\n".join(blocks)
         folder = os.path.join(workdir, "samples")
         os.makedirs(folder, exist_ok=True)
@@ -203,11 +200,4 @@ def write_results(
     )
     step = max(1, len(transcripts) // max(1, num_samples))
     for t in transcripts[::step][:num_samples]:
-        if "correct" not in t:  # Free-form samples of a file source.
-            print_fn(f"[{t['source']}] {t['prompt'][:200]!r} -> {t['answer'][:200]!r}")
-            continue
-        mark = "ok " if t["correct"] else "bad"
-        print_fn(
-            f"[{mark}] ({t['group']}, {t['family']}) {t['prompt']!r} -> {t['answer']!r} "
-            f"(target {t['target']!r})"
-        )
+        print_fn(harness.one_line(t))

@@ -11,7 +11,7 @@ import json
 import logging
 import os
 import threading
-from typing import Any, Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -20,60 +20,12 @@ from jax.sharding import NamedSharding, PartitionSpec
 from itune import runtime, sharding
 from itune.convert import run_model
 from itune.data import pipeline
-from itune.evaluation import builtin as builtin_eval, harness, sampler, samples
+from itune.evaluation import in_training, sampler
 from itune.evaluation import tasks as eval_tasks
 from itune.evaluation.responder import Responder
 from itune.training import checkpoint, feed, flops, metrics as metrics_lib, optimizer
 from itune.training import preemption, pretrained, program, state as state_lib, step
 from itune.training import workdir as workdir_lib
-
-
-def evaluate(
-    config: Any,
-    params,
-    spec: pipeline.DataSpec,
-    eval_step,
-    eval_batches: dict[str, list[dict[str, jax.Array]]],
-    respond: Callable[[Any], Responder],
-    task_sets: list[harness.PromptSet] = (),
-) -> dict:
-    """Eval loss per source and overall; for the built-in tasks, exact match of greedy answers
-    per task family."""
-    results: dict = {"eval_loss_per_source": {}}
-    overall = None
-    for name, batches in eval_batches.items():
-        totals = None
-        for batch in batches:
-            sums = eval_step(params, batch)
-            totals = sums if totals is None else jax.tree.map(jnp.add, totals, sums)
-        totals = jax.device_get(totals)
-        overall = totals if overall is None else jax.tree.map(lambda a, b: a + b, overall, totals)
-        weight = max(float(totals["weight_sum"]), 1.0)
-        results["eval_loss_per_source"][name] = float(totals["loss_sum"]) / weight
-    weight = max(float(overall["weight_sum"]), 1.0)
-    results["eval_loss"] = float(overall["loss_sum"]) / weight
-    results["eval_accuracy"] = float(overall["correct_sum"]) / weight
-    if spec.is_builtin:
-        generation, transcripts = builtin_eval.evaluate_generation(
-            respond(params), config.data, config.eval
-        )
-        results.update(generation, transcripts=transcripts)
-    elif config.eval.prompts_per_source:
-        results["transcripts"] = samples.generate_samples(
-            respond(params), config.data, config.eval, spec
-        )
-    if task_sets:
-        report = harness.evaluate(task_sets, respond(params))
-        results.update(tasks=report.to_json(), task_report=report)
-    return results
-
-
-def _write_task_report(results: dict, workdir: str, step_num: int, print_fn) -> None:
-    """The tasks' report (`harness.write_report`) in ``<workdir>/eval``, and its table."""
-    report = results.pop("task_report", None)
-    if report is not None and jax.process_index() == 0:
-        harness.write_report(report, os.path.join(workdir, "eval"), f"step_{step_num:07d}")
-        print_fn(report.markdown())
 
 
 def train_and_evaluate(config: Any, workdir: str) -> dict:
@@ -138,13 +90,14 @@ def train_and_evaluate(config: Any, workdir: str) -> dict:
         for name, batches in local_eval_batches.items()
     }
 
-    task_sets = eval_tasks.prompt_sets(config, spec.sources)
+    task_sets = eval_tasks.prompt_sets(config, spec)
     respond = functools.partial(
         Responder,
         layout.graphdef,
         tokenizer=spec.tokenizer,
         chat_format=spec.chat_format,
-        sampling=sampler.SamplingConfig(max_new_tokens=config.eval.max_new_tokens),
+        # Each task kind's answer length, or eval.max_new_tokens, replaces the default's.
+        sampling=sampler.SamplingConfig(),
         batch_size=config.eval.batch_size,
         mesh=mesh,
         rules=rules,
@@ -211,13 +164,12 @@ def train_and_evaluate(config: Any, workdir: str) -> dict:
                 every = config.eval.every_steps
                 if last or (every and (step_num + 1) % every == 0):
                     with progress.timer("eval"):
-                        results = evaluate(
-                            config, state.params, spec, eval_step, eval_batches, respond, task_sets
+                        results = in_training.evaluate(
+                            config, state.params, eval_step, eval_batches, respond, task_sets
                         )
-                    _write_task_report(results, workdir, step_num + 1, progress.print)
+                    in_training.write_report(results, workdir, step_num + 1, progress.print)
                     writer.write_eval(step_num + 1, results)
                     writer.write_transcripts(step_num + 1, results.get("transcripts", []), workdir)
-                    progress.print(builtin_eval.results_table(results))
                 every = config.checkpoint.every_steps
                 saved = last or bool(every and (step_num + 1) % every == 0)
                 if saved:
@@ -245,11 +197,10 @@ def train_and_evaluate(config: Any, workdir: str) -> dict:
     if not results and start_step >= num_steps:
         logging.info("Already trained to step %d; evaluating the last checkpoint.", num_steps)
         with jax.set_mesh(mesh):
-            results = evaluate(
-                config, state.params, spec, eval_step, eval_batches, respond, task_sets
+            results = in_training.evaluate(
+                config, state.params, eval_step, eval_batches, respond, task_sets
             )
-        _write_task_report(results, workdir, num_steps, progress.print)
-        progress.print(builtin_eval.results_table(results))
+        in_training.write_report(results, workdir, num_steps, progress.print)
     if "preempted_at" in results:
         writer.close()
         return results
