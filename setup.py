@@ -31,6 +31,8 @@ INSTALL_REQUIRES = [
     # Reading and writing Hugging Face checkpoints, and reading GGUF files (itune.convert).
     "safetensors==0.8.0",
     "gguf==0.19.0",
+    # IFEval's language instructions: the official checker detects languages with langdetect.
+    "langdetect==1.0.9",
 ]
 
 EXTRAS_REQUIRE = {

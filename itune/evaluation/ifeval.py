@@ -7,40 +7,81 @@ each named by an IFEval instruction id with IFEval's keyword arguments::
     {"key": 7, "prompt": "...", "instruction_id_list": ["punctuation:no_comma",
      "length_constraints:number_words"], "kwargs": [{}, {"num_words": 50, "relation": "less than"}]}
 
-and each checked by a small rule on the response text, so the same record can be scored from the
-published IFEval data. The rules follow IFEval's, with three differences, all because this module
-needs nothing beyond the standard library:
+and each checked by a small rule on the response text. All 25 instruction ids of the published
+IFEval data are here, and its records are read as they are: the published file (every argument
+name an instruction does not use left out) and the Hugging Face copy (every argument name on
+every instruction, the unused ones null) alike. The rules are the official checker's, except
+where itune deliberately differs; ``official=True`` (`score`, `follows`) restores the official
+behaviour where it can:
 
-- Sentences are split by `split_sentences` below, not NLTK's Punkt model.
-- ``change_case:english_lowercase`` and ``change_case:english_capital`` check the case only, not
-  that the response is English; ``language:response_language`` is not provided.
+- Sentences and capitalised words are counted without NLTK (`itune.evaluation.ifeval_text`
+  says how close that comes); ``official=True`` uses NLTK and its Punkt model, which must then be
+  installed.
 - A bullet is a line starting with ``* `` or ``- `` (a marker and a space), so a ``---`` rule or
-  an ``*emphasised*`` line is not one.
+  an ``*emphasised*`` line is not one; ``official=True``: any line starting with ``-``, or with
+  ``*`` and another character than ``*``.
+- A postscript marker glued to a preceding letter ("stop.S. Lee" for "P.S.") is not one;
+  ``official=True``: it is.
+- Keywords, forbidden words and the section splitter are matched as written; the official
+  checker reads them as regular expressions (``official=True`` does, where one compiles), which
+  is the same for words without ``.``, ``*``, ``?`` and the like.
+- A ``letter`` that is not one of a-z (the published data asks for ``#`` and ``!``) is counted
+  as given. The official checker replaces it with a random letter, so its verdict there is
+  chance; ``official=True`` counts the character as given too.
+- Languages are detected with langdetect seeded, so that a score is the same each time; the
+  official checker leaves it unseeded (``official=True`` too is seeded).
 
 Scores are strict (the response as written) and loose (IFEval's upper bound: the response also
-without its first line, its last line or both, and each of those without ``*``).
+without its first line, its last line or both, and each of those without ``*``); `aggregate`
+gives IFEval's four published accuracies.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import json
 import re
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
+
+from itune.evaluation import ifeval_text
+from itune.evaluation.ifeval_text import count_words, split_sentences
+
+__all__ = [
+    "CHECKERS",
+    "aggregate",
+    "arguments",
+    "checker",
+    "count_words",
+    "follows",
+    "loose_variants",
+    "score",
+    "split_sentences",
+]
 
 RELATIONS = ("less than", "at least")
 
 # The kinds of argument a checker takes, by how they are validated.
-COUNT, TEXT, WORDS, RELATION, LETTER = "count", "text", "words", "relation", "letter"
+COUNT, TEXT, WORDS, RELATION, LETTER, LANGUAGE = (
+    "count",
+    "text",
+    "words",
+    "relation",
+    "letter",
+    "language",
+)
 
 
 @dataclasses.dataclass(frozen=True)
 class Checker:
-    """One verifiable instruction: its IFEval id, its arguments (name -> kind) and its rule."""
+    """One verifiable instruction: its IFEval id, its arguments (name -> kind) and its rule,
+    ``rule(response, **arguments)``; a rule that differs from the official checker's also takes
+    ``official=True`` (`has_official_mode`)."""
 
     id: str
     arguments: dict[str, str]
     rule: Callable[..., bool]
+    has_official_mode: bool = False
 
 
 CHECKERS: dict[str, Checker] = {}
@@ -48,59 +89,22 @@ CHECKERS: dict[str, Checker] = {}
 
 def _register(instruction_id: str, **arguments: str):
     def register(rule):
-        CHECKERS[instruction_id] = Checker(instruction_id, arguments, rule)
+        has_official_mode = "official" in inspect.signature(rule).parameters
+        CHECKERS[instruction_id] = Checker(instruction_id, arguments, rule, has_official_mode)
         return rule
 
     return register
 
 
-# Words that end with a dot without ending a sentence.
-_ABBREVIATIONS = frozenset({"mr", "mrs", "ms", "dr", "prof", "sr", "jr", "st", "vs", "cf"})
-# A sentence ends at a run of ., ! or ? (with any closing quotes or brackets) before whitespace
-# or the end of the text.
-_SENTENCE_END = re.compile(r"[.!?]+[\"'\u201d\u2019)\]]*(?=\s|$)")
-_WORD_BEFORE = re.compile(r"(\w+(?:\.\w+)*)$")
-
-
-def _is_abbreviation(text: str, end: re.Match) -> bool:
-    if end.group().rstrip("\"'\u201d\u2019)]") != ".":
-        return False
-    word = _WORD_BEFORE.search(text, max(0, end.start() - 40), end.start())
-    if word is None:
-        return False
-    word = word.group()
-    # "e.g", "U.S" and initials such as the "J" of "J. Smith"; "3.50" is a number.
-    dotted = re.fullmatch(r"[A-Za-z](?:\.[A-Za-z])+", word) is not None
-    initial = len(word) == 1 and word.isupper()
-    return dotted or initial or word.lower() in _ABBREVIATIONS
-
-
-def split_sentences(text: str) -> list[str]:
-    """The sentences of a text, each with at least one letter or digit.
-
-    A sentence ends at ".", "!" or "?" (or a run of them, then any closing quotes or brackets)
-    followed by whitespace or the end of the text, except for a single dot after a common
-    abbreviation ("Dr."), a dotted one ("e.g.", "U.S.") or an initial ("J."). A dot inside a
-    number ("3.5") is not followed by whitespace, so it never ends one. Unterminated text at the
-    end counts as a sentence. Line breaks alone do not end a sentence, as in NLTK's Punkt::
-
-        split_sentences("Dr. Lee paid $3.50. Why? e.g. tea") == ["Dr. Lee paid $3.50.", "Why?",
-                                                                "e.g. tea"]
-    """
-    sentences, start = [], 0
-    for end in _SENTENCE_END.finditer(text):
-        if _is_abbreviation(text, end):
-            continue
-        sentences.append(text[start : end.end()].strip())
-        start = end.end()
-    sentences.append(text[start:].strip())
-    return [s for s in sentences if any(c.isalnum() for c in s)]
-
-
-def count_words(text: str) -> int:
-    """The number of runs of word characters (letters, digits, underscore), as IFEval counts:
-    "don't stop-loss 3.5" has 6 words."""
-    return len(re.findall(r"\w+", text))
+def _pattern(text: str, *, official: bool) -> str:
+    """The official checker reads a keyword as a regular expression; itune as written."""
+    if official:
+        try:
+            re.compile(text)
+            return text
+        except re.error:
+            pass
+    return re.escape(text)
 
 
 def _compare(actual: int, relation: str, threshold: int) -> bool:
@@ -113,8 +117,9 @@ def _number_words(response, *, num_words, relation):
 
 
 @_register("length_constraints:number_sentences", num_sentences=COUNT, relation=RELATION)
-def _number_sentences(response, *, num_sentences, relation):
-    return _compare(len(split_sentences(response)), relation, num_sentences)
+def _number_sentences(response, *, num_sentences, relation, official=False):
+    count = ifeval_text.count_sentences(response, official=official)
+    return _compare(count, relation, num_sentences)
 
 
 @_register("length_constraints:number_paragraphs", num_paragraphs=COUNT)
@@ -135,59 +140,80 @@ def _number_paragraphs(response, *, num_paragraphs):
     first_word=TEXT,
 )
 def _nth_paragraph_first_word(response, *, num_paragraphs, nth_paragraph, first_word):
-    """Exactly that many paragraphs separated by blank lines, the nth (from 1) starting with the
-    word, compared without case and up to the first punctuation mark."""
-    paragraphs = [p.strip() for p in response.split("\n\n") if p.strip()]
-    if len(paragraphs) != num_paragraphs or not 1 <= nth_paragraph <= len(paragraphs):
+    """Exactly that many non-blank paragraphs between blank lines, the nth (from 1) starting with
+    the word, compared without case and up to the first punctuation mark. As in the official
+    checker, the nth piece between two newlines counts, blank ones included, and a blank nth
+    piece fails."""
+    pieces = response.split("\n\n")
+    paragraphs = sum(1 for p in pieces if p.strip())
+    if not 1 <= nth_paragraph <= paragraphs or not pieces[nth_paragraph - 1].strip():
         return False
-    word = paragraphs[nth_paragraph - 1].split()[0].lstrip("'\"")
+    word = pieces[nth_paragraph - 1].split()[0].lstrip("'").lstrip('"')
     word = re.split(r"[.,?!'\"]", word)[0]
-    return word.lower() == first_word.strip().lower()
+    return paragraphs == num_paragraphs and word.lower() == first_word.lower()
 
 
 @_register("keywords:existence", keywords=WORDS)
-def _keywords_existence(response, *, keywords):
+def _keywords_existence(response, *, keywords, official=False):
     """Every keyword appears, ignoring case, also inside a longer word."""
-    return all(re.search(re.escape(k), response, flags=re.IGNORECASE) for k in keywords)
+    return all(
+        re.search(_pattern(k, official=official), response, flags=re.IGNORECASE) for k in keywords
+    )
 
 
 @_register("keywords:forbidden_words", forbidden_words=WORDS)
-def _forbidden_words(response, *, forbidden_words):
+def _forbidden_words(response, *, forbidden_words, official=False):
     """No forbidden word appears as a whole word, ignoring case."""
     return not any(
-        re.search(rf"\b{re.escape(w)}\b", response, flags=re.IGNORECASE) for w in forbidden_words
+        re.search(rf"\b{_pattern(w, official=official)}\b", response, flags=re.IGNORECASE)
+        for w in forbidden_words
     )
 
 
 @_register("keywords:frequency", keyword=TEXT, frequency=COUNT, relation=RELATION)
-def _keyword_frequency(response, *, keyword, frequency, relation):
+def _keyword_frequency(response, *, keyword, frequency, relation, official=False):
     """Occurrences of the keyword, ignoring case and also inside longer words (as IFEval)."""
-    found = re.findall(re.escape(keyword.strip()), response, flags=re.IGNORECASE)
-    return _compare(len(found), relation, frequency)
+    pattern = _pattern(keyword.strip(), official=official)
+    return _compare(len(re.findall(pattern, response, flags=re.IGNORECASE)), relation, frequency)
 
 
 @_register("keywords:letter_frequency", letter=LETTER, let_frequency=COUNT, let_relation=RELATION)
 def _letter_frequency(response, *, letter, let_frequency, let_relation):
+    """Occurrences of the character, ignoring case; any character, "#" as well as "a"."""
     return _compare(response.lower().count(letter.lower()), let_relation, let_frequency)
+
+
+@_register("language:response_language", language=LANGUAGE)
+def _response_language(response, *, language):
+    """langdetect names the response's language; a response it cannot read (no letters) passes,
+    as in the official checker."""
+    detected = ifeval_text.detect_language(response)
+    return detected is None or detected == language
+
+
+def _english(response: str) -> bool:
+    detected = ifeval_text.detect_language(response)
+    return detected is None or detected == "en"
 
 
 @_register("change_case:english_lowercase")
 def _english_lowercase(response):
-    """At least one letter and no capitals."""
-    return response.islower()
+    """At least one letter, no capitals, and English (as `_response_language` with "en")."""
+    return response.islower() and _english(response)
 
 
 @_register("change_case:english_capital")
 def _english_capital(response):
-    """At least one letter and no lowercase letters."""
-    return response.isupper()
+    """At least one letter, no lowercase letters, and English."""
+    return response.isupper() and _english(response)
 
 
 @_register("change_case:capital_word_frequency", capital_frequency=COUNT, capital_relation=RELATION)
-def _capital_word_frequency(response, *, capital_frequency, capital_relation):
-    """Words in capitals ("NASA", "I", "WELL-KNOWN" counts once)."""
-    words = re.findall(r"\w+(?:[-']\w+)*", response)
-    return _compare(sum(w.isupper() for w in words), capital_relation, capital_frequency)
+def _capital_word_frequency(response, *, capital_frequency, capital_relation, official=False):
+    """Words in capitals, split as `ifeval_text.capital_words` says ("WELL-KNOWN" is one,
+    "DON'T" two, the "I" of "I'm" one)."""
+    count = len(ifeval_text.capital_words(response, official=official))
+    return _compare(count, capital_relation, capital_frequency)
 
 
 @_register("detectable_format:json_format")
@@ -207,8 +233,12 @@ def _json_format(response):
 
 
 @_register("detectable_format:number_bullet_lists", num_bullets=COUNT)
-def _number_bullet_lists(response, *, num_bullets):
+def _number_bullet_lists(response, *, num_bullets, official=False):
     """Exactly that many lines starting (after indentation) with ``* `` or ``- ``."""
+    if official:
+        stars = re.findall(r"^\s*\*[^\*].*$", response, flags=re.MULTILINE)
+        dashes = re.findall(r"^\s*-.*$", response, flags=re.MULTILINE)
+        return len(stars) + len(dashes) == num_bullets
     bullets = re.findall(r"^[ \t]*[*-][ \t]+\S", response, flags=re.MULTILINE)
     return len(bullets) == num_bullets
 
@@ -216,7 +246,8 @@ def _number_bullet_lists(response, *, num_bullets):
 @_register("detectable_format:title")
 def _title(response):
     """A non-blank title on one line inside double angular brackets: <<like this>>."""
-    return any(t.strip() for t in re.findall(r"<<([^\n]+)>>", response))
+    titles = re.findall(r"<<[^\n]+>>", response)
+    return any(t.lstrip("<").rstrip(">").strip() for t in titles)
 
 
 @_register("detectable_format:number_highlighted_sections", num_highlights=COUNT)
@@ -228,9 +259,9 @@ def _number_highlighted_sections(response, *, num_highlights):
 
 
 @_register("detectable_format:multiple_sections", section_spliter=TEXT, num_sections=COUNT)
-def _multiple_sections(response, *, section_spliter, num_sections):
+def _multiple_sections(response, *, section_spliter, num_sections, official=False):
     """At least that many sections opened by the splitter word and a number ("SECTION 2")."""
-    splitter = rf"\s?{re.escape(section_spliter.strip())}\s?\d+\s?"
+    splitter = rf"\s?{_pattern(section_spliter.strip(), official=official)}\s?\d+\s?"
     return len(re.split(splitter, response)) - 1 >= num_sections
 
 
@@ -244,7 +275,7 @@ def _constrained_response(response):
 
 
 @_register("detectable_content:postscript", postscript_marker=TEXT)
-def _postscript(response, *, postscript_marker):
+def _postscript(response, *, postscript_marker, official=False):
     """The marker appears, ignoring case, not glued to a preceding letter. "P.S." and "P.P.S"
     also match spelled with spaces ("P. S.")."""
     marker = postscript_marker.strip()
@@ -253,8 +284,10 @@ def _postscript(response, *, postscript_marker):
     elif marker == "P.S.":
         pattern = r"p\.\s?s\."
     else:
-        pattern = re.escape(marker.lower())
-    return re.search(r"(?<![a-z])" + pattern, response.lower()) is not None
+        pattern = _pattern(marker.lower(), official=official)
+    if not official:
+        pattern = r"(?<![a-z])" + pattern
+    return re.search(pattern, response.lower()) is not None
 
 
 @_register("detectable_content:number_placeholders", num_placeholders=COUNT)
@@ -310,7 +343,9 @@ def _valid(kind: str, value) -> bool:
         )
     if kind == RELATION:
         return value in RELATIONS
-    return isinstance(value, str) and len(value) == 1 and value.isascii() and value.isalpha()
+    if kind == LANGUAGE:
+        return value in ifeval_text.languages()
+    return isinstance(value, str) and len(value) == 1 and not value.isspace()
 
 
 _EXPECTED = {
@@ -318,7 +353,8 @@ _EXPECTED = {
     TEXT: "a non-blank string",
     WORDS: "a non-empty list of non-blank strings",
     RELATION: f"one of {RELATIONS}",
-    LETTER: "a single ASCII letter",
+    LETTER: "a single character",
+    LANGUAGE: "a language code langdetect knows (en, fr, zh-cn, ...)",
 }
 
 
@@ -357,11 +393,18 @@ def arguments(instruction_id: str, kwargs: dict | None) -> dict:
     return given
 
 
-def follows(instruction_id: str, kwargs: dict | None, response: str) -> bool:
+def follows(
+    instruction_id: str, kwargs: dict | None, response: str, *, official: bool = False
+) -> bool:
     """Whether the response follows one instruction. A blank response follows none (as in
-    IFEval's evaluation, where it would otherwise pass "no commas" and the like)."""
+    IFEval's evaluation, where it would otherwise pass "no commas" and the like). With
+    ``official=True``, by the official checker's rule where itune's differs (module docstring).
+    """
     args = arguments(instruction_id, kwargs)
-    return bool(response.strip()) and CHECKERS[instruction_id].rule(response, **args)
+    check = CHECKERS[instruction_id]
+    if check.has_official_mode:
+        args["official"] = official
+    return bool(response.strip()) and check.rule(response, **args)
 
 
 def loose_variants(response: str) -> list[str]:
@@ -378,13 +421,14 @@ def loose_variants(response: str) -> list[str]:
     return trimmed + [r.replace("*", "") for r in trimmed]
 
 
-def score(record: dict, response: str) -> dict:
+def score(record: dict, response: str, *, official: bool = False) -> dict:
     """Strict and loose results of one response to an IFEval record::
 
     {"instruction_id_list": [...], "strict": [bool per instruction], "loose": [...],
      "prompt_strict": all(strict), "prompt_loose": all(loose)}
 
-    An instruction is followed loosely when any of `loose_variants` follows it.
+    An instruction is followed loosely when any of `loose_variants` follows it. ``official``:
+    as in `follows`.
     """
     ids, all_kwargs = record["instruction_id_list"], record["kwargs"]
     if len(ids) != len(all_kwargs):
@@ -394,8 +438,11 @@ def score(record: dict, response: str) -> dict:
     variants = loose_variants(response)
     strict, loose = [], []
     for instruction_id, kwargs in zip(ids, all_kwargs):
-        strict.append(follows(instruction_id, kwargs, response))
-        loose.append(strict[-1] or any(follows(instruction_id, kwargs, v) for v in variants))
+        strict.append(follows(instruction_id, kwargs, response, official=official))
+        loose.append(
+            strict[-1]
+            or any(follows(instruction_id, kwargs, v, official=official) for v in variants)
+        )
     return {
         "instruction_id_list": list(ids),
         "strict": strict,
