@@ -133,6 +133,8 @@ def describe(error: BaseException) -> str | None:
         return _one_line(str(error))
     if isinstance(error, app.UsageError):
         return _one_line(f"{error}; see --help")
+    if _is_tensorflow_file_error(error):  # tf.io.gfile's, for a file it could not use.
+        return _one_line(f"{error.message}; check the path")
     if isinstance(error, OSError):
         if error.filename is None:  # A message of its own, e.g. FileNotFoundError("no GGUF...").
             problem = _OS_PROBLEMS.get(error.errno) or str(error)
@@ -143,6 +145,17 @@ def describe(error: BaseException) -> str | None:
         problem = _OS_PROBLEMS.get(error.errno) or (error.strerror or str(error)).lower()
         return _one_line(f"{where}: {problem}")
     return None
+
+
+def _is_tensorflow_file_error(error: BaseException) -> bool:
+    tf_errors = sys.modules.get("tensorflow.python.framework.errors_impl")
+    if tf_errors is None:  # TensorFlow never ran, so the error is not its.
+        return False
+    if isinstance(error, (tf_errors.NotFoundError, tf_errors.PermissionDeniedError)):
+        return True
+    return isinstance(error, tf_errors.FailedPreconditionError) and (
+        "a directory" in error.message
+    )
 
 
 def check_output_folder(path: str, flag: str) -> None:
@@ -186,7 +199,10 @@ def parse_flags(argv: list[str], command: Command | None = None) -> list[str]:
     command = command or Command(sys.modules["__main__"])
     args = argv[1 : argv.index("--")] if "--" in argv else argv[1:]
     if any(a in _HELP_ARGS for a in args):
-        print(help_text(command))
+        try:
+            print(help_text(command), flush=True)
+        except BrokenPipeError:  # `itune-train --help | head`: the reader has all it wanted.
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         sys.exit(0)
     for flag in command.own_flags():
         if _is_config_file_flag(flag) and not isinstance(flag.parser, _ConfigFileParser):
