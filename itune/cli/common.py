@@ -224,9 +224,12 @@ def _flag_error_message(error: Exception) -> str:
         message = message[1:-1]
     message = _one_line(message.replace("\\'", "'").replace("\\n", " "))
     if isinstance(error, flags.UnrecognizedFlagError):
+        owner = error.flagname.split(".", 1)[0]
+        if "." in error.flagname and owner in flags.FLAGS:  # --config.x before any --config.
+            return f"--{error.flagname}: an override needs --{owner}=FILE before it; see --help"
         close = re.search(r"Did you mean: (.*?) ?\?", message)
-        hint = f"; did you mean --{close.group(1)}?" if close else ""
-        return f"unknown flag --{error.flagname}{hint} See --help"
+        hint = f"; did you mean --{close.group(1)}? See --help" if close else "; see --help"
+        return f"unknown flag --{error.flagname}{hint}"
     if required := re.search(r"Flag --(\S+) must have a value other than None", message):
         return f"--{required.group(1)} is required; see --help"
     if bad := re.match(r"flag (--(\S+?)=.*?): (.*)", message):  # absl: flag --name=value: why
@@ -364,7 +367,7 @@ def _check_field(config, path: str, flag: str, where: str) -> None:
             hint = f"did you mean --{parent}.{close[0]}? " if close else ""
             raise UserError(
                 f"--{flag}.{path}: {parent} has no field {part!r} ({where}); {hint}"
-                f"its fields: {', '.join(fields)}"
+                f"its fields: {', '.join(fields) or 'none'}"
             )
         node, done = node[part], done + [part]
 
