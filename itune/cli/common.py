@@ -5,7 +5,7 @@ A command defines its flags, then hands its ``main`` to `run`:
 
   cli.run(main, required=["config", "workdir"])
 
-`run` parses the flags (``--help`` prints `help_text` and exits 0) and calls ``main``. A mistake
+`run` parses the flags (``--help`` prints `itune.cli.usage.help_text` and exits 0) and calls ``main``. A mistake
 the user can fix (`itune.errors.UserError`, a file that cannot be read or written, a bad flag,
 config or override, Ctrl-C) ends the program with ``<program>: <what, where, what to do>`` on
 one line and status 1; ``--verbose`` shows the traceback instead.
@@ -13,18 +13,18 @@ one line and status 1; ``--verbose`` shows the traceback instead.
 
 from __future__ import annotations
 
-import ast
 import dataclasses
 import difflib
 import errno
 import os
 import re
 import sys
-import textwrap
 import types
 
 from absl import app, flags
+from ml_collections.config_flags import config_flags
 
+from itune.cli import usage
 from itune.errors import UserError
 
 _VERBOSE = flags.DEFINE_bool("verbose", False, "On a failure, show the full traceback.")
@@ -42,7 +42,6 @@ _OS_PROBLEMS = {
     errno.EISDIR: "is a folder, not a file; give a file",
 }
 _HELP_ARGS = ("--help", "-help", "-h", "--h", "-?", "--?")
-_WIDTH = 100
 
 
 def quiet_tensorflow() -> None:
@@ -194,21 +193,20 @@ def _verbose_in(argv: list[str]) -> bool:
 
 
 def parse_flags(argv: list[str], command: Command | None = None) -> list[str]:
-    """Parses flags. ``--help`` prints `help_text` and exits 0; a bad flag, config file, config
+    """Parses flags. ``--help`` prints `itune.cli.usage.help_text` and exits 0; a bad flag, config file, config
     argument or override ends the program with a one-line message and status 1."""
     command = command or Command(sys.modules["__main__"])
     args = argv[1 : argv.index("--")] if "--" in argv else argv[1:]
     if any(a in _HELP_ARGS for a in args):
         try:
-            print(help_text(command), flush=True)
+            print(usage.help_text(command), flush=True)
         except BrokenPipeError:  # `itune-train --help | head`: the reader has all it wanted.
             os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         sys.exit(0)
     for flag in command.own_flags():
-        if _is_config_file_flag(flag) and not isinstance(flag.parser, _ConfigFileParser):
-            flag.parser = _ConfigFileParser(flag.parser, flag.name)
-        if isinstance(flag.parser, _ConfigFileParser):
-            flag.parser.argv = list(argv)
+        if usage.is_config_file_flag(flag):
+            lock = getattr(flag.parser, "_lock_config", True)
+            flag.parser = _ConfigFileParser(flag.name, lock, list(argv))
     with failures_told(command.name, lambda: _verbose_in(argv), command.interrupted):
         try:
             return flags.FLAGS(argv)
@@ -243,94 +241,23 @@ def _flag_error_message(error: Exception) -> str:
 # ----------------------------------------------------------------------------- config files
 
 
-def _is_config_file_flag(flag: flags.Flag) -> bool:
-    from ml_collections.config_flags import config_flags  # noqa: PLC0415
-
-    return isinstance(flag.parser, config_flags.ConfigFileFlagParser)
-
-
-def configs_dir() -> str:
-    """The ``configs/`` folder shipped beside the ``itune`` package."""
-    package = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    return os.path.join(os.path.dirname(package), "configs")
-
-
-def _display_path(path: str) -> str:
-    relative = os.path.relpath(path)
-    return path if relative.startswith("..") else relative
-
-
-@dataclasses.dataclass
-class ConfigFile:
-    """A config file of ``configs/``: its path, what it is, and the arguments it takes."""
-
-    path: str
-    summary: str
-    arguments: dict  # Name -> default, as `itune.configlib.parse_arg` takes them.
-
-
-def shipped_configs() -> list[ConfigFile]:
-    """The config files in `configs_dir`, read without running them."""
-    folder = configs_dir()
-    names = sorted(os.listdir(folder)) if os.path.isdir(folder) else []
-    found = []
-    for name in names:
-        if name.endswith(".py") and not name.startswith("_"):
-            found.append(read_config_file(os.path.join(folder, name)))
-    return found
-
-
-def read_config_file(path: str) -> ConfigFile:
-    """A config file's docstring's first sentence and its ``get_config`` arguments.
-
-    The arguments are the keywords of the `itune.configlib.parse_arg` call in ``get_config``.
-    """
-    with open(path, encoding="utf-8") as f:
-        tree = ast.parse(f.read(), path)
-    doc = (ast.get_docstring(tree) or "").split("\n\n")[0]
-    summary = " ".join(doc.replace("``", "").split())
-    arguments = {}
-    for node in ast.walk(tree):
-        if isinstance(node, ast.FunctionDef) and node.name == "get_config":
-            for call in ast.walk(node):
-                if (
-                    isinstance(call, ast.Call)
-                    and getattr(call.func, "attr", getattr(call.func, "id", None)) == "parse_arg"
-                ):
-                    for keyword in call.keywords:
-                        try:
-                            value = ast.literal_eval(keyword.value)
-                        except ValueError:
-                            value = ast.unparse(keyword.value)
-                        arguments[keyword.arg] = value
-    return ConfigFile(_display_path(path), summary, arguments)
-
-
-def _argument_text(arguments: dict) -> str:
-    return ",".join(k if v is False else f"{k}={v}" for k, v in arguments.items())
-
-
-class _ConfigFileParser(flags.ArgumentParser):
+class _ConfigFileParser(config_flags.ConfigFileFlagParser):
     """ml_collections' config file parser, with its failures told in one line: a missing file
     (naming the shipped configs), an argument the config rejects, an override of a field that
-    does not exist."""
+    does not exist. ``argv`` is the command line, whose overrides it checks."""
 
-    def __init__(self, inner, name: str):
-        self.inner, self.name, self.argv = inner, name, []
-
-    def flag_type(self):
-        return self.inner.flag_type()
+    def __init__(self, name: str, lock_config: bool, argv: list[str]):
+        super().__init__(name, lock_config)
+        self.argv = argv
 
     def parse(self, argument):
-        from ml_collections.config_flags import config_flags  # noqa: PLC0415
-
         where = f"--{self.name}={argument}"
         path = argument.split(":", 1)[0]
         if not os.path.isfile(path):
-            known = ", ".join(c.path for c in shipped_configs()) or "none"
+            known = ", ".join(c.path for c in usage.shipped_configs()) or "none"
             raise UserError(f"{where}: no such config file; the configs are: {known}")
         try:
-            config = self.inner.parse(argument)
+            config = super().parse(argument)
         except (TypeError, ValueError) as e:
             # ml_collections re-raises get_config's error as a traceback in text.
             # A ValueError is get_config's word for an argument it rejects.
@@ -370,103 +297,6 @@ def _check_field(config, path: str, flag: str, where: str) -> None:
                 f"its fields: {', '.join(fields) or 'none'}"
             )
         node, done = node[part], done + [part]
-
-
-# ----------------------------------------------------------------------------------- help
-
-
-def help_text(command: Command) -> str:
-    """The ``--help`` of ``command``: usage, its docstring, its flags and, for a command that
-    takes a config, the shipped configs and how to change them."""
-    own = command.own_flags()
-    usage = [command.name]
-    usage += [_flag_synopsis(f) for f in own if f.name in command.required]
-    usage += [command.args] if command.args else []
-    usage.append("[flags]")
-    doc = (command.module.__doc__ or "").replace("``", "").strip()
-    lines = ["usage: " + " ".join(usage), "", doc, "", "flags:"]
-    for flag in own:
-        lines.append("  " + _flag_synopsis(flag))
-        lines += textwrap.wrap(
-            _flag_description(flag, command.required),
-            _WIDTH,
-            initial_indent="      ",
-            subsequent_indent="      ",
-        )
-    config_flag = next((f for f in own if _is_config_file_flag(f)), None)
-    if config_flag is not None:
-        lines += ["", *_configs_help(command.name, config_flag.name)]
-    lines += ["", "--helpfull also lists the flags of absl (logging, debugging)."]
-    return "\n".join(lines)
-
-
-def _flag_synopsis(flag: flags.Flag) -> str:
-    if flag.boolean:
-        return f"--[no]{flag.name}"
-    if _is_config_file_flag(flag) or isinstance(flag.parser, _ConfigFileParser):
-        return f"--{flag.name}=FILE[:ARGS]"
-    values = getattr(flag.parser, "enum_values", None)
-    if values:
-        return f"--{flag.name}={{{','.join(values)}}}"
-    kind = {"int": "N", "float": "X", "comma separated list of strings": "A,B,..."}
-    placeholder = kind.get(flag.flag_type(), "TEXT")
-    if placeholder == "TEXT" and flag.name.endswith("dir"):
-        placeholder = "DIR"
-    elif placeholder == "TEXT" and flag.name.endswith(("file", "checkpoint", "output")):
-        placeholder = "PATH"
-    return f"--{flag.name}={placeholder}"
-
-
-def _flag_description(flag: flags.Flag, required) -> str:
-    text = re.sub(r"^<[^>]*>: ", "", flag.help)  # absl's list of an enum's values.
-    if isinstance(flag, flags.MultiFlag):
-        text += " Repeatable."
-    if flag.name in required:
-        text += " (required)"
-    elif flag.boolean:
-        text += f" (default: {'on' if flag.default else 'off'})"
-    elif flag.default not in (None, "", []):
-        default = ",".join(flag.default) if isinstance(flag.default, list) else flag.default
-        text += f" (default: {default})"
-    return text
-
-
-def _example_arguments(arguments: dict) -> str:
-    """A switch (other than ``runlocal``, when there is one) and a key=value of ``arguments``."""
-    switches = [k for k, v in arguments.items() if v is False]
-    values = [f"{k}={v}" for k, v in arguments.items() if v is not False]
-    switches = [k for k in switches if k != "runlocal"] or switches
-    return ",".join(switches[:1] + values[:1])
-
-
-def _configs_help(program: str, name: str) -> list[str]:
-    lines = [f"configs (--{name}=FILE, or FILE:ARGS to pass it arguments):"]
-    example, most = None, 0
-    for config in shipped_configs():
-        lines.append(f"  {config.path}")
-        lines += textwrap.wrap(
-            config.summary, _WIDTH, initial_indent="      ", subsequent_indent="      "
-        )
-        if config.arguments:
-            listed = _argument_text(config.arguments).replace(",", ", ")
-            lines.append(f"      arguments: {listed}")
-            if len(config.arguments) > most:
-                most = len(config.arguments)
-                example = f"{config.path}:{_example_arguments(config.arguments)}"
-    text = [
-        "A config's arguments follow a colon, comma-separated: switches by name, values as "
-        + (f"key=value, e.g. --{name}={example}." if example else "key=value."),
-        f"--{name}.FIELD=VALUE overrides one field of the config; every field, with what it "
-        "means, is in itune/configlib.py (base_config). E.g.:",
-    ]
-    lines.append("")
-    for paragraph in text:
-        lines += textwrap.wrap(paragraph, _WIDTH)
-    lines.append(
-        f"  {program} --{name}=configs/smoke.py --{name}.train.num_steps=10 "
-        f"--{name}.optim.learning_rate=3e-3 ..."
-    )
-    return lines
 
 
 # ------------------------------------------------------------------------ model commands
