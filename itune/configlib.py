@@ -15,6 +15,7 @@ import typing
 import ml_collections
 
 from itune.model import decoder
+from itune.training import optimizer
 
 
 def shared_dir() -> str:
@@ -95,28 +96,7 @@ def base_config() -> ml_collections.ConfigDict:
     # Logical axis name -> mesh axes; when set, replaces the strategy's table.
     c.mesh.rules = ()
 
-    c.optim = ml_collections.ConfigDict()
-    c.optim.name = "adamw"  # 'adamw', 'adafactor', 'lion' or 'sgd' (optimizer.OPTIMIZERS).
-    # After the warmup: 'cosine' or 'linear' decay to min_learning_rate_ratio of the peak at
-    # num_steps, or 'constant'.
-    c.optim.schedule = "cosine"
-    c.optim.learning_rate = 1e-3  # Peak, reached after the warmup.
-    c.optim.warmup_steps = 50
-    c.optim.min_learning_rate_ratio = 0.1  # The cosine decays to this share of the peak.
-    c.optim.b1 = 0.9  # AdamW and Lion.
-    c.optim.b2 = 0.95
-    c.optim.eps = 1e-8  # AdamW.
-    c.optim.momentum = 0.9  # SGD's momentum; 0: plain SGD.
-    c.optim.nesterov = False  # SGD: Nesterov momentum.
-    # Adafactor factors a second moment when the parameter's second-largest dimension is at
-    # least this.
-    c.optim.adafactor_min_dim_to_factor = 128
-    # Decoupled (lr * weight_decay * param per step), on matrices only unless decay_* say so.
-    c.optim.weight_decay = 0.1
-    c.optim.decay_norms = False
-    c.optim.decay_biases = False
-    c.optim.decay_embeddings = False  # The (tied) embedding table; a separate lm_head decays.
-    c.optim.grad_clip_norm = 1.0  # Global-norm clipping; 0 disables it.
+    c.optim = optimizer.config_section()  # Its fields: optimizer.OptimDefaults.
 
     c.train = ml_collections.ConfigDict()
     c.train.num_steps = 1000

@@ -8,7 +8,7 @@ import pytest
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
-from itune import sharding
+from itune import configlib, sharding
 from itune.model.decoder import Decoder
 from itune.training import optimizer, state as state_lib
 from tests.util import jitted_train_step, optim_config, packed_batch, tiny_model_config
@@ -154,3 +154,31 @@ def test_optimizer_state_is_sharded_and_a_step_on_a_mesh_matches_one_device(name
     if name == "adafactor":
         # Factored: a row and a column moment for the (1, 16, 32) parameter.
         assert sorted(m.shape for m in moments) == [(1, 16), (1, 32)]
+
+
+class _Reads:
+    """An ``optim`` section that records which fields are read."""
+
+    def __init__(self, values):
+        self.values, self.read = values, set()
+
+    def __getattr__(self, name):
+        self.read.add(name)
+        return self.values[name]
+
+    def get(self, name, default=None):
+        self.read.add(name)
+        return self.values.get(name, default)
+
+
+def test_optimizer_defaults_are_the_config_section_and_every_field_is_read():
+    # One list of fields and defaults: the base config's section is built from it.
+    assert configlib.base_config().optim.to_dict() == optimizer.DEFAULTS
+    # The optimizers read exactly those fields: none without a default, no default unused.
+    read = set()
+    for name in optimizer.OPTIMIZERS:
+        for schedule in optimizer.SCHEDULES:
+            section = _Reads(dict(optimizer.DEFAULTS, name=name, schedule=schedule))
+            optimizer.make_optimizer(section, num_steps=10)
+            read |= section.read
+    assert read == set(optimizer.DEFAULTS)

@@ -2,32 +2,63 @@
 
 ``make_optimizer(config.optim, num_steps)`` chains global-norm clipping and one of `OPTIMIZERS`,
 whose (decoupled) weight decay skips norms, biases and the embedding table unless told otherwise
-(`weight_decay_mask`). Fields added to ``config.optim`` after the first release are read with
-their defaults (`_field`), so older configs keep working.
+(`weight_decay_mask`). `OptimDefaults` is the one list of ``config.optim``'s fields and their
+defaults: `itune.configlib.base_config` builds the section from it, and a field added after a
+config was written is read with its default (`_field`), so older configs keep working.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from typing import Any
 
 import jax
+import ml_collections
 import optax
 
 OPTIMIZERS = ("adamw", "adafactor", "lion", "sgd")
 SCHEDULES = ("cosine", "linear", "constant")
 
-# Defaults of the optional ``config.optim`` fields.
-DEFAULTS = {
-    "name": "adamw",
-    "schedule": "cosine",
-    "momentum": 0.9,
-    "nesterov": False,
-    "adafactor_min_dim_to_factor": 128,
-    "decay_norms": False,
-    "decay_biases": False,
-    "decay_embeddings": False,
-}
+
+@dataclasses.dataclass(frozen=True)
+class OptimDefaults:
+    """The fields of ``config.optim``, each with its default."""
+
+    name: str = "adamw"  # 'adamw', 'adafactor', 'lion' or 'sgd' (`OPTIMIZERS`).
+    # After the warmup: 'cosine' or 'linear' decay to min_learning_rate_ratio of the peak at
+    # num_steps, or 'constant' (`SCHEDULES`).
+    schedule: str = "cosine"
+    learning_rate: float = 1e-3  # Peak, reached after the warmup.
+    warmup_steps: int = 50
+    min_learning_rate_ratio: float = 0.1  # The decay ends at this share of the peak.
+    b1: float = 0.9  # AdamW and Lion.
+    b2: float = 0.95
+    eps: float = 1e-8  # AdamW.
+    momentum: float = 0.9  # SGD's momentum; 0: plain SGD.
+    nesterov: bool = False  # SGD: Nesterov momentum.
+    # Adafactor factors a second moment when the parameter's second-largest dimension is at
+    # least this.
+    adafactor_min_dim_to_factor: int = 128
+    # Decoupled (lr * weight_decay * param per step), on matrices only unless decay_* say so.
+    weight_decay: float = 0.1
+    decay_norms: bool = False
+    decay_biases: bool = False
+    decay_embeddings: bool = False  # The (tied) embedding table; a separate lm_head decays.
+    grad_clip_norm: float = 1.0  # Global-norm clipping; 0 disables it.
+
+
+DEFAULTS = dataclasses.asdict(OptimDefaults())
+
+
+def config_section() -> ml_collections.ConfigDict:
+    """A new ``config.optim`` holding the defaults.
+
+    >>> optim = config_section()
+    >>> optim.name, optim.learning_rate, optim.grad_clip_norm
+    ('adamw', 0.001, 1.0)
+    """
+    return ml_collections.ConfigDict(DEFAULTS)
 
 
 def _field(optim_config: Any, name: str) -> Any:
