@@ -9,7 +9,7 @@ unless ``data.tokenizer.path`` names one. Without it the architecture is ``confi
 preset, then its fields), and a ``vocab_size`` of 0 takes the tokenizer's: that of
 ``data.tokenizer.path``, or of a SentencePiece vocabulary trained on the run's data and kept in
 ``<workdir>/tokenizer``, whose size ``data.tokenizer.vocab_size`` only bounds (a corpus gets
-the pieces it supports: 358 for the built-in tasks at the default 1024).
+the pieces it supports: a few hundred for the built-in tasks, under the default 1024).
 
 Without a workdir (planning a run before it starts) nothing is written anywhere: a vocabulary
 to be trained on the built-in tasks is trained in a temporary folder, as the run will train it
@@ -147,15 +147,14 @@ def _planned_tokenizer(data_config: Any) -> tuple[Any, str]:
     path = data_config.tokenizer.path
     if path:
         from itune.data.hf_tokenizer import load_tokenizer_path  # noqa: PLC0415
+        from itune.data.tokenizer import gfile  # noqa: PLC0415
 
-        try:
-            tokenizer = load_tokenizer_path(path)
-        except FileNotFoundError:
+        if not gfile().exists(path):
             raise ConfigError(
                 f"data.tokenizer.path={path}: not on this host, and the model takes its "
                 "vocabulary size from it; give the size with --config.model.vocab_size=N"
-            ) from None
-        return tokenizer, _tokenizer_vocabulary(data_config, exact=True)
+            )
+        return load_tokenizer_path(path), _tokenizer_vocabulary(data_config, exact=True)
     if data_config.sources:
         return None, _tokenizer_vocabulary(data_config, exact=False)
     with tempfile.TemporaryDirectory(prefix="itune-vocabulary-") as folder:
