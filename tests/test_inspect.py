@@ -1,10 +1,15 @@
 """itune-inspect: rows with segments and trained tokens marked, an HTML page, statistics."""
 
+import os
+import subprocess
+import sys
+
 import numpy as np
 
 from configs import smoke
-from itune import inspect as inspect_cli
+from itune.cli import inspect as inspect_cli
 from itune.data import inspection, pipeline, synthetic_tasks
+from tests.conftest import HANG_GUARD_S, REPO
 
 
 def test_row_view_marks_segments_and_exactly_the_trained_tokens(tmp_path):
@@ -46,3 +51,47 @@ def test_inspect_prints_rows_statistics_and_writes_html(tmp_path, capsys):
     page = open(path, encoding="utf-8").read()
     assert page.startswith("<!doctype html>") and page.count('<div class="seg">') >= 2
     assert '<span class="t">' in page and "packing efficiency" in page
+
+
+class _Stream:
+    def __init__(self, tty: bool):
+        self.tty = tty
+
+    def isatty(self) -> bool:
+        return self.tty
+
+
+def test_colour_only_for_a_terminal_and_never_with_no_color(monkeypatch):
+    monkeypatch.delenv("NO_COLOR", raising=False)
+    assert inspection.use_color(_Stream(True)) and not inspection.use_color(_Stream(False))
+    monkeypatch.setenv("NO_COLOR", "1")
+    assert not inspection.use_color(_Stream(True))
+    monkeypatch.setenv("NO_COLOR", "")  # Set but empty counts as unset (no-color.org).
+    assert inspection.use_color(_Stream(True))
+
+
+def test_itune_inspect_writes_no_colour_codes_into_a_file(tmp_path):
+    env = dict(os.environ, PYTHONPATH=str(REPO))
+    env.pop("XLA_FLAGS", None)
+    env.pop("NO_COLOR", None)  # Only because the output is a file.
+    with open(tmp_path / "out.txt", "w", encoding="utf-8") as out:
+        result = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "itune.cli.inspect",
+                f"--config={REPO / 'configs/smoke.py'}:runlocal",
+                f"--workdir={tmp_path / 'run'}",
+                "--rows=2",
+            ],
+            stdout=out,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=env,
+            timeout=HANG_GUARD_S,
+            cwd=REPO,
+        )
+    assert result.returncode == 0, result.stderr[-3000:]
+    text = (tmp_path / "out.txt").read_text(encoding="utf-8")
+    assert "--- row 1 ---" in text and "[<|im_end|>]" in text
+    assert "\x1b" not in text

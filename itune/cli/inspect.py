@@ -27,7 +27,7 @@ _ROWS = flags.DEFINE_integer("rows", 4, "Rows to show.")
 _BATCHES = flags.DEFINE_integer("batches", 1, "Batches to read for the statistics.")
 _COLOR = flags.DEFINE_bool(
     "color", None, "Highlight trained tokens with terminal colours; default: when printing to a "
-    "terminal."
+    "terminal and NO_COLOR is not set."
 )
 
 
@@ -63,7 +63,9 @@ def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {' '.join(argv[1:])}")
     cli.check_output_folder(_WORKDIR.value, "workdir")
-    color = sys.stdout.isatty() if _COLOR.value is None else _COLOR.value
+    from itune.data import inspection
+
+    color = inspection.use_color(sys.stdout) if _COLOR.value is None else _COLOR.value
     inspect(_CONFIG.value, os.path.abspath(_WORKDIR.value), _ROWS.value, _BATCHES.value, color)
 
 

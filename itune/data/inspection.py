@@ -6,7 +6,8 @@ Segment boundaries are marked, trained tokens (loss mask 1) highlighted, padding
 from __future__ import annotations
 
 import html
-from typing import Sequence
+import os
+from typing import Sequence, TextIO
 
 import numpy as np
 
@@ -15,6 +16,16 @@ from itune.data.tokenizer import Tokenizer
 
 _TRAINED = "\x1b[1;32m"  # Bold green in a terminal.
 _RESET = "\x1b[0m"
+
+
+def use_color(stream: TextIO) -> bool:
+    """Whether text for ``stream`` may carry colour codes: only for a terminal, and never when
+    the ``NO_COLOR`` environment variable is set and not empty (https://no-color.org), so that a
+    file or a pipe gets plain text."""
+    if os.environ.get("NO_COLOR"):
+        return False
+    isatty = getattr(stream, "isatty", None)
+    return bool(isatty and isatty())
 
 
 def _segments(row: dict[str, np.ndarray]) -> list[tuple[int, np.ndarray]]:
@@ -38,8 +49,9 @@ def _visible(text: str) -> str:
     return text.replace("\n", "\\n")
 
 
-def format_row(tokenizer: Tokenizer, row: dict[str, np.ndarray], color: bool = True) -> str:
-    """One row as text: segments separated by ``║``, trained tokens in green or in ``[...]``."""
+def format_row(tokenizer: Tokenizer, row: dict[str, np.ndarray], color: bool = False) -> str:
+    """One row as text: segments separated by ``║``, trained tokens in ``[...]`` or, with
+    ``color`` (for a terminal: `use_color`), in green."""
     parts = []
     for tokens in row_tokens(tokenizer, row):
         text = []
