@@ -1001,6 +1001,6 @@ def test_missing_punkt_model_says_how_to_install(monkeypatch, no_nltk_cache):
 
 
 def test_language_detection_is_seeded():
-    # Short mixed text, on which unseeded langdetect answers differently from run to run.
-    text = "ok si"
-    assert len({ifeval_text.detect_language(text) for _ in range(20)}) == 1
+    # Short mixed text, on which unseeded langdetect names one of several languages each run.
+    text = "amigo ok yes"
+    assert len({ifeval_text.detect_language(text) for _ in range(30)}) == 1
