@@ -16,10 +16,15 @@ disk, Ctrl-C) removes the temporary and leaves the destination as it was.
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import shutil
 import tempfile
+import time
 from typing import Iterator
+
+# The reasons a write fails that a user can act on.
+_WRITE_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.EIO)
 
 
 def write_text(path: str, text: str) -> None:
@@ -65,5 +70,35 @@ def folder(path: str, merge: bool = False) -> Iterator[str]:
             os.replace(os.path.join(tmp, entry), target)
         os.rmdir(tmp)
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        _remove(tmp)
         raise
+
+
+def _remove(tmp: str) -> None:
+    # A writer's own threads (TensorStore's, under Orbax) may still be finishing when its error
+    # surfaces, and create the folder again: remove it until it stays away for a second.
+    removed, deadline = time.monotonic(), time.monotonic() + 30
+    while time.monotonic() < deadline:
+        if os.path.lexists(tmp):
+            shutil.rmtree(tmp, ignore_errors=True)
+            removed = time.monotonic()
+        elif time.monotonic() - removed >= 1.0:
+            return
+        time.sleep(0.02)
+
+
+def write_failure(error: BaseException) -> str | None:
+    """The operating system's reason that a write failed, from ``error`` (an OSError, or a
+    library's error that quotes one, as TensorStore's do); None for any other error.
+
+    >>> write_failure(OSError(errno.ENOSPC, "No space left on device"))
+    'No space left on device'
+    >>> write_failure(ValueError("RESOURCE_EXHAUSTED: Failed to write 9 bytes to file 13: "
+    ...                          "No space left on device [source locations='...']"))
+    'No space left on device'
+    >>> write_failure(ValueError("dtype='int4'; expected one of bfloat16, float16, float32"))
+    """
+    if isinstance(error, OSError) and error.errno is not None:
+        return error.strerror or os.strerror(error.errno)
+    text = str(error)
+    return next((os.strerror(n) for n in _WRITE_ERRNOS if os.strerror(n) in text), None)

@@ -21,6 +21,7 @@ def initialize() -> None:
     """
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     warnings.filterwarnings("ignore", message=".*os.fork.*")
+    logging.getLogger("absl").addFilter(_background_errors_in_one_line)
     # The training loop shares the interpreter with the input pipeline's threads: hand the GIL
     # over more often (default 5 ms) so that it never waits long for a batch that is ready.
     sys.setswitchinterval(0.001)
@@ -51,6 +52,18 @@ _MALLOPT_SETTINGS = {
     "mmap_max": (-4, 0, 65536),
     "trim_threshold": (-1, -1, 128 * 1024),
 }
+
+
+def _background_errors_in_one_line(record: logging.LogRecord) -> bool:
+    """Orbax logs an error of its background writers with a traceback from each thread it
+    passes through; the error then surfaces again where the program waits for the write, which
+    tells it in one line (`itune.training.checkpoint.CheckpointError`). Its logs keep their
+    first line."""
+    if record.exc_info and f"{os.sep}orbax{os.sep}" in record.pathname:
+        first = (record.getMessage().splitlines() or [""])[0]
+        record.msg = first if len(first) <= 200 else first[:197] + "..."
+        record.args, record.exc_info, record.exc_text = None, None, None
+    return True
 
 
 def keep_freed_host_memory(keep: bool = True) -> bool:

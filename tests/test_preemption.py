@@ -10,6 +10,7 @@ import time
 
 import numpy as np
 import orbax.checkpoint as ocp
+import pytest
 
 from tests.conftest import HANG_GUARD_S, REPO
 
@@ -96,7 +97,10 @@ def test_a_run_killed_with_sigkill_resumes_to_the_same_parameters(tmp_path):
         np.testing.assert_array_equal(a, b)
 
 
-def test_sigterm_finishes_the_step_saves_and_exits_zero(tmp_path):
+@pytest.mark.parametrize(
+    "signum, reason", [(signal.SIGTERM, "for preemption"), (signal.SIGINT, "on Ctrl-C")]
+)
+def test_sigterm_or_ctrl_c_finishes_the_step_saves_and_exits_zero(tmp_path, signum, reason):
     workdir = tmp_path / "run"
     # No periodic checkpoint: the one found afterwards is the preemption save. So many steps
     # that the signal comes first however slowly this test gets to send it.
@@ -104,13 +108,32 @@ def test_sigterm_finishes_the_step_saves_and_exits_zero(tmp_path):
         workdir, "--config.train.num_steps=1000000", "--config.checkpoint.every_steps=0"
     )
     _wait_for(lambda: _steps_logged(workdir) >= 3, run)
-    run.send_signal(signal.SIGTERM)
+    run.send_signal(signum)
     output, _ = run.communicate(timeout=HANG_GUARD_S)
     assert run.returncode == 0, output[-3000:]
-    assert "for preemption; checkpoint saved" in output
     saved = sorted(int(p.name) for p in (workdir / "checkpoints").iterdir() if p.name.isdigit())
     assert len(saved) == 1 and 3 <= saved[0] < 1000000
+    assert f"Stopped at step {saved[0]} {reason}; checkpoint saved" in output
     assert all(np.isfinite(x).all() for x in _params(workdir, saved[0]))
+
+
+def test_a_second_ctrl_c_stops_at_once_and_close_restores_the_handlers():
+    from itune.training import preemption
+
+    received = []
+    outer = signal.signal(signal.SIGINT, lambda signum, frame: received.append(signum))
+    try:
+        handlers = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+        watch = preemption.PreemptionWatch()
+        signal.raise_signal(signal.SIGINT)
+        assert watch.should_stop(1, None) and watch.reason == "on Ctrl-C"
+        with pytest.raises(KeyboardInterrupt):
+            signal.raise_signal(signal.SIGINT)
+        watch.close()
+        assert received == []
+        assert {s: signal.getsignal(s) for s in handlers} == handlers
+    finally:
+        signal.signal(signal.SIGINT, outer)
 
 
 def test_non_finite_steps_are_skipped_counted_and_stop_the_run(tmp_path):
@@ -137,8 +160,6 @@ def test_non_finite_steps_are_skipped_counted_and_stop_the_run(tmp_path):
 def test_a_run_stopped_by_non_finite_steps_leaves_no_threads_or_handler_behind(tmp_path):
     import threading
 
-    import pytest
-
     from configs import smoke
     from itune.training.trainer import train_and_evaluate
 
@@ -150,9 +171,9 @@ def test_a_run_stopped_by_non_finite_steps_leaves_no_threads_or_handler_behind(t
         config.optim.warmup_steps = 1
         config.optim.grad_clip_norm = 0
     threads = {t.ident for t in threading.enumerate()}
-    handler = signal.getsignal(signal.SIGTERM)
+    handlers = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
     with pytest.raises(FloatingPointError, match="non-finite loss or gradient norm"):
         train_and_evaluate(config, str(tmp_path))
     left = [t.name for t in threading.enumerate() if t.ident not in threads]
     assert set(left) <= {"tqdm_monitor"}, left  # tqdm's own monitor.
-    assert signal.getsignal(signal.SIGTERM) is handler
+    assert {s: signal.getsignal(s) for s in handlers} == handlers

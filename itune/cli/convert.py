@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import os
 
-from itune import runtime
+from itune import atomic, runtime
 from itune.cli import common as cli
 from itune.errors import UserError
 
@@ -77,12 +77,13 @@ def convert(
                 loaded.chat_format,
                 max_shard_bytes=max_shard_bytes,
             )
-    except OSError as e:
-        if isinstance(e, FileExistsError):
+    except Exception as e:
+        reason = atomic.write_failure(e)
+        if reason is None or isinstance(e, FileExistsError):
             raise
         raise UserError(
-            f"cannot write {dst}: {e.strerror or e}; nothing was written: make room (or choose "
-            "a writable place) and run again"
+            f"cannot write {dst}: {reason}; nothing was written: make room (or choose a "
+            "writable place) and run again"
         ) from e
     return target_kind
 

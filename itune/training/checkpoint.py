@@ -16,6 +16,7 @@ import jax
 import jax.numpy as jnp
 import orbax.checkpoint as ocp
 
+from itune import atomic
 from itune.errors import ConfigError, UserError
 from itune.training.state import TrainState
 
@@ -66,7 +67,7 @@ def saved_meta(workdir: str, step: int) -> dict:
 def _failed(mngr: ocp.CheckpointManager, error: Exception) -> CheckpointError:
     last = mngr.latest_step()
     kept = f"step {last}" if last is not None else "none yet"
-    reason = (str(error).strip().splitlines() or [type(error).__name__])[0][:300]
+    reason = atomic.write_failure(error) or (str(error).splitlines() or [repr(error)])[0][:200]
     return CheckpointError(
         f"writing a checkpoint in {mngr.directory} failed: {reason}; the last complete "
         f"checkpoint is {kept}: make room (or make the folder writable) and run the same "

@@ -192,6 +192,7 @@ def train_and_evaluate(config: Any, workdir: str) -> dict:
         # and closing the manager (not only waiting for it) lets its threads go.
         batches.close()
         watch.close()
+        progress.close()  # Before any error is told.
         checkpoint.close(ckpt)
     pipeline.log_stats("Train", packing_stats, spec.seq_len, config.data.max_dropped_share)
     if not results and start_step >= num_steps:
