@@ -33,14 +33,16 @@ def _train_cli(workdir, config="configs/smoke.py:runlocal", *overrides):
 
 
 def _snapshot(folder) -> dict[str, str]:
-    """Every file under ``folder`` by relative path, with a digest of its bytes."""
-    files = {}
-    for root, _, names in os.walk(folder):
+    """Every file and folder under ``folder`` by relative path, with a digest of each file."""
+    entries = {}
+    for root, folders, names in os.walk(folder):
+        for name in folders:
+            entries[os.path.relpath(os.path.join(root, name), folder)] = "folder"
         for name in names:
             path = os.path.join(root, name)
             with open(path, "rb") as f:
-                files[os.path.relpath(path, folder)] = hashlib.sha256(f.read()).hexdigest()
-    return files
+                entries[os.path.relpath(path, folder)] = hashlib.sha256(f.read()).hexdigest()
+    return entries
 
 
 @pytest.fixture(scope="module")
@@ -82,8 +84,20 @@ def _steps(workdir, kind="train"):
 # A mistake leaves the run in its workdir as it was.
 
 
+class _Unloadable:
+    """As a config flag whose file failed to load: the error comes at first use."""
+
+    def __getattr__(self, name):
+        raise OSError("Failed loading config file configs/smok.py")
+
+
 def test_a_misspelt_config_path_leaves_a_finished_run_untouched(run_copy):
+    from itune.training.trainer import train_and_evaluate
+
     before = _snapshot(run_copy)
+    with pytest.raises(OSError, match="smok.py"):
+        train_and_evaluate(_Unloadable(), str(run_copy))
+    assert _snapshot(run_copy) == before
     result = _train_cli(run_copy, "configs/smok.py")
     assert result.returncode != 0
     assert _snapshot(run_copy) == before
@@ -270,17 +284,20 @@ def test_saving_a_model_folder_on_a_full_disk_leaves_nothing_behind(
 def test_a_hugging_face_export_on_a_full_disk_leaves_the_folder_as_it_was(
     tmp_path, builtin_tokenizer, monkeypatch
 ):
+    import jax
+
     from itune.convert import hf
 
     cfg, params = _tiny_itune_folder(tmp_path / "model", builtin_tokenizer)
     hf.save_hf(str(tmp_path / "hf"), cfg, params, max_shard_bytes=20_000)
     before = _snapshot(tmp_path)
-    # The second safetensors shard of an export over the first fails.
+    other = jax.tree.map(lambda x: x * 2, params)  # Other bytes in every file.
+    # An export over the first one fails at its second safetensors shard; a new one at its first.
     monkeypatch.setattr(hf, "_write_safetensors", _full_disk_after(1, hf._write_safetensors))
     with pytest.raises(OSError, match="No space left"):
-        hf.save_hf(str(tmp_path / "hf"), cfg, params, max_shard_bytes=20_000)
+        hf.save_hf(str(tmp_path / "hf"), cfg, other, max_shard_bytes=20_000)
     with pytest.raises(OSError, match="No space left"):
-        hf.save_hf(str(tmp_path / "new"), cfg, params, max_shard_bytes=20_000)
+        hf.save_hf(str(tmp_path / "new"), cfg, other, max_shard_bytes=20_000)
     assert _snapshot(tmp_path) == before
 
 
