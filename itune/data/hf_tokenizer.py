@@ -121,6 +121,7 @@ class HFTokenizer:
         self.add_bos_token = add_bos_token
         self._byte_level = isinstance(self._tok.decoder, decoders.ByteLevel)
         self._bytes: list[bytes | None] | None = None
+        self._max_token_bytes: int | None = None
 
     @property
     def backend(self) -> tokenizers.Tokenizer:
@@ -303,6 +304,18 @@ class HFTokenizer:
                 table[token_id] = added.content.encode("utf-8")
             self._bytes = table
         return self._bytes
+
+    @property
+    def max_token_bytes(self) -> int:
+        """The longest token in bytes of text (see `itune.data.tokenizer.Tokenizer`)."""
+        if self._max_token_bytes is None:
+            if self._byte_level:
+                spelled = (len(b) for b in self._token_bytes() if b is not None)
+            else:
+                vocab = self._tok.get_vocab(with_added_tokens=True)
+                spelled = (len(t.replace("\u2581", " ").encode()) for t in vocab)
+            self._max_token_bytes = max(spelled, default=1)
+        return self._max_token_bytes
 
     def encode_with_offsets(self, text: str) -> tuple[list[int], list[tuple[int, int]]]:
         encoding = self._tok.encode(text, add_special_tokens=False)

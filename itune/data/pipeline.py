@@ -21,9 +21,9 @@ from jax.experimental import multihost_utils
 import tensorflow as tf
 
 from itune.data import chat, mixture, packing, synthetic_tasks
-from itune.data.sources import DataError
+from itune.data.encode import cut_pieces, encode_example, encode_examples  # noqa: F401
 from itune.data.hf_tokenizer import load_tokenizer_path
-from itune.data.tokenizer import Tokenizer, cached_sentencepiece
+from itune.data.tokenizer import MAX_PIECE_CHARS, Tokenizer, cached_sentencepiece
 
 
 def configure_tensorflow() -> None:
@@ -89,10 +89,13 @@ def load_tokenizer(
             # Shard 0, which process 0 (the one that trains the vocabulary) reads.
             stream = mixture.train_stream(data_config, sources, 0, num_shards)
             chats = (example for example, _ in itertools.islice(stream, n))
-        # Chats as rendered, so that the chat markup's words become pieces too.
+        # Chats as rendered, so that the chat markup's words become pieces too; each only as far
+        # as a row's tokens can reach into it, so that a huge record is not all of the corpus.
+        keep_end = data_config.truncation == "truncate_prompt_left"
+        max_chars = (data_config.seq_len + 1) * MAX_PIECE_CHARS
         for example in chats:
-            text = chat.to_text(chat.render(example["messages"], fmt))
-            yield from filter(None, text.split("\n"))
+            pieces, _ = cut_pieces(chat.render(example["messages"], fmt), max_chars, keep_end)
+            yield from filter(None, chat.to_text(pieces).split("\n"))
 
     def cached() -> Tokenizer:
         key = {"seed": seed, "corpus_examples": n, "version": 2}
@@ -105,6 +108,7 @@ def load_tokenizer(
             special_tokens=list(fmt.special_tokens),
             # Real text has characters the training sample may miss.
             byte_fallback=not builtin,
+            corpus_name="the built-in tasks" if builtin else f"data.sources (up to {n} examples)",
         )
 
     if jax.process_count() == 1:
@@ -147,36 +151,6 @@ def builtin_example(
         system_prompt_rate=data_config.builtin.system_prompt_rate,
         families=families or data_config.builtin.families or None,
     )
-
-
-def encode_example(example: dict, spec: DataSpec) -> dict[str, np.ndarray]:
-    """One chat -> next-token inputs, targets and loss mask (see `packing.to_next_token`).
-
-    A chat that cannot be rendered raises `DataError` naming where it came from.
-    """
-    try:
-        pieces = chat.render(example["messages"], spec.chat_format, train_on=spec.train_on)
-    except ValueError as e:
-        raise DataError(
-            example.get("origin", example.get("source", "?")), str(e), reason="bad chat"
-        ) from None
-    ids, mask = chat.tokenize(pieces, spec.tokenizer, spec.chat_format)
-    example_tokens = packing.to_next_token(ids, mask)
-    source = spec.source_index.get(example.get("source", mixture.BUILTIN), 0)
-    example_tokens["source_ids"] = np.full(len(ids) - 1, source, np.int32)
-    return example_tokens
-
-
-def _encoded(examples, spec: DataSpec, stats: packing.PackingStats):
-    for example in examples:
-        stats.sources[example.get("source", mixture.BUILTIN)] += 1
-        try:
-            yield encode_example(example, spec)
-        except DataError as e:
-            if spec.on_bad_example != "skip":
-                raise
-            stats.examples += 1
-            stats.dropped[e.reason or "bad example"] += 1
 
 
 _EVAL_POSITIONS = 2**40
@@ -223,7 +197,7 @@ def _shard_rows(data_config, spec, shard, num_shards, stats, state):
     )
     for chat_example, position in chats:
         try:
-            encoded = next(_encoded([chat_example], spec, packer.stats))
+            encoded = next(encode_examples([chat_example], spec, packer.stats, packer.truncation))
         except StopIteration:  # Skipped as a bad example (counted).
             continue
         for row in packer.add(encoded):
@@ -336,7 +310,8 @@ def eval_batches(
             spec.seq_len, data_config.pack_open_rows, spec.tokenizer.pad_id, data_config.truncation
         )
         packer.stats = stats
-        rows = list(packing.pack(_encoded(chats, spec, stats), packer, flush=True))
+        encoded = encode_examples(chats, spec, stats, packer.truncation)
+        rows = list(packing.pack(encoded, packer, flush=True))
         if not rows:
             continue
         batch = spec.global_batch_size

@@ -60,6 +60,7 @@ DEFAULT_ROLES = {
 ON_BAD_EXAMPLE = ("error", "skip")
 _MISSING = object()
 _WHITESPACE = re.compile(r"[ \t\n\r]*")
+_ASCII_WHITESPACE = b" \t\n\r\x0b\x0c"
 _UNDECODABLE = re.compile("[\udc80-\udcff]")  # Bytes kept by the surrogateescape error handler.
 _LOGGED_SKIPS = 5  # Skipped examples logged per source; the rest are only counted.
 
@@ -228,26 +229,45 @@ def _is_json_list(path: str) -> bool:
 
 
 def _jsonl(path: str, first: int, stop: int) -> Iterator[tuple[int, str, str, Any]]:
-    """``(index, origin, location, record or DataError)`` per non-blank line of the range."""
+    """``(index, origin, location, record or DataError)`` per non-blank line of the range.
+
+    A huge line is held at most twice at once: as bytes while it is decoded, then as text while
+    its record is parsed (so lines are read one by one, and each is dropped once used).
+    """
     with tf.io.gfile.GFile(path, "rb") as f:
-        for index, raw in enumerate(f):
+        index = -1
+        while raw := f.readline():
+            index += 1
             if index >= stop:
                 return
             if index < first:
                 continue
             if index == 0:
                 raw = raw.removeprefix(codecs.BOM_UTF8)
-            if not raw.strip():
+            if not raw or raw.isspace():
                 continue
             origin = f"{path}:{index + 1}"
+            end = len(raw)
+            while raw[end - 1] in _ASCII_WHITESPACE:  # What bytes.rstrip() strips, uncopied.
+                end -= 1
             try:
-                yield index, origin, origin, json.loads(raw.rstrip().decode("utf-8"))
+                text = str(memoryview(raw)[:end], "utf-8")
             except UnicodeDecodeError as e:
                 problem = f"invalid UTF-8 byte {raw[e.start:e.start + 1]!r} at column {e.start + 1}"
                 yield index, origin, origin, DataError(origin, problem, reason="invalid UTF-8")
-            except json.JSONDecodeError as e:
-                problem = f"malformed JSON: {e.msg} (column {e.colno})"
-                yield index, origin, origin, DataError(origin, problem, reason="malformed JSON")
+                continue
+            raw = None
+            record, text = _json_record(text, origin), None
+            yield index, origin, origin, record
+
+
+def _json_record(text: str, origin: str) -> Any:
+    """The record of one JSONL line, or the `DataError` saying why it has none."""
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as e:
+        problem = f"malformed JSON: {e.msg} (column {e.colno})"
+        return DataError(origin, problem, reason="malformed JSON")
 
 
 def _json_list(path: str, first: int, stop: int) -> Iterator[tuple[int, str, str, Any]]:
@@ -258,8 +278,8 @@ def _json_list(path: str, first: int, stop: int) -> Iterator[tuple[int, str, str
     surrogates, so that only the records holding them are bad.
     """
     with tf.io.gfile.GFile(path, "rb") as f:
-        data = f.read().removeprefix(codecs.BOM_UTF8)
-    text = data.decode("utf-8", errors="surrogateescape")
+        # One expression, so that the file's bytes are dropped once decoded.
+        text = f.read().removeprefix(codecs.BOM_UTF8).decode("utf-8", errors="surrogateescape")
     undecodable = _UNDECODABLE.search(text) is not None
     decoder = json.JSONDecoder()
     i = _WHITESPACE.match(text, _WHITESPACE.match(text).end() + 1).end()  # Just past the "[".

@@ -6,6 +6,7 @@ the rendered chat instead of re-tokenizing turns separately.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import io
 import json
@@ -21,6 +22,9 @@ class Tokenizer(Protocol):
     bos_id: int
     eos_id: int
     pad_id: int
+    # The most bytes of text one token spells (its longest piece); so n tokens never need more
+    # than n * max_token_bytes characters, which bounds what a row of n tokens must tokenize.
+    max_token_bytes: int
 
     def encode_with_offsets(self, text: str) -> tuple[list[int], list[tuple[int, int]]]:
         """Token ids and each token's ``[begin, end)`` byte offsets into ``text.encode()``."""
@@ -54,6 +58,17 @@ class SentencePieceTokenizer:
             raise FileNotFoundError(f"data.tokenizer.path: no SentencePiece model at {path}")
         with gfile().GFile(path, "rb") as f:
             return cls(f.read(), name=path)
+
+    @functools.cached_property
+    def max_token_bytes(self) -> int:
+        """The longest piece in bytes, ``\u2581`` counted as the one byte of a space; a byte
+        piece spells one byte, and control pieces none. A run of unknown characters, which
+        SentencePiece merges into one unknown piece, is not bounded."""
+        sp, longest = self._sp, 1
+        for i in range(sp.vocab_size()):
+            if not (sp.is_byte(i) or sp.is_control(i) or sp.is_unknown(i)):
+                longest = max(longest, len(sp.id_to_piece(i).replace("\u2581", " ").encode()))
+        return longest
 
     def encode_with_offsets(self, text: str) -> tuple[list[int], list[tuple[int, int]]]:
         proto = self._sp.encode(text, return_type="proto")
@@ -89,6 +104,8 @@ def fallback_id(tokenizer: Tokenizer, token: str, fallback: str | None) -> int:
 
 
 _CONTROL_PIECES = ("<pad>", "<unk>", "<s>", "</s>")
+# The longest piece a trained vocabulary gets, in characters (SentencePiece's default).
+MAX_PIECE_CHARS = 16
 
 
 def train_sentencepiece(
@@ -125,6 +142,7 @@ def _train(model, lines, vocab_size, special_tokens, byte_fallback) -> None:
         character_coverage=0.9995 if byte_fallback else 1.0,
         byte_fallback=byte_fallback,
         hard_vocab_limit=False,
+        max_sentencepiece_length=MAX_PIECE_CHARS,
         # The control pieces exist already; every other special token gets a piece of its own.
         user_defined_symbols=[t for t in special_tokens if t not in _CONTROL_PIECES] + ["\n"],
         normalization_rule_name="identity",
@@ -148,8 +166,10 @@ def cached_sentencepiece(
     vocab_size: int,
     special_tokens: Sequence[str],
     byte_fallback: bool = False,
+    corpus_name: str = "the built-in corpus",
 ) -> SentencePieceTokenizer:
-    """Loads the model trained for ``key`` from ``cache_dir``, training and saving it if absent."""
+    """Loads the model trained for ``key`` from ``cache_dir``, training and saving it if absent;
+    ``corpus_name`` says in the log what ``lines_fn`` yields."""
     digest = hashlib.sha256(
         json.dumps(
             dict(
@@ -165,14 +185,23 @@ def cached_sentencepiece(
     if gfile().exists(path):
         logging.info("Reusing SentencePiece model %s", path)
         return SentencePieceTokenizer.from_file(path)
-    logging.info("Training a SentencePiece vocabulary of %d on the built-in corpus", vocab_size)
+    logging.info(
+        "Training a SentencePiece vocabulary (at most %d pieces) on %s", vocab_size, corpus_name
+    )
     proto = train_sentencepiece(lines_fn(), vocab_size, special_tokens, byte_fallback)
+    tokenizer = SentencePieceTokenizer(proto, name=path)
+    logging.info(
+        "Trained a SentencePiece vocabulary of %d pieces (data.tokenizer.vocab_size=%d%s)",
+        tokenizer.vocab_size,
+        vocab_size,
+        "" if tokenizer.vocab_size == vocab_size else ": the most this corpus supports",
+    )
     gfile().makedirs(cache_dir)
     tmp = path + ".tmp"
     with gfile().GFile(tmp, "wb") as f:
         f.write(proto)
     gfile().rename(tmp, path, overwrite=True)
-    return SentencePieceTokenizer(proto, name=path)
+    return tokenizer
 
 
 def gfile():
