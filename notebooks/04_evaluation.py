@@ -116,7 +116,7 @@ print(
     f"{time.perf_counter() - start:.1f} s\n"
 )
 print(report.markdown())
-paths = harness.write_report(report, str(workdir), "smollm2")
+paths = report.write(str(workdir), "smollm2")
 print(f"\n{json.dumps(paths, indent=2)}")
 
 summary = json.loads(pathlib.Path(paths["json"]).read_text())

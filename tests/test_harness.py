@@ -6,6 +6,7 @@ import json
 import pytest
 
 from itune.evaluation import harness, ifeval
+from itune.evaluation import report as report_lib
 
 GSM8K = [
     {"question": "How many rolls are on 6 trays of 12?", "answer": "6 * 12 = 72\n#### 72"},
@@ -206,7 +207,7 @@ def test_examples_keep_prompt_response_and_scores(prompt_sets):
 
 def test_write_report(prompt_sets, tmp_path):
     report = harness.evaluate(prompt_sets, FakeGenerate(ANSWERS))
-    paths = harness.write_report(report, str(tmp_path / "out"), "step_100")
+    paths = report.write(str(tmp_path / "out"), "step_100")
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == [
         "step_100.json",
         "step_100.md",
@@ -336,7 +337,7 @@ def test_transcripts_are_kept_but_not_scored(tmp_path):
     assert report.overall == summaries.primary
     assert report.to_json()["tasks"]["notes_samples"]["primary_metric"] is None
     assert samples.examples[0]["reference"] == "r"
-    assert harness.transcript(samples.examples[0]) == (
+    assert report_lib.transcript(samples.examples[0]) == (
         "[notes_samples] Describe the cat.\n--- answer ---\nThe cat sat on the mat.\n"
         "--- reference ---\nr"
     )
@@ -417,7 +418,7 @@ def test_builtin_kind_scores_as_the_builtin_evaluation_did():
     assert "| family | trained templates | held out templates |" in markdown
     assert "| arithmetic | 66.7% | 66.7% |" in markdown
     assert "| **mean** | **56.7%** | **56.7%** |" in markdown
-    assert harness.one_line(task.examples[1]).startswith("[ok ] [builtin/trained_templates/")
+    assert report_lib.one_line(task.examples[1]).startswith("[ok ] [builtin/trained_templates/")
 
 
 def test_a_config_without_data_sources_is_scored_on_the_builtin_families():

@@ -81,7 +81,7 @@ def main(argv):
     report = harness.evaluate(sets, respond, max_new_tokens=max_new_tokens)
     print(report.markdown())
     if _OUTPUT_DIR.value:
-        written = harness.write_report(report, os.path.abspath(_OUTPUT_DIR.value), _STEM.value)
+        written = report.write(os.path.abspath(_OUTPUT_DIR.value), _STEM.value)
         print(f"\nReport: {json.dumps(written)}")
     else:
         print("\n" + json.dumps(report.to_json(), indent=2))

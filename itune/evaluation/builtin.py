@@ -11,6 +11,7 @@ from typing import Any
 
 from itune.data import synthetic_tasks
 from itune.evaluation import harness
+from itune.evaluation.report import Report
 
 NAME = "builtin"
 GROUPS = ("trained_templates", "held_out_templates")
@@ -45,7 +46,7 @@ def prompt_set(data_config: Any, prompts_per_family: int) -> harness.PromptSet:
     return harness.PromptSet(name=NAME, kind="builtin", records=records)
 
 
-def group_results(report: harness.Report) -> dict:
+def group_results(report: Report) -> dict:
     """The built-in task's result per template group, ``{group: {exact_match, per_family}}``,
     as ``eval_results.json`` and the metrics have always named it; empty without that task."""
     tasks = [t for t in report.tasks if t.kind == "builtin"]

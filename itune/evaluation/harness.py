@@ -21,8 +21,8 @@ beside their references, unscored (`itune.evaluation.samples`).
 
 `evaluate` calls ``generate(chats, max_new_tokens=n) -> answers`` once per prompt set with all of
 its chats (the caller batches), so the same code serves ``itune-eval``, the notebooks and
-evaluation during training. Its `Report` holds, per task, the metrics, the metrics per group, the
-counts and every scored answer. The report's ``overall`` is the mean over tasks of each task's
+evaluation during training. Its `itune.evaluation.report.Report` holds, per task, the metrics,
+the metrics per group, the counts and every scored answer. The report's ``overall`` is the mean over tasks of each task's
 primary metric: every task weighs the same whatever its size, one number to compare checkpoints
 by.
 
@@ -55,6 +55,7 @@ import numpy as np
 from itune.data import synthetic_tasks
 from itune.errors import UserError
 from itune.evaluation import ifeval, scoring
+from itune.evaluation.report import Report, TaskResult, percent
 
 BUILTIN_PROMPT_SETS = {
     "ifeval_sample": os.path.join(os.path.dirname(__file__), "data", "ifeval_sample.jsonl"),
@@ -216,8 +217,8 @@ def _builtin_details(task: TaskResult) -> str:
     ]
     for f in families:
         cells = [task.groups[g]["metrics"].get(f"exact_match/{f}") for g in groups]
-        lines.append(f"| {f} | " + " | ".join(_percent(c) for c in cells) + " |")
-    means = [f"**{_percent(task.groups[g]['metrics']['exact_match'])}**" for g in groups]
+        lines.append(f"| {f} | " + " | ".join(percent(c) for c in cells) + " |")
+    means = [f"**{percent(task.groups[g]['metrics']['exact_match'])}**" for g in groups]
     lines.append("| **mean** | " + " | ".join(means) + " |")
     return "\n".join(lines)
 
@@ -395,140 +396,6 @@ def load_prompt_set(
     return PromptSet(name=name, kind=kind_name, records=selected)
 
 
-def _percent(value: float | None) -> str:
-    return "" if value is None else f"{value:.1%}"
-
-
-@dataclasses.dataclass
-class TaskResult:
-    """One prompt set's metrics (over all its answers, and per group), its answers' length limit,
-    and its scored examples (prompt, response, scores)."""
-
-    name: str
-    kind: str
-    n: int
-    metrics: dict[str, float]
-    examples: list[dict]
-    max_new_tokens: int = 0
-    # {group: {"n": answers, "metrics": {...}}} for records that carry a GROUP_FIELD.
-    groups: dict[str, dict] = dataclasses.field(default_factory=dict)
-
-    @property
-    def primary_metric(self) -> str | None:
-        return kind(self.kind).primary
-
-    @property
-    def primary(self) -> float | None:
-        """The task's primary metric; None for a kind that is not scored."""
-        metric = self.primary_metric
-        return None if metric is None else self.metrics[metric]
-
-    def to_json(self) -> dict:
-        summary = {
-            "kind": self.kind,
-            "n": self.n,
-            "max_new_tokens": self.max_new_tokens,
-            "primary_metric": self.primary_metric,
-            "metrics": dict(self.metrics),
-        }
-        if self.groups:
-            summary["groups"] = {
-                g: {"n": v["n"], "metrics": dict(v["metrics"])} for g, v in self.groups.items()
-            }
-        return summary
-
-
-@dataclasses.dataclass
-class Report:
-    """What an evaluation found: one `TaskResult` per prompt set."""
-
-    tasks: list[TaskResult]
-
-    @property
-    def scored(self) -> list[TaskResult]:
-        """The tasks with a primary metric."""
-        return [t for t in self.tasks if t.primary_metric is not None]
-
-    @property
-    def overall(self) -> float | None:
-        """The mean over tasks of each task's primary metric; None without scored tasks."""
-        scored = self.scored
-        return sum(t.primary for t in scored) / len(scored) if scored else None
-
-    @property
-    def overall_definition(self) -> str:
-        primaries = dict.fromkeys((t.kind, t.primary_metric) for t in self.scored)
-        listed = ", ".join(f"{metric} for {kind_name}" for kind_name, metric in primaries)
-        return "mean over tasks of each task's primary metric" + (f" ({listed})" if listed else "")
-
-    def task(self, name: str) -> TaskResult:
-        (task,) = [t for t in self.tasks if t.name == name]
-        return task
-
-    def to_json(self) -> dict:
-        """The summary, ready for `json.dump` (the examples are in `outputs`)."""
-        return {
-            "overall": self.overall,
-            "overall_definition": self.overall_definition,
-            "tasks": {t.name: t.to_json() for t in self.tasks},
-        }
-
-    def outputs(self) -> list[dict]:
-        """Every scored example of every task, in order, for transcripts."""
-        return [example for t in self.tasks for example in t.examples]
-
-    def markdown(self) -> str:
-        """A table of tasks (and their groups) against metrics, each task's primary metric in
-        bold; the overall score and its definition; then each kind's details."""
-        kinds = dict.fromkeys(t.kind for t in self.tasks)
-        columns = list(dict.fromkeys(m for k in kinds for m in kind(k).metrics))
-        lines = [
-            "| " + " | ".join(["task", "kind", "n", *columns]) + " |",
-            "|" + "---|" * (3 + len(columns)),
-        ]
-
-        def row(name: str, t: TaskResult, n: int, metrics: dict) -> str:
-            cells = [_percent(metrics.get(metric)) for metric in columns]
-            cells = [
-                f"**{c}**" if c and metric == t.primary_metric else c
-                for c, metric in zip(cells, columns)
-            ]
-            return "| " + " | ".join([name, t.kind, str(n), *cells]) + " |"
-
-        for t in self.tasks:
-            lines.append(row(t.name, t, t.n, t.metrics))
-            for group, result in t.groups.items():
-                lines.append(row(f"{t.name}/{group}", t, result["n"], result["metrics"]))
-        if self.overall is not None:
-            lines += ["", f"**overall: {self.overall:.1%}**, the {self.overall_definition}."]
-        for t in self.tasks:
-            details = kind(t.kind).details
-            if details is not None:
-                lines += ["", details(t)]
-        return "\n".join(lines)
-
-
-def transcript(example: dict) -> str:
-    """An example as text: where it is from, the prompt, the answer and the reference."""
-    head = "/".join(str(example[k]) for k in ("task", GROUP_FIELD, "family") if k in example)
-    text = f"[{head}] {example['prompt']}\n--- answer ---\n{example['response']}"
-    if "reference" in example:
-        text += f"\n--- reference ---\n{example['reference']}"
-    return text
-
-
-def one_line(example: dict, width: int = 200) -> str:
-    """An example in a line: where it is from, prompt -> answer, the reference, and whether the
-    answer is correct when the kind says."""
-    head = "/".join(str(example[k]) for k in ("task", GROUP_FIELD, "family") if k in example)
-    correct = example.get("scores", {}).get("correct")
-    mark = "" if correct is None else ("[ok ] " if correct else "[bad] ")
-    line = f"{mark}[{head}] {example['prompt'][:width]!r} -> {example['response'][:width]!r}"
-    if "reference" in example:
-        line += f" (reference {str(example['reference'])[:width]!r})"
-    return line
-
-
 def _task_result(prompt_set: PromptSet, generate: Generate, max_new_tokens: int | None):
     task_kind = kind(prompt_set.kind)
     if not prompt_set.records:
@@ -565,15 +432,20 @@ def _task_result(prompt_set: PromptSet, generate: Generate, max_new_tokens: int 
         }
         for group, indices in grouped.items()
     }
-    return TaskResult(
+    result = TaskResult(
         name=prompt_set.name,
         kind=prompt_set.kind,
         n=len(examples),
         metrics=task_kind.aggregate(prompt_set.records, scores),
         examples=examples,
         max_new_tokens=limit,
+        primary_metric=task_kind.primary,
+        columns=task_kind.metrics,
         groups=groups,
     )
+    if task_kind.details is not None:
+        result.details = task_kind.details(result)
+    return result
 
 
 def evaluate(
@@ -590,24 +462,3 @@ def evaluate(
     if repeated:
         raise ValueError(f"prompt set names must be unique, repeated: {', '.join(repeated)}")
     return Report([_task_result(s, generate, max_new_tokens) for s in prompt_sets])
-
-
-def write_report(report: Report, directory: str, stem: str) -> dict[str, str]:
-    """Writes ``<stem>.json`` (the summary), ``<stem>.md`` (the table) and
-    ``<stem>_outputs.jsonl`` (one scored example a line) into the directory; returns their paths
-    by format."""
-    os.makedirs(directory, exist_ok=True)
-    paths = {
-        "json": os.path.join(directory, f"{stem}.json"),
-        "markdown": os.path.join(directory, f"{stem}.md"),
-        "outputs": os.path.join(directory, f"{stem}_outputs.jsonl"),
-    }
-    with open(paths["json"], "w", encoding="utf-8") as f:
-        json.dump(report.to_json(), f, indent=2)
-        f.write("\n")
-    with open(paths["markdown"], "w", encoding="utf-8") as f:
-        f.write(report.markdown() + "\n")
-    with open(paths["outputs"], "w", encoding="utf-8") as f:
-        for example in report.outputs():
-            f.write(json.dumps(example, ensure_ascii=False) + "\n")
-    return paths

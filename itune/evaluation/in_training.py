@@ -1,15 +1,15 @@
 """The evaluation a training run makes at its eval steps: the eval loss per source, and every
 generative task of its config (`itune.evaluation.tasks`) answered by the model and scored into
-one `harness.Report`.
+one `itune.evaluation.report.Report`.
 
 `evaluate` returns the results that ``eval_results.json`` and the metrics are written from:
 
 - ``eval_loss``, ``eval_accuracy`` and ``eval_loss_per_source``;
-- ``tasks``: the report's summary (`harness.Report.to_json`), and ``transcripts``: every scored
-  answer (`harness.Report.outputs`);
+- ``tasks``: the report's summary (`Report.to_json`), and ``transcripts``: every scored answer
+  (`Report.outputs`);
 - for the built-in tasks, ``trained_templates`` and ``held_out_templates``, each
   ``{exact_match, per_family}`` (`builtin.group_results`);
-- ``report``: the `harness.Report` itself, taken out by `write_report`.
+- ``report``: the `Report` itself, taken out by `write_report`.
 """
 
 from __future__ import annotations
@@ -74,12 +74,12 @@ def loss_table(results: dict) -> str:
 
 def write_report(results: dict, workdir: str, step: int, print_fn: Callable[[str], Any]) -> None:
     """Takes the report out of ``results``, writes it in ``<workdir>/eval`` as
-    ``step_<N>.{json,md}`` and ``step_<N>_outputs.jsonl`` (`harness.write_report`), and prints
+    ``step_<N>.{json,md}`` and ``step_<N>_outputs.jsonl`` (`report.Report.write`), and prints
     the eval loss per source and the report's tables."""
     report = results.pop(REPORT, None)
     if jax.process_index() != 0:
         return
     print_fn(loss_table(results))
     if report is not None:
-        harness.write_report(report, os.path.join(workdir, "eval"), f"step_{step:07d}")
+        report.write(os.path.join(workdir, "eval"), f"step_{step:07d}")
         print_fn(report.markdown())

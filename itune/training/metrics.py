@@ -15,7 +15,7 @@ import tqdm
 
 from itune import atomic
 from itune.errors import UserError
-from itune.evaluation import harness
+from itune.evaluation import report as eval_report
 
 
 class Progress:
@@ -166,11 +166,11 @@ class MetricsWriter:
         self.write(step, scalars, prefix="eval")
 
     def write_transcripts(self, step: int, transcripts: list[dict], workdir: str) -> None:
-        """The evaluation's generated answers (`itune.evaluation.harness.Report.outputs`):
+        """The evaluation's generated answers (`itune.evaluation.report.Report.outputs`):
         ``samples/step_<N>.txt`` and TensorBoard text."""
         if not self.enabled or not transcripts:
             return
-        blocks = [harness.transcript(t) for t in transcripts]
+        blocks = [eval_report.transcript(t) for t in transcripts]
         text = "\n\n".join(blocks)
         folder = os.path.join(workdir, "samples")
         os.makedirs(folder, exist_ok=True)
@@ -200,4 +200,4 @@ def write_results(
     )
     step = max(1, len(transcripts) // max(1, num_samples))
     for t in transcripts[::step][:num_samples]:
-        print_fn(harness.one_line(t))
+        print_fn(eval_report.one_line(t))
