@@ -233,6 +233,27 @@ def test_a_failed_checkpoint_write_stops_the_run_and_keeps_the_last_checkpoint(
     mngr.close()
 
 
+def test_a_checkpoint_folder_that_cannot_be_made_stops_the_run_at_that_save(
+    run_copy, monkeypatch
+):
+    from orbax.checkpoint._src.path import atomicity
+
+    from itune.training import checkpoint
+    from itune.training.trainer import train_and_evaluate
+
+    async def read_only(paths, *args, **kwargs):
+        raise OSError(errno.EROFS, "Read-only file system", str(paths[0].get()))
+
+    monkeypatch.setattr(atomicity, "create_all", read_only)
+    with pytest.raises(checkpoint.CheckpointError) as raised:
+        train_and_evaluate(_config(**{"train.num_steps": 40}), str(run_copy))
+    assert "failed: Read-only file system; the last complete checkpoint is step 3" in str(
+        raised.value
+    )
+    assert max(_steps(run_copy)) == 4  # The step of the save.
+    assert checkpoint.saved_steps(str(run_copy)) == [2, 3]
+
+
 # ----------------------------------------------------------------------------------------------
 # Conversions on a full disk leave nothing behind.
 

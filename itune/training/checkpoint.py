@@ -39,6 +39,10 @@ def manager(workdir: str, checkpoint_config: Any) -> ocp.CheckpointManager:
         create=True,
         # Saves are asynchronous: training goes on while the files are written.
         enable_async_checkpointing=True,
+        # The step's folder is made before the save returns, so that a folder that cannot be
+        # made (read-only, full) fails the save at once rather than leaving Orbax's writer
+        # threads waiting (minutes) for it.
+        async_options=ocp.AsyncOptions(create_directories_asynchronously=False),
     )
     return ocp.CheckpointManager(
         f"{workdir}/checkpoints", options=options, item_handlers=_handlers()
