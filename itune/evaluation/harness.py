@@ -22,9 +22,9 @@ beside their references, unscored (`itune.evaluation.samples`).
 `evaluate` calls ``generate(chats, max_new_tokens=n) -> answers`` once per prompt set with all of
 its chats (the caller batches), so the same code serves ``itune-eval``, the notebooks and
 evaluation during training. Its `itune.evaluation.report.Report` holds, per task, the metrics,
-the metrics per group, the counts and every scored answer. The report's ``overall`` is the mean over tasks of each task's
-primary metric: every task weighs the same whatever its size, one number to compare checkpoints
-by.
+the metrics per group, the counts and every scored answer. The report's ``overall`` is the mean
+over tasks of each task's primary metric: every task weighs the same whatever its size, one
+number to compare checkpoints by.
 
 Adding a kind is one `TaskKind` in `KINDS`, with its scoring function; here answers of at most
 ``max_words`` words, in JSONL records that carry that field:
