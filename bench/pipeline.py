@@ -32,7 +32,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 from bench import report
 from configs import smoke
 from itune import configlib, sharding
-from itune.data import mixture, packing, pipeline
+from itune.data import encode, mixture, packing, pipeline
 from itune.model.decoder import ModelConfig
 from itune.training import feed, optimizer, state as state_lib, step
 
@@ -111,7 +111,7 @@ def packing_table(shared: pathlib.Path, workdir: str, args) -> None:
     # One epoch's worth of the training stream, in the order itune would train on it.
     n = args.pack_examples or sum(sizes.values())
     drawn = list(itertools.islice(chats(config.data, spec), n))
-    examples = [pipeline.encode_example(chat, spec) for chat in drawn]
+    examples = [encode.encode_example(chat, spec) for chat in drawn]
     lengths = np.array([len(e["inputs"]) for e in examples])
     per_source = {name: sum(c.get("source") == name for c in drawn) for name in sizes}
     pad_id = spec.tokenizer.pad_id
@@ -273,7 +273,7 @@ def stage_times(pipe: PipelineRound, num_batches: int) -> dict[str, float]:
     drawn = list(itertools.islice(chats(data_config, spec), num_examples))
     times["draw chats"] = time.perf_counter() - start
     start = time.perf_counter()
-    encoded = [pipeline.encode_example(chat, spec) for chat in drawn]
+    encoded = [encode.encode_example(chat, spec) for chat in drawn]
     times["render + tokenize"] = time.perf_counter() - start
     start = time.perf_counter()
     packer = packing.Packer(spec.seq_len, data_config.pack_open_rows, spec.tokenizer.pad_id)

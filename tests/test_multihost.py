@@ -17,7 +17,7 @@ if int(num_processes) > 1:
 from jax.experimental import multihost_utils
 from configs import smoke
 from itune import sharding
-from itune.data import pipeline
+from itune.data import held_out, pipeline
 from itune.training import feed
 config = smoke.get_config("runlocal")
 with config.unlocked():
@@ -46,7 +46,7 @@ for _ in range(3):
     if jax.process_index() == 0:
         print("GLOBAL", full["inputs"].shape, digest)
 batches.close()
-evals, _ = pipeline.eval_batches(config.data, spec, 24)
+evals, _ = held_out.eval_batches(config.data, spec, 24)
 for name, parts in sorted(evals.items()):
     for part in parts:
         batch = feed.global_batch(part, batch_sharding)

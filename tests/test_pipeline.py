@@ -1,12 +1,14 @@
 """The tf.data pipeline: determinism, exact resume position, global batches, tokenizer choice."""
 
 import itertools
+import json
+import logging
 
 import numpy as np
 import pytest
 
 from itune import sharding
-from itune.data import mixture, pipeline, sources, synthetic_tasks
+from itune.data import encode, held_out, mixture, pipeline, sources, synthetic_tasks
 from itune.training import feed
 
 
@@ -53,7 +55,7 @@ def test_rows_hold_whole_rendered_examples(tmp_path):
     config = _config()
     spec = pipeline.make_spec(config.data, str(tmp_path))
     (batch,), _ = _batches(config, spec, 0, 1)
-    example = pipeline.encode_example(pipeline.builtin_example(config.data, 0, "train"), spec)
+    example = encode.encode_example(mixture.builtin_example(config.data, 0, "train"), spec)
     n = len(example["inputs"])
     rows = batch["segment_ids"]
     row = int(
@@ -92,7 +94,7 @@ def test_global_batch_is_sharded_along_the_batch_axes(tmp_path):
 def test_eval_batches_cover_every_example_once(tmp_path):
     config = _config()
     spec = pipeline.make_spec(config.data, str(tmp_path))
-    batches, stats = pipeline.eval_batches(config.data, spec, 20)
+    batches, stats = held_out.eval_batches(config.data, spec, 20)
     assert list(batches) == ["builtin"] and stats.packed == 20
     segments = sum(
         int(len(set(row[row > 0].tolist()))) for b in batches["builtin"] for row in b["segment_ids"]
@@ -154,7 +156,7 @@ def test_file_sources_mix_by_weight_and_hold_out_an_eval_slice(tmp_path, shared_
     (again,), _ = _batches(config, spec, 0, 1)
     np.testing.assert_array_equal(batch["inputs"], again["inputs"])
     assert set(stats.sources) == {"gsm8k", "chats"} and batch["loss_mask"].sum() > 0
-    evals, _ = pipeline.eval_batches(config.data, spec, 64)
+    evals, _ = held_out.eval_batches(config.data, spec, 64)
     assert set(evals) == {"gsm8k", "chats"}
 
 
@@ -197,11 +199,36 @@ def test_a_bad_chat_is_an_error_or_a_counted_skip(tmp_path):
     assert len(spec.sources[0]) == 2 and spec.sources[0].stats.skipped == {"wrong type": 1}
 
 
+def test_set_up_tells_of_each_skipped_record_and_of_the_vocabulary_once(tmp_path, caplog):
+    """As training sets up: the tokenizer first (a vocabulary trained on the data), then the
+    data; the log gives the size of the vocabulary trained, not the bound."""
+    path = tmp_path / "data.jsonl"
+    records = [{"instruction": f"q{i}", "output": f"a{i}" if i % 10 else 7} for i in range(40)]
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    config = _config()
+    with config.unlocked():
+        config.data.sources = {"mine": {"path": str(path)}}
+        config.data.on_bad_example = "skip"
+        config.data.tokenizer.vocab_size = 1024
+    with caplog.at_level(logging.INFO):
+        tokenizer = pipeline.load_tokenizer(config.data, str(tmp_path))
+        spec = pipeline.make_spec(config.data, str(tmp_path), tokenizer)
+    messages = [record.getMessage() for record in caplog.records]
+    assert len([m for m in messages if f"skipped {path}:11:" in m]) == 1
+    assert len([m for m in messages if m.startswith("Skipped bad examples in mine")]) == 1
+    assert spec.sources[0].stats.skipped == {"wrong type": 4}
+    assert tokenizer.vocab_size < 1024
+    assert (
+        f"Trained a SentencePiece vocabulary of {tokenizer.vocab_size} pieces, all this corpus "
+        "supports (data.tokenizer.vocab_size=1024 is a bound)"
+    ) in messages
+
+
 def test_a_hugging_face_tokenizer_directory_can_be_used(tmp_path, shared_dir):
     config = _config(**{"tokenizer.path": str(shared_dir / "tokenizers/smollm2_bpe")})
     spec = pipeline.make_spec(config.data, str(tmp_path))
     assert spec.tokenizer.vocab_size == 49152 and spec.stop_id == 2  # <|im_end|>
-    example = pipeline.encode_example(pipeline.builtin_example(config.data, 0, "train"), spec)
+    example = encode.encode_example(mixture.builtin_example(config.data, 0, "train"), spec)
     # SmolLM2 adds no BOS of its own: the chat starts with <|im_start|> once.
     assert example["inputs"][0] == 1 and example["inputs"][1] != 1
     trained = example["targets"][example["loss_mask"] == 1]
@@ -209,10 +236,8 @@ def test_a_hugging_face_tokenizer_directory_can_be_used(tmp_path, shared_dir):
 
 
 def test_a_prepared_tfds_dataset_is_a_source(tmp_path, shared_dir):
-    from itune.data import tfds_sources
-
     data_dir = str(tmp_path / "tfds")
-    tfds_sources.prepare_jsonl_dataset(
+    sources.prepare_jsonl_dataset(
         "ident", {"train": [str(shared_dir / "data/llamafactory/identity.json")]}, data_dir
     )
     config = _config()
@@ -245,7 +270,7 @@ def test_a_source_with_a_template_bank_is_rephrased(tmp_path, shared_dir):
         question = ex["messages"][-2]["content"]
         assert "####" in ex["messages"][-1]["content"]
         assert (question.count("####") == 1) == (ex["few_shot"] == 1)
-    evals = pipeline.eval_chats(config.data, spec, 10)["gsm8k"]
+    evals = held_out.eval_chats(config.data, spec, 10)["gsm8k"]
     assert all("template" in ex for ex in evals)
 
 
@@ -264,7 +289,7 @@ def test_mistral_format_with_the_shared_bpe_sentencepiece_model(tmp_path, shared
         {"role": "user", "content": "And 3+3?"},
         {"role": "assistant", "content": "6"},
     ]
-    ex = pipeline.encode_example({"messages": messages}, spec)
+    ex = encode.encode_example({"messages": messages}, spec)
     ids = np.concatenate([ex["inputs"][:1], ex["targets"]])
     assert ids[0] == tok.bos_id and (ids == tok.bos_id).sum() == 1
     trained = ex["targets"][ex["loss_mask"] == 1].tolist()

@@ -2,6 +2,8 @@
 
 import json
 import socket
+import subprocess
+import sys
 import tempfile
 from unittest import mock
 
@@ -10,14 +12,18 @@ import numpy as np
 import pytest
 import tensorflow_datasets as tfds
 
-from itune.data import tfds_sources
-from itune.data.sources import DataError, SourceSpec, SourceStats, read_source
-from itune.data.tfds_sources import (
+from itune.data import sources
+from itune.data.sources import (
     DatasetNotPreparedError,
+    DataError,
+    SourceSpec,
+    SourceStats,
     TfdsSourceSpec,
     prepare_jsonl_dataset,
+    read_source,
     read_tfds,
 )
+from tests.conftest import HANG_GUARD_S, REPO
 
 ALPACA = [
     {"instruction": "Say hi.", "output": "Hi!"},
@@ -132,12 +138,12 @@ def test_a_record_range_of_a_sliced_split_reads_only_its_records(prepared):
     _, files, data_dir = prepared
     every = _expected("mine", files["train"])[1:] + _expected("mine", files["validation"])
     spec = TfdsSourceSpec("mine", "itune_chat/mine", "train[1:]+validation", data_dir)
-    assert tfds_sources.count_any_records(spec) == len(every) == 6
+    assert sources.count_records(spec) == len(every) == 6
     stats = SourceStats()
-    got = list(tfds_sources.read_any_records(spec, "error", stats, 2, 5))
+    got = list(sources.read_records(spec, "error", stats, 2, 5))
     assert got == [(i, {**every[i], "source": "mine"}) for i in (2, 3, 4)]
     assert stats.read == 3
-    assert list(tfds_sources.read_any_records(spec, first=6, stop=9)) == []
+    assert list(sources.read_records(spec, first=6, stop=9)) == []
 
 
 def test_prepare_reuses_refuses_a_changed_recipe_and_overwrites(prepared, tmp_path):
@@ -301,33 +307,45 @@ def test_source_entries_from_config(prepared, qa_toy):
             "file": {"path": files["train"][0]},
         }
     )
-    specs = {spec.name: spec for spec in tfds_sources.specs_from_config(entries)}
+    specs = {spec.name: spec for spec in sources.specs_from_config(entries)}
     mine, toy, file = specs["mine"], specs["toy"], specs["file"]
     assert mine == TfdsSourceSpec("mine", "itune_chat/mine:1.0.0", "validation", data_dir)
     assert toy.split == "train" and toy.weight == 2.0 and toy.field_map["output"] == "answer"
     assert file == SourceSpec("file", files["train"][0])
-    assert list(tfds_sources.read_any_source(mine)) == _expected("mine", files["validation"])
+    assert list(sources.read_source(mine)) == _expected("mine", files["validation"])
     stats = SourceStats()
-    assert len(list(tfds_sources.read_any_source(toy, "skip", stats))) == 2
+    assert len(list(sources.read_source(toy, "skip", stats))) == 2
     assert stats.summary() == "toy: 3 read, 2 yielded, skipped: 1 empty assistant turn"
-    assert list(tfds_sources.read_any_source(file)) == _expected("file", files["train"][:1])
+    assert list(sources.read_source(file)) == _expected("file", files["train"][:1])
 
-    spec = tfds_sources.tfds_spec_from_config({"tfds": "itune_chat/mine"}, name="m")
+    spec = sources.tfds_spec_from_config({"tfds": "itune_chat/mine"}, name="m")
     assert (spec.name, spec.split, spec.data_dir, spec.try_gcs) == ("m", "train", None, False)
     with pytest.raises(ValueError, match=r"unknown keys \['path'\]"):
-        tfds_sources.tfds_spec_from_config({"name": "m", "tfds": "x", "path": "y"})
+        sources.tfds_spec_from_config({"name": "m", "tfds": "x", "path": "y"})
     with pytest.raises(ValueError, match="field_map keys"):
         TfdsSourceSpec("m", "x", format="alpaca", field_map={"prompt": "q"})
     with pytest.raises(ValueError, match="weight must be positive"):
         TfdsSourceSpec("m", "x", weight=0)
 
 
-def test_command_line(tmp_path, capsys, no_network):
+def test_command_line(tmp_path):
     train = _jsonl(tmp_path / "a.jsonl", ALPACA)
     dev = _json_list(tmp_path / "b.json", SHAREGPT)
     data_dir = str(tmp_path / "tfds")
-    argv = ["cli", data_dir, f"--split=train={train},{dev}", f"--split=validation={dev}"]
-    tfds_sources.main(argv + ["--field_map", '{"instruction": "instruction"}'])
-    assert "itune_chat/cli/1.0.0 in" in capsys.readouterr().out
-    assert tfds_sources.prepared_datasets(data_dir) == ["itune_chat/cli:1.0.0"]
+    splits = [f"--split=train={train},{dev}", f"--split=validation={dev}"]
+    done = _prepare("cli", data_dir, *splits, '--field_map={"instruction": "instruction"}')
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "itune_chat/cli/1.0.0 in" in done.stdout
+    assert sources.prepared_datasets(data_dir) == ["itune_chat/cli:1.0.0"]
     assert list(read_tfds("itune_chat/cli", "train", data_dir)) == _expected("cli", [train, dev])
+    # A mistake is told in one line.
+    done = _prepare("cli", data_dir, "--split=train")
+    assert done.returncode == 1
+    assert done.stderr.splitlines() == [
+        "itune-prepare: --split=train: expected SPLIT=FILE[,FILE...]; see --help"
+    ]
+
+
+def _prepare(*args):
+    command = [sys.executable, "-m", "itune.cli.prepare", *args]
+    return subprocess.run(command, capture_output=True, text=True, timeout=HANG_GUARD_S, cwd=REPO)

@@ -25,6 +25,7 @@ import numpy as np
 
 from itune.data import chat, mixture, packing
 from itune.data.sources import DataError
+from itune.errors import ConfigError
 
 # Ids kept beyond the row, so that the few tokens next to a cut that falls inside a word never
 # reach the kept ids.
@@ -98,7 +99,7 @@ def tokenize_window(
     than typical, up to ``max_token_bytes``, or a normalizer that drops or merges characters.
     """
     if truncation not in packing.TRUNCATION:
-        raise ValueError(f"data.truncation={truncation!r}; expected one of {packing.TRUNCATION}")
+        raise ConfigError(f"data.truncation={truncation!r}; expected one of {packing.TRUNCATION}")
     tokenizer, fmt = spec.tokenizer, spec.chat_format
     needed = spec.seq_len + 1 + _SLACK_TOKENS
     # Most text spells fewer bytes per token than the longest token: start from a typical size.

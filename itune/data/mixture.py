@@ -1,7 +1,7 @@
 """Mixing instruction sources into one deterministic stream of chats, split into data shards.
 
-``config.data.sources`` names file sources (`itune.data.sources`) and TFDS datasets (entries with
-a ``tfds`` key, `itune.data.tfds_sources`); with none, the stream is the built-in task mixture.
+``config.data.sources`` names file sources and TFDS datasets (entries with a ``tfds`` key), read by
+`itune.data.sources`; with none, the stream is the built-in task mixture.
 
 The stream is split into ``data.shards`` shards (`data_shards`): shard ``s`` holds stream
 positions ``s, s + shards, ...`` and draws its examples from its own contiguous block of each
@@ -34,8 +34,9 @@ import numpy as np
 
 from itune import runtime
 from itune.data import sources as sources_lib
-from itune.data import synthetic_tasks, tfds_sources
+from itune.data import synthetic_tasks
 from itune.data import templates as templates_lib
+from itune.errors import ConfigError
 
 MIXTURES = ("weights", "examples", "temperature")
 BUILTIN = "builtin"
@@ -50,7 +51,7 @@ def data_shards(data_config: Any) -> tuple[int, range]:
     num_processes = jax.process_count()
     num_shards = data_config.shards or num_processes
     if num_shards % num_processes or data_config.global_batch_size % num_shards:
-        raise ValueError(
+        raise ConfigError(
             f"data.shards={num_shards} must be a multiple of the number of processes "
             f"({num_processes}) and divide data.global_batch_size={data_config.global_batch_size}"
         )
@@ -95,10 +96,13 @@ class Source:
         return self.size
 
 
-def load_sources(data_config: Any, shards: tuple[int, range] | None = None) -> list[Source]:
+def load_sources(
+    data_config: Any, shards: tuple[int, range] | None = None, *, log_skips: bool = True
+) -> list[Source]:
     """Reads this process's share of every configured source (``shards``: `data_shards`); the
     built-in mixture when none is configured. Every process must call it (they exchange the
-    eval slices and the shard sizes)."""
+    eval slices and the shard sizes). Skipped bad records are logged unless not ``log_skips``
+    (for a reading whose records are read again, and logged, for training)."""
     if not data_config.sources:
         return [Source(BUILTIN, 1.0, None, [], sources_lib.SourceStats(BUILTIN))]
     num_shards, own = shards or data_shards(data_config)
@@ -109,10 +113,10 @@ def load_sources(data_config: Any, shards: tuple[int, range] | None = None) -> l
         if bank:
             banks[name] = templates_lib.TemplateBank.from_config(bank)
         entries[name] = values
-    specs = tfds_sources.specs_from_config(entries)
+    specs = sources_lib.specs_from_config(entries)
     # Every source is found and holds records before any is read: a missing or empty file stops
     # the run at once, naming it.
-    counts = [tfds_sources.count_any_records(spec) for spec in specs]
+    counts = [sources_lib.count_records(spec) for spec in specs]
     for spec, num_records in zip(specs, counts):
         if not num_records:
             raise sources_lib.DataError(
@@ -130,8 +134,13 @@ def load_sources(data_config: Any, shards: tuple[int, range] | None = None) -> l
         pools: dict[int, list[dict]] = {s: [] for s in own}
         held_out, shard = [], own.start
         stats = sources_lib.SourceStats(spec.name)
-        records = tfds_sources.read_any_records(
-            spec, data_config.on_bad_example, stats, bounds[own.start], bounds[own.stop]
+        records = sources_lib.read_records(
+            spec,
+            data_config.on_bad_example,
+            stats,
+            bounds[own.start],
+            bounds[own.stop],
+            log_skips=log_skips,
         )
         for index, example in records:
             if index in eval_records:
@@ -140,7 +149,7 @@ def load_sources(data_config: Any, shards: tuple[int, range] | None = None) -> l
             while index >= bounds[shard + 1]:
                 shard += 1
             pools[shard].append(example)
-        if stats.skipped:
+        if stats.skipped and log_skips:
             logging.warning("Skipped bad examples in %s", stats.summary())
         loaded.append(Source(spec.name, spec.weight, pools, [], stats, 0, banks.get(spec.name)))
         local.append({"eval": held_out, "sizes": {s: len(p) for s, p in pools.items()}})
@@ -165,11 +174,26 @@ def _where(name: str, entry: dict) -> str:
     return f"data.sources.{name} ({entry.get('path') or entry.get('tfds')})"
 
 
+def builtin_example(
+    data_config: Any, index: int, split: str, held_out: bool = False, families=None
+) -> dict:
+    """Example ``index`` of the built-in task mixture's ``split`` (``held_out``: drawn from the
+    held-out templates), as ``data.builtin`` configures it."""
+    return synthetic_tasks.make_example(
+        data_config.seed,
+        index,
+        split,
+        held_out_templates=held_out,
+        system_prompt_rate=data_config.builtin.system_prompt_rate,
+        families=families or data_config.builtin.families or None,
+    )
+
+
 def mixture_rates(data_config: Any, sources: Sequence[Source]) -> np.ndarray:
     """The share of the stream that each source gets."""
     mode = data_config.mixture
     if mode not in MIXTURES:
-        raise ValueError(f"data.mixture={mode!r}; expected one of {MIXTURES}")
+        raise ConfigError(f"data.mixture={mode!r}; expected one of {MIXTURES}")
     if mode == "weights" or any(s.is_builtin for s in sources):
         rates = np.array([s.weight for s in sources], np.float64)
     else:
@@ -215,13 +239,7 @@ def train_stream(
         position = {"index": i + num_shards, "counts": list(counts)}
         source = sources[s]
         if source.is_builtin:
-            example = synthetic_tasks.make_example(
-                data_config.seed,
-                i,
-                "train",
-                system_prompt_rate=data_config.builtin.system_prompt_rate,
-                families=data_config.builtin.families or None,
-            )
+            example = builtin_example(data_config, i, "train")
             yield example | {"source": source.name}, position
             continue
         pool = source.pool(shard)

@@ -1,29 +1,29 @@
-"""The input pipeline: chats -> rendered, tokenized, masked -> packed rows -> sharded batches.
+"""The input pipeline: chats -> encoded (`itune.data.encode`) -> packed rows -> sharded batches.
 
-Reads ``config.data``. The training stream is infinite and a pure function of the seed and the
-example index, so a run resumed at step k starts again exactly at batch k. In a multi-process run
-each process reads and renders only its data shards (`mixture.data_shards`), and `global_batch`
-assembles the global `jax.Array` from the per-process parts.
+Reads ``config.data``, as the run's `DataSpec` (`itune.data.spec`) describes it: its sources and
+tokenizer (`itune.data.vocabulary`). The training stream is infinite and a pure function of the
+seed and the example index, so a run resumed at step k starts again exactly at batch k. In a
+multi-process run each process reads and renders only its data shards (`mixture.data_shards`),
+and `global_batch` assembles the global `jax.Array` from the per-process parts. Held-out chats
+and their batches are `itune.data.held_out`'s.
 """
 
 from __future__ import annotations
 
-import dataclasses
-import threading
-import functools
-import itertools
 import logging
+import threading
 from typing import Any, Iterator
 
 import jax
 import numpy as np
-from jax.experimental import multihost_utils
 import tensorflow as tf
 
-from itune.data import chat, mixture, packing, synthetic_tasks
-from itune.data.encode import cut_pieces, encode_example, encode_examples  # noqa: F401
-from itune.data.hf_tokenizer import load_tokenizer_path
-from itune.data.tokenizer import MAX_PIECE_CHARS, Tokenizer, cached_sentencepiece
+from itune.data import mixture, packing
+from itune.data.encode import encode_examples
+# The run's data and tokenizer, made where they are defined; the commands and the trainer take
+# them from here, beside the streams they feed.
+from itune.data.spec import DataSpec, make_spec  # noqa: F401
+from itune.data.vocabulary import load_tokenizer  # noqa: F401
 
 
 def configure_tensorflow() -> None:
@@ -37,123 +37,6 @@ def configure_tensorflow() -> None:
         pass
 
 
-@dataclasses.dataclass(frozen=True)
-class DataSpec:
-    """Everything the rest of itune needs to know about the data of a run."""
-
-    tokenizer: Tokenizer
-    chat_format: chat.ChatFormat
-    seq_len: int
-    global_batch_size: int
-    sources: list[mixture.Source]
-    on_bad_example: str = "error"
-    train_on: str = "all_assistant"
-
-    @property
-    def source_names(self) -> list[str]:
-        return [s.name for s in self.sources]
-
-    @functools.cached_property
-    def source_index(self) -> dict[str, int]:
-        return {name: i for i, name in enumerate(self.source_names)}
-
-    @property
-    def is_builtin(self) -> bool:
-        return len(self.sources) == 1 and self.sources[0].name == mixture.BUILTIN
-
-    @property
-    def stop_id(self) -> int:
-        fmt = self.chat_format
-        return self.tokenizer.special_id(fmt.end_of_turn, fmt.special_tokens.get(fmt.end_of_turn))
-
-
-def load_tokenizer(
-    data_config: Any, workdir: str, sources: list[mixture.Source] | None = None
-) -> Tokenizer:
-    """The tokenizer of ``data.tokenizer``: a ``.model`` path, or a SentencePiece vocabulary
-    trained on the run's own data and cached in ``<workdir>/tokenizer``."""
-    tok_config = data_config.tokenizer
-    if tok_config.path:
-        return load_tokenizer_path(tok_config.path)
-    fmt = chat.get_format(data_config.chat_format)
-    seed, n = data_config.seed, tok_config.num_corpus_examples
-    sources = sources or mixture.load_sources(data_config)
-    builtin = sources[0].is_builtin
-    num_shards, _ = mixture.data_shards(data_config)
-
-    def corpus() -> Iterator[str]:
-        if builtin:
-            yield from synthetic_tasks.corpus(seed, n)
-            chats = (builtin_example(data_config, i, "train") for i in range(min(n, 2000)))
-        else:
-            # Shard 0, which process 0 (the one that trains the vocabulary) reads.
-            stream = mixture.train_stream(data_config, sources, 0, num_shards)
-            chats = (example for example, _ in itertools.islice(stream, n))
-        # Chats as rendered, so that the chat markup's words become pieces too; each only as far
-        # as a row's tokens can reach into it, so that a huge record is not all of the corpus.
-        keep_end = data_config.truncation == "truncate_prompt_left"
-        max_chars = (data_config.seq_len + 1) * MAX_PIECE_CHARS
-        for example in chats:
-            pieces, _ = cut_pieces(chat.render(example["messages"], fmt), max_chars, keep_end)
-            yield from filter(None, chat.to_text(pieces).split("\n"))
-
-    def cached() -> Tokenizer:
-        key = {"seed": seed, "corpus_examples": n, "version": 2}
-        key["sources"] = "builtin" if builtin else repr(data_config.sources.to_dict())
-        return cached_sentencepiece(
-            cache_dir=f"{workdir}/tokenizer",
-            key=key,
-            lines_fn=corpus,
-            vocab_size=tok_config.vocab_size,
-            special_tokens=list(fmt.special_tokens),
-            # Real text has characters the training sample may miss.
-            byte_fallback=not builtin,
-            corpus_name="the built-in tasks" if builtin else f"data.sources (up to {n} examples)",
-        )
-
-    if jax.process_count() == 1:
-        return cached()
-    # Process 0 trains and saves the vocabulary; the others then load the same file.
-    tokenizer = cached() if jax.process_index() == 0 else None
-    multihost_utils.sync_global_devices("itune: tokenizer ready")
-    return tokenizer or cached()
-
-
-def make_spec(data_config: Any, workdir: str, tokenizer: Tokenizer | None = None) -> DataSpec:
-    """The run's data: its sources, and ``tokenizer`` or else ``data.tokenizer``'s."""
-    sources = mixture.load_sources(data_config)
-    tokenizer = tokenizer or load_tokenizer(data_config, workdir, sources)
-    fmt = chat.get_format(data_config.chat_format)
-    if data_config.global_batch_size % jax.process_count():
-        raise ValueError(
-            f"data.global_batch_size={data_config.global_batch_size} must divide by the "
-            f"number of processes ({jax.process_count()})"
-        )
-    return DataSpec(
-        tokenizer,
-        fmt,
-        data_config.seq_len,
-        data_config.global_batch_size,
-        sources,
-        data_config.on_bad_example,
-        data_config.train_on,
-    )
-
-
-def builtin_example(
-    data_config: Any, index: int, split: str, held_out: bool = False, families=None
-) -> dict:
-    return synthetic_tasks.make_example(
-        data_config.seed,
-        index,
-        split,
-        held_out_templates=held_out,
-        system_prompt_rate=data_config.builtin.system_prompt_rate,
-        families=families or data_config.builtin.families or None,
-    )
-
-
-_EVAL_POSITIONS = 2**40
 ROW_ID = "row_id"  # Numbers each row of a training stream; see `RowStates`.
 
 
@@ -271,61 +154,6 @@ def train_dataset(
     if start_step and not state:
         ds = ds.skip(start_step)
     return ds.prefetch(data_config.prefetch), stats
-
-
-def eval_chats(data_config: Any, spec: DataSpec, num_examples: int) -> dict[str, list[dict]]:
-    """Held-out chats per source: for the built-in mixture, the ``eval`` split (half trained and
-    half held-out templates); for a file source, its eval slice (at most ``num_examples``)."""
-    if spec.is_builtin:
-        return {
-            mixture.BUILTIN: [
-                builtin_example(data_config, i, "eval", held_out=i % 2 == 1)
-                for i in range(num_examples)
-            ]
-        }
-    return {
-        s.name: [
-            # Eval positions are drawn apart from the training stream's; few-shot exemplars
-            # come from the rest of the eval slice.
-            s.templated(example, data_config.seed, _EVAL_POSITIONS + i, s.eval, i)
-            for i, example in enumerate(s.eval[:num_examples])
-        ]
-        for s in spec.sources
-        if s.eval
-    }
-
-
-def eval_batches(
-    data_config: Any, spec: DataSpec, num_examples: int
-) -> tuple[dict[str, list[dict[str, np.ndarray]]], packing.PackingStats]:
-    """The held-out chats of each source, packed into this process's rows of global batches.
-
-    Every process packs the whole set, which is small, so that all agree on the number of batches;
-    each then keeps its own rows of every global batch. The last batch is padded with empty rows.
-    """
-    stats = packing.PackingStats()
-    batches = {}
-    for name, chats in eval_chats(data_config, spec, num_examples).items():
-        packer = packing.Packer(
-            spec.seq_len, data_config.pack_open_rows, spec.tokenizer.pad_id, data_config.truncation
-        )
-        packer.stats = stats
-        encoded = encode_examples(chats, spec, stats, packer.truncation)
-        rows = list(packing.pack(encoded, packer, flush=True))
-        if not rows:
-            continue
-        batch = spec.global_batch_size
-        rows += [{k: np.zeros_like(v) for k, v in rows[0].items()}] * (-len(rows) % batch)
-        per_process = batch // jax.process_count()
-        first = jax.process_index() * per_process
-        batches[name] = [
-            {
-                k: np.stack([r[k] for r in rows[start + first : start + first + per_process]])
-                for k in packing.ROW_FIELDS
-            }
-            for start in range(0, len(rows), batch)
-        ]
-    return batches, stats
 
 
 def log_stats(

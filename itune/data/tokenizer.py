@@ -191,10 +191,11 @@ def cached_sentencepiece(
     proto = train_sentencepiece(lines_fn(), vocab_size, special_tokens, byte_fallback)
     tokenizer = SentencePieceTokenizer(proto, name=path)
     logging.info(
-        "Trained a SentencePiece vocabulary of %d pieces (data.tokenizer.vocab_size=%d%s)",
+        "Trained a SentencePiece vocabulary of %d pieces%s",
         tokenizer.vocab_size,
-        vocab_size,
-        "" if tokenizer.vocab_size == vocab_size else ": the most this corpus supports",
+        ""
+        if tokenizer.vocab_size == vocab_size
+        else f", all this corpus supports (data.tokenizer.vocab_size={vocab_size} is a bound)",
     )
     gfile().makedirs(cache_dir)
     tmp = path + ".tmp"

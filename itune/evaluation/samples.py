@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from itune.data import pipeline
+from itune.data import held_out, pipeline
 from itune.evaluation import harness
 
 
@@ -20,7 +20,7 @@ def prompt_sets(
     """One prompt set ``<source>_samples`` per source with held-out chats, records
     ``{messages, reference}``: each chat up to its last user turn, and the answer after it."""
     sets = []
-    for source, chats in pipeline.eval_chats(data_config, spec, per_source).items():
+    for source, chats in held_out.eval_chats(data_config, spec, per_source).items():
         records = []
         for example in chats:
             messages, reference = list(example["messages"]), None

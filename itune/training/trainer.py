@@ -19,7 +19,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 from itune import runtime, sharding
 from itune.convert import run_model
-from itune.data import pipeline
+from itune.data import held_out, pipeline
 from itune.evaluation import in_training, sampler
 from itune.evaluation import tasks as eval_tasks
 from itune.evaluation.responder import Responder
@@ -81,7 +81,7 @@ def train_and_evaluate(config: Any, workdir: str) -> dict:
         in_shardings=(layout.shardings.params, batch_sharding),
         out_shardings=replicated,
     )
-    local_eval_batches, eval_stats = pipeline.eval_batches(
+    local_eval_batches, eval_stats = held_out.eval_batches(
         config.data, spec, config.eval.num_loss_examples
     )
     logging.info("Eval data: %s", eval_stats.summary(spec.seq_len))

@@ -1,40 +1,24 @@
-"""Instruction data from local or gs:// JSON / JSONL files, read into one normal form.
+"""Record formats: ``alpaca``, ``messages`` (OpenAI chat), ``sharegpt`` and ``prompt_completion``
+records into the normal form, whatever storage they were read from.
 
 One example in normal form::
 
     {"messages": [{"role": "system" | "user" | "assistant" | "tool", "content": str}, ...],
      "source": str, "tools": str | None, "origin": "path:line"}
 
-A file is either a JSON list of records (loaded whole) or JSONL, one record per line (streamed;
-blank lines ignored); which one is read off its first non-blank byte, not its name. ``origin`` is
-the 1-based line where the record starts, for JSON lists too, so an editor can jump to it; errors
-in a JSON list also give the 1-based record number.
-
-Record formats (``FORMATS``): ``alpaca``, ``messages`` (OpenAI chat), ``sharegpt``,
-``prompt_completion``, and ``auto``, which picks one from the keys of the first record. A field
-map renames a format's fields, ``{"instruction": "question", "output": "answer"}``, and its values
-may be dotted paths into nested records, ``{"output": "instances.0.output"}``. A role map adds
-role names to ``DEFAULT_ROLES``.
-
-A bad record raises `DataError` (``file:line: field 'output': expected a string, got int``), or
-with ``on_bad_example="skip"`` is skipped and counted in `SourceStats.skipped` by reason.
+``auto`` picks a format from the keys of a source's first record. A field map renames a format's
+fields, ``{"instruction": "question", "output": "answer"}``, and its values may be dotted paths
+into nested records, ``{"output": "instances.0.output"}``. A role map adds role names to
+``DEFAULT_ROLES``. A bad record raises `DataError`
+(``file:line: field 'output': expected a string, got int``).
 """
 
 from __future__ import annotations
 
-import codecs
-import collections
-import dataclasses
-import functools
 import json
-import logging
-import math
-import re
-from typing import Any, Iterator, Mapping
+from typing import Any, Mapping
 
-import tensorflow as tf
-
-from itune.errors import UserError
+from itune.errors import ConfigError, UserError
 
 ROLES = ("system", "user", "assistant", "tool")
 FORMATS = ("auto", "alpaca", "messages", "sharegpt", "prompt_completion")
@@ -57,12 +41,7 @@ DEFAULT_ROLES = {
     "tool": "tool",
     "observation": "tool",
 }
-ON_BAD_EXAMPLE = ("error", "skip")
 _MISSING = object()
-_WHITESPACE = re.compile(r"[ \t\n\r]*")
-_ASCII_WHITESPACE = b" \t\n\r\x0b\x0c"
-_UNDECODABLE = re.compile("[\udc80-\udcff]")  # Bytes kept by the surrogateescape error handler.
-_LOGGED_SKIPS = 5  # Skipped examples logged per source; the rest are only counted.
 
 
 class DataError(UserError, ValueError):
@@ -77,236 +56,7 @@ class DataError(UserError, ValueError):
         return DataError, (self.location, self.problem, self.field, self.reason)
 
 
-@dataclasses.dataclass(frozen=True)
-class SourceSpec:
-    """One entry of ``config.data.sources``: where a data set is and how to read its records."""
-
-    name: str
-    path: str  # A .json / .jsonl file, local or gs://.
-    format: str = "auto"  # One of FORMATS.
-    field_map: Mapping[str, str] = dataclasses.field(default_factory=dict)  # Canonical -> path.
-    role_map: Mapping[str, str] = dataclasses.field(default_factory=dict)  # Data role -> ROLES.
-    weight: float = 1.0  # Relative share of this source in a mixture.
-
-    def __post_init__(self):
-        if not self.name or not self.path:
-            raise ValueError(f"source {self.name!r}: name and path must be non-empty")
-        _check_format(self.format)
-        _check_maps(self.format, self.field_map, self.role_map)
-        if not (isinstance(self.weight, (int, float)) and math.isfinite(self.weight)):
-            raise ValueError(f"source {self.name!r}: weight must be a number, got {self.weight!r}")
-        if self.weight <= 0:
-            raise ValueError(f"source {self.name!r}: weight must be positive, got {self.weight}")
-
-    @classmethod
-    def from_config(cls, cfg: Any, name: str | None = None) -> SourceSpec:
-        """From an ``ml_collections.ConfigDict`` or a dict; ``name`` fills in a missing name."""
-        return spec_from_values(cls, cfg, name)
-
-
-def spec_from_values(cls, cfg: Any, name: str | None = None):
-    """A source spec dataclass ``cls`` from a config entry, rejecting keys it does not have."""
-    values = cfg.to_dict() if hasattr(cfg, "to_dict") else dict(cfg)
-    if name is not None:
-        values.setdefault("name", name)
-    known = [f.name for f in dataclasses.fields(cls)]
-    unknown = sorted(set(values) - set(known))
-    if unknown:
-        raise ValueError(f"source {values.get('name')!r}: unknown keys {unknown}; known: {known}")
-    for key in ("field_map", "role_map"):
-        values[key] = dict(values.get(key) or {})
-    return cls(**values)
-
-
-def specs_from_config(sources: Any) -> list[SourceSpec]:
-    """``config.data.sources`` as specs: a mapping of name -> entry, or a list of entries."""
-    if hasattr(sources, "items"):
-        return [SourceSpec.from_config(cfg, name=name) for name, cfg in sources.items()]
-    return [SourceSpec.from_config(cfg) for cfg in sources]
-
-
-@dataclasses.dataclass
-class SourceStats:
-    """What reading one source did: records read, skipped (by reason) and yielded."""
-
-    name: str = ""
-    read: int = 0
-    skipped: collections.Counter = dataclasses.field(default_factory=collections.Counter)
-    yielded: int = 0
-
-    def summary(self) -> str:
-        skipped = ", ".join(f"{n} {why}" for why, n in sorted(self.skipped.items())) or "none"
-        return f"{self.name}: {self.read} read, {self.yielded} yielded, skipped: {skipped}"
-
-
-def read_source(
-    spec: SourceSpec, on_bad_example: str = "error", stats: SourceStats | None = None
-) -> Iterator[dict]:
-    """The examples of one source in normal form, in file order.
-
-    ``on_bad_example="skip"`` skips bad records and counts them in ``stats.skipped``. Problems
-    with the file as a whole raise in either mode: a JSON list that does not parse (there is no
-    next record to go on from), or ``auto`` finding no known format in the first record.
-    """
-    return (example for _, example in read_records(spec, on_bad_example, stats))
-
-
-def read_records(
-    spec: SourceSpec,
-    on_bad_example: str = "error",
-    stats: SourceStats | None = None,
-    first: int = 0,
-    stop: int | None = None,
-) -> Iterator[tuple[int, dict]]:
-    """``(record index, example)`` for the records ``first <= index < stop`` of a source.
-
-    A record's index is its 0-based line in a JSONL file (a blank line is a record that yields
-    nothing) and its 0-based position in a JSON list, so `count_records` tells the range of
-    indices without parsing a JSONL file. Records outside the range are not parsed (a JSON list
-    is still decoded whole) and not counted in ``stats``.
-    """
-    if on_bad_example not in ON_BAD_EXAMPLE:
-        raise ValueError(f"on_bad_example={on_bad_example!r}; expected one of {ON_BAD_EXAMPLE}")
-    _check_exists(spec)
-    stats = stats if stats is not None else SourceStats()
-    stats.name = stats.name or spec.name
-    stop = count_records(spec) if stop is None else stop
-    return _read(spec, on_bad_example == "skip", stats, first, stop)
-
-
-def count_records(spec: SourceSpec) -> int:
-    """The number of record indices of a source (see `read_records`): for JSONL, its lines."""
-    _check_exists(spec)
-    if _is_json_list(spec.path):
-        return sum(1 for _ in _json_list(spec.path, 0, math.inf))
-    lines, last = 0, b"\n"
-    with tf.io.gfile.GFile(spec.path, "rb") as f:
-        while chunk := f.read(1 << 22):
-            lines, last = lines + chunk.count(b"\n"), chunk[-1:]
-    return lines + (last != b"\n")
-
-
-def _check_exists(spec: SourceSpec) -> None:
-    if not tf.io.gfile.exists(spec.path):
-        raise FileNotFoundError(f"source {spec.name!r}: no such file: {spec.path}")
-
-
-def _read(
-    spec: SourceSpec, skip: bool, stats: SourceStats, first: int, stop: int
-) -> Iterator[tuple[int, dict]]:
-    reader = _json_list if _is_json_list(spec.path) else _jsonl
-    fmt = None if spec.format == "auto" else spec.format
-    convert = functools.partial(
-        _convert, field_map=spec.field_map, role_map=spec.role_map, source=spec.name
-    )
-    for index, origin, location, record in reader(spec.path, first, stop):
-        stats.read += 1
-        try:
-            if isinstance(record, DataError):
-                raise record
-            if fmt is None and isinstance(record, dict):
-                fmt = detect_format(record, spec.field_map, location)
-            example = convert(record, fmt or spec.format, origin=origin, location=location)
-        except DataError as e:
-            if not skip or e.reason == "unknown format":
-                raise
-            stats.skipped[e.reason] += 1
-            if sum(stats.skipped.values()) <= _LOGGED_SKIPS:
-                logging.warning("source %s: skipped %s", spec.name, e)
-            continue
-        stats.yielded += 1
-        yield index, example
-
-
-def _is_json_list(path: str) -> bool:
-    """Whether the first non-blank byte opens a list; JSONL records open with ``{``."""
-    with tf.io.gfile.GFile(path, "rb") as f:
-        while chunk := f.read(4096):
-            chunk = chunk.removeprefix(codecs.BOM_UTF8).lstrip()
-            if chunk:
-                return chunk.startswith(b"[")
-    return False
-
-
-def _jsonl(path: str, first: int, stop: int) -> Iterator[tuple[int, str, str, Any]]:
-    """``(index, origin, location, record or DataError)`` per non-blank line of the range.
-
-    A huge line is held at most twice at once: as bytes while it is decoded, then as text while
-    its record is parsed (so lines are read one by one, and each is dropped once used).
-    """
-    with tf.io.gfile.GFile(path, "rb") as f:
-        index = -1
-        while raw := f.readline():
-            index += 1
-            if index >= stop:
-                return
-            if index < first:
-                continue
-            if index == 0:
-                raw = raw.removeprefix(codecs.BOM_UTF8)
-            if not raw or raw.isspace():
-                continue
-            origin = f"{path}:{index + 1}"
-            end = len(raw)
-            while raw[end - 1] in _ASCII_WHITESPACE:  # What bytes.rstrip() strips, uncopied.
-                end -= 1
-            try:
-                text = str(memoryview(raw)[:end], "utf-8")
-            except UnicodeDecodeError as e:
-                problem = f"invalid UTF-8 byte {raw[e.start:e.start + 1]!r} at column {e.start + 1}"
-                yield index, origin, origin, DataError(origin, problem, reason="invalid UTF-8")
-                continue
-            raw = None
-            record, text = _json_record(text, origin), None
-            yield index, origin, origin, record
-
-
-def _json_record(text: str, origin: str) -> Any:
-    """The record of one JSONL line, or the `DataError` saying why it has none."""
-    try:
-        return json.loads(text)
-    except json.JSONDecodeError as e:
-        problem = f"malformed JSON: {e.msg} (column {e.colno})"
-        return DataError(origin, problem, reason="malformed JSON")
-
-
-def _json_list(path: str, first: int, stop: int) -> Iterator[tuple[int, str, str, Any]]:
-    """``(index, origin, location, record or DataError)`` per element of a top-level JSON list
-    in the range; the whole list is decoded (and checked) whatever the range.
-
-    Decodes element by element to learn the line each starts on. Undecodable bytes are kept as
-    surrogates, so that only the records holding them are bad.
-    """
-    with tf.io.gfile.GFile(path, "rb") as f:
-        # One expression, so that the file's bytes are dropped once decoded.
-        text = f.read().removeprefix(codecs.BOM_UTF8).decode("utf-8", errors="surrogateescape")
-    undecodable = _UNDECODABLE.search(text) is not None
-    decoder = json.JSONDecoder()
-    i = _WHITESPACE.match(text, _WHITESPACE.match(text).end() + 1).end()  # Just past the "[".
-    line, counted, index = 1, 0, 0
-    while not text.startswith("]", i):
-        try:
-            record, end = decoder.raw_decode(text, i)
-        except json.JSONDecodeError as e:
-            where = f"{path}:{e.lineno}"
-            raise DataError(
-                where, f"malformed JSON: {e.msg} (column {e.colno})", None, "malformed JSON"
-            ) from None
-        line += text.count("\n", counted, i)
-        counted, index = i, index + 1
-        if first < index <= stop:
-            origin = f"{path}:{line}"
-            location = f"{origin} (record {index})"
-            if undecodable and (bad := _UNDECODABLE.search(text, i, end)):
-                byte = bad.group().encode("utf-8", errors="surrogateescape")
-                record = DataError(location, f"invalid UTF-8 byte {byte!r}", reason="invalid UTF-8")
-            yield index - 1, origin, location, record
-        i = _WHITESPACE.match(text, end).end()
-        if text.startswith(",", i):
-            i = _WHITESPACE.match(text, i + 1).end()
-        elif not text.startswith("]", i):
-            where = f"{path}:{text.count(chr(10), 0, i) + 1}"
-            raise DataError(where, "malformed JSON: expected ',' or ']'", None, "malformed JSON")
+DataError.__module__ = "itune.data.sources"  # Where it is public (and pickled from).
 
 
 def detect_format(
@@ -350,12 +100,12 @@ def convert_record(
     itune.data.sources.DataError: x.jsonl:4: field 'answer': expected a string, got int
     """
     field_map, role_map = field_map or {}, role_map or {}
-    _check_format(fmt)
-    _check_maps(fmt, field_map, role_map)
-    return _convert(record, fmt, field_map, role_map, source, origin, origin)
+    check_format(fmt)
+    check_maps(fmt, field_map, role_map)
+    return convert(record, fmt, field_map, role_map, source, origin, origin)
 
 
-def _convert(record, fmt, field_map, role_map, source, origin, location) -> dict:
+def convert(record, fmt, field_map, role_map, source, origin, location) -> dict:
     """`convert_record` without the checks of its arguments; errors name ``location``."""
     if not isinstance(record, dict):
         raise DataError(
@@ -559,16 +309,16 @@ def _type(value: Any) -> str:
     return "null" if value is None else type(value).__name__
 
 
-def _check_format(fmt: str) -> None:
+def check_format(fmt: str) -> None:
     if fmt not in FORMATS:
-        raise ValueError(f"unknown data format {fmt!r}; known formats: {list(FORMATS)}")
+        raise ConfigError(f"unknown data format {fmt!r}; known formats: {list(FORMATS)}")
 
 
-def _check_maps(fmt: str, field_map: Mapping[str, str], role_map: Mapping[str, str]) -> None:
+def check_maps(fmt: str, field_map: Mapping[str, str], role_map: Mapping[str, str]) -> None:
     known = FIELDS.get(fmt) or sorted({f for names in FIELDS.values() for f in names})
     unknown = sorted(set(field_map) - set(known))
     if unknown:
-        raise ValueError(f"field_map keys {unknown} are not fields of {fmt!r}; known: {known}")
+        raise ConfigError(f"field_map keys {unknown} are not fields of {fmt!r}; known: {known}")
     bad = {k: v for k, v in role_map.items() if v not in ROLES}
     if bad:
-        raise ValueError(f"role_map {bad}: roles must be one of {ROLES}")
+        raise ConfigError(f"role_map {bad}: roles must be one of {ROLES}")
