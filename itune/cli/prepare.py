@@ -91,7 +91,7 @@ def run():
         "format", "auto", list(FORMATS), "The files' record format; auto reads it off a record."
     )
     _FLAGS["field_map"] = flags.DEFINE_string(
-        "field_map", None, 'JSON object, the format\'s field -> the record\'s: {"output": "answer"}.'
+        "field_map", None, 'JSON object, a field of the format -> the record\'s: {"output": "a"}.'
     )
     _FLAGS["role_map"] = flags.DEFINE_string(
         "role_map", None, 'JSON object, a role name in the data -> a role: {"bot": "assistant"}.'

@@ -32,25 +32,21 @@ def load_tokenizer(
         sources = mixture.load_sources(data_config, log_skips=False)
 
     def corpus() -> Iterator[str]:
+        # Called only when a vocabulary is trained. The sources are read here, not as the trainer
+        # iterates: an error raised inside the trainer reaches the caller as a RuntimeError.
         if builtin:
-            yield from synthetic_tasks.corpus(seed, n)
+            lines = synthetic_tasks.corpus(seed, n)
             chats = (
                 mixture.builtin_example(data_config, i, "train") for i in range(min(n, 2000))
             )
         else:
-            # Read here only when a vocabulary is trained; training reads the sources again, and
-            # tells of their bad records then.
+            # Training reads the sources again, and tells of their bad records then.
             data = sources or mixture.load_sources(data_config, log_skips=False)
+            lines = iter(())
             # Shard 0, which process 0 (the one that trains the vocabulary) reads.
             stream = mixture.train_stream(data_config, data, 0, num_shards)
             chats = (example for example, _ in itertools.islice(stream, n))
-        # Chats as rendered, so that the chat markup's words become pieces too; each only as far
-        # as a row's tokens can reach into it, so that a huge record is not all of the corpus.
-        keep_end = data_config.truncation == "truncate_prompt_left"
-        max_chars = (data_config.seq_len + 1) * MAX_PIECE_CHARS
-        for example in chats:
-            pieces, _ = cut_pieces(chat.render(example["messages"], fmt), max_chars, keep_end)
-            yield from filter(None, chat.to_text(pieces).split("\n"))
+        return itertools.chain(lines, _rendered_lines(chats, fmt, data_config))
 
     def cached() -> Tokenizer:
         key = {"seed": seed, "corpus_examples": n, "version": 2}
@@ -72,3 +68,16 @@ def load_tokenizer(
     tokenizer = cached() if jax.process_index() == 0 else None
     multihost_utils.sync_global_devices("itune: tokenizer ready")
     return tokenizer or cached()
+
+
+def _rendered_lines(
+    chats: Iterator[dict], fmt: chat.ChatFormat, data_config: Any
+) -> Iterator[str]:
+    """The lines of each chat as rendered, so that the chat markup's words become pieces too;
+    each only as far as a row's tokens can reach into it, so that a huge record is not all of
+    the corpus."""
+    keep_end = data_config.truncation == "truncate_prompt_left"
+    max_chars = (data_config.seq_len + 1) * MAX_PIECE_CHARS
+    for example in chats:
+        pieces, _ = cut_pieces(chat.render(example["messages"], fmt), max_chars, keep_end)
+        yield from filter(None, chat.to_text(pieces).split("\n"))
