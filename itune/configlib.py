@@ -127,6 +127,9 @@ def base_config() -> ml_collections.ConfigDict:
     c.eval.exact_match_sources = ()
     c.eval.rouge_sources = ()
     c.eval.prompts_per_task = 0
+    # Score IFEval prompt sets by the official checker's rules where itune's deliberately differ
+    # (`itune.evaluation.ifeval`); needs `pip install nltk && python -m nltk.downloader punkt_tab`.
+    c.eval.ifeval_official = False
     c.eval.num_samples_to_print = 6
 
     c.checkpoint = ml_collections.ConfigDict()

@@ -1,5 +1,6 @@
 """itune-generate (sampling flags), itune-chat and itune-eval end to end on the real SmolLM2."""
 
+import importlib.util
 import json
 import re
 
@@ -123,3 +124,22 @@ def test_itune_eval_names_a_bad_prompt_file(gguf, tmp_path):
     result = _run("itune.cli.eval", f"--checkpoint={gguf}", f"--prompt_sets={bad}")
     assert result.returncode != 0 and "Traceback" not in result.stderr
     assert f"{bad}:2" in result.stderr
+
+
+@pytest.mark.skipif(importlib.util.find_spec("nltk") is not None, reason="NLTK is installed")
+def test_itune_eval_ifeval_official_without_nltk_ends_in_one_line(gguf):
+    result = _run(
+        "itune.cli.eval",
+        f"--checkpoint={gguf}",
+        "--prompt_sets=ifeval_sample",
+        "--limit=1",
+        "--max_new_tokens=1",
+        "--ifeval_official",
+    )
+    assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr[-3000:]
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith("itune-eval: official IFEval scoring") and last.endswith(
+        "pip install nltk && python -m nltk.downloader punkt_tab"
+    )
+    # It fails before the model is loaded and any answer generated.
+    assert "Scoring" not in result.stderr

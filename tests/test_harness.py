@@ -432,3 +432,50 @@ def test_a_config_without_data_sources_is_scored_on_the_builtin_families():
         config.eval.prompt_sets = ("ifeval_sample",)
     sets = tasks.prompt_sets(config, limit=2)
     assert [(s.name, len(s.records)) for s in sets] == [("builtin", 20), ("ifeval_sample", 2)]
+
+
+# "-" with no space after it: a bullet by the official checker's rule, not by itune's.
+BULLETS = {
+    "key": 21,
+    "prompt": "List two fruits as bullets.",
+    "instruction_id_list": ["detectable_format:number_bullet_lists"],
+    "kwargs": [{"num_bullets": 2}],
+}
+
+
+def test_ifeval_official_rules_reach_the_scorer(tmp_path, monkeypatch):
+    from configs import smoke
+    from itune.evaluation import ifeval_text, tasks
+
+    path = _write(tmp_path / "bullets.jsonl", [BULLETS])
+    generate = FakeGenerate({BULLETS["prompt"]: "-apple\n-pear"})
+    (itune_rules,) = harness.evaluate([harness.load_prompt_set(path)], generate).tasks
+    assert itune_rules.examples[0]["scores"]["strict"] == [False]
+    nltk_checks = []
+    monkeypatch.setattr(ifeval_text, "official_nltk", lambda: nltk_checks.append(True))
+    config = smoke.get_config("runlocal")
+    with config.unlocked():
+        config.eval.prompt_sets = (path,)
+        config.eval.ifeval_official = True
+    builtin_set, bullets = tasks.prompt_sets(config)
+    assert nltk_checks == [True]
+    assert (builtin_set.options, bullets.options) == ({}, {"official": True})
+    (official_rules,) = harness.evaluate([bullets], generate).tasks
+    assert official_rules.examples[0]["scores"]["strict"] == [True]
+
+
+def test_ifeval_official_rules_without_nltk_fail_before_generating(tmp_path, monkeypatch):
+    import sys
+
+    from itune.errors import UserError
+    from itune.evaluation import tasks
+
+    monkeypatch.setitem(sys.modules, "nltk", None)  # import nltk raises ImportError
+    sets = [harness.load_prompt_set(_write(tmp_path / "bullets.jsonl", [BULLETS]))]
+    with pytest.raises(UserError, match=r"pip install nltk && python -m nltk.downloader punkt_tab"):
+        tasks.official_ifeval(sets)
+    assert sets[0].options == {}
+    # Without an IFEval set there is nothing to check.
+    rouge = harness.load_prompt_set(_write(tmp_path / "summaries.jsonl", ROUGE))
+    tasks.official_ifeval([rouge])
+    assert rouge.options == {}

@@ -10,7 +10,8 @@ built-in task families), so a model before and after training is scored on the s
 An answer has at most ``--max_new_tokens`` tokens when the flag is given, else the config's
 ``eval.max_new_tokens``, else its task kind's default (1,280 for IFEval, as published).
 ``--output_dir`` receives ``<stem>.json``, ``<stem>.md`` and every answer with its scores in
-``<stem>_outputs.jsonl``.
+``<stem>_outputs.jsonl``. ``--ifeval_official`` scores IFEval by the official checker's rules
+where itune's deliberately differ (`itune.evaluation.ifeval`; needs NLTK and its Punkt model).
 Sampling flags are those of ``itune-generate`` (greedy by default).
 """
 
@@ -43,6 +44,14 @@ _PROMPT_SETS = flags.DEFINE_list(
 _LIMIT = flags.DEFINE_integer("limit", 0, "Score only the first N prompts of each set (0: all).")
 _OUTPUT_DIR = flags.DEFINE_string("output_dir", None, "Write the report files here.")
 _STEM = flags.DEFINE_string("stem", "eval", "File name stem of the report files.")
+_IFEVAL_OFFICIAL = flags.DEFINE_bool(
+    "ifeval_official",
+    False,
+    "Score IFEval prompt sets by the official checker's rules where itune's deliberately differ "
+    "(sentence counting with NLTK, looser bullets...; see itune.evaluation.ifeval). Needs "
+    "`pip install nltk && python -m nltk.downloader punkt_tab`. Also on with the --config's "
+    "eval.ifeval_official.",
+)
 
 
 def prompt_sets(config, paths: list[str], limit: int):
@@ -58,7 +67,7 @@ def prompt_sets(config, paths: list[str], limit: int):
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {' '.join(argv[1:])}")
-    from itune.evaluation import harness  # noqa: PLC0415
+    from itune.evaluation import harness, tasks  # noqa: PLC0415
 
     runtime.initialize()
     config = _CONFIG.value
@@ -71,6 +80,9 @@ def main(argv):
         max_new_tokens = config.eval.max_new_tokens or None
     try:
         sets = prompt_sets(config, _PROMPT_SETS.value, _LIMIT.value)
+        if _IFEVAL_OFFICIAL.value or (config is not None and config.eval.get("ifeval_official")):
+            # Before the model loads: a missing NLTK fails at once.
+            tasks.official_ifeval(sets)
         respond, _ = cli.responder_from_flags()
     except (ValueError, FileNotFoundError) as e:
         raise UserError(str(e)) from e

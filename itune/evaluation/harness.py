@@ -182,7 +182,8 @@ class TaskKind:
     """One kind of generative task: everything the harness does by kind is read from here."""
 
     name: str
-    # One answer's scores, JSON-ready, kept in the transcripts: (record, response) -> scores.
+    # One answer's scores, JSON-ready, kept in the transcripts: (record, response) -> scores;
+    # it also takes the keyword options a prompt set carries (`PromptSet.options`).
     score: Callable[[dict, str], dict]
     # A task's (or a group's) metrics from its answers' scores: (records, scores) -> metrics.
     aggregate: Callable[[Sequence[dict], Sequence[dict]], dict[str, float]]
@@ -295,9 +296,14 @@ def kind(name: str) -> TaskKind:
 
 @dataclasses.dataclass
 class PromptSet:
+    """Records of one kind, scored together as one task. ``options``: keyword arguments of the
+    kind's score function, such as ``{"official": True}`` for IFEval's official rules
+    (`itune.evaluation.tasks.official_ifeval`)."""
+
     name: str
     kind: str
     records: list[dict]
+    options: dict = dataclasses.field(default_factory=dict)
 
     def chats(self) -> list[Chat]:
         return [record_chat(record, self.kind) for record in self.records]
@@ -416,7 +422,7 @@ def _task_result(prompt_set: PromptSet, generate: Generate, max_new_tokens: int 
         example["response"] = response
         if task_kind.reference is not None:
             example["reference"] = record[task_kind.reference]
-        example["scores"] = task_kind.score(record, response)
+        example["scores"] = task_kind.score(record, response, **prompt_set.options)
         examples.append(example)
     scores = [e["scores"] for e in examples]
     grouped: dict[str, list[int]] = {}

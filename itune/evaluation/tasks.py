@@ -10,15 +10,17 @@
   answered beside their references and not scored (`samples`);
 
 the prompt sets and sources each cut to their first ``eval.prompts_per_task`` prompts (0: all).
+With ``eval.ifeval_official``, the IFEval sets are scored by the official checker's rules
+(`official_ifeval`).
 """
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Sequence
 
 from itune.data import mixture
 from itune.errors import ConfigError
-from itune.evaluation import builtin, harness, samples
+from itune.evaluation import builtin, harness, ifeval_text, samples
 
 # The config fields naming the file sources whose held-out slices are scored, by kind.
 SOURCE_FIELDS = {"exact_match": "exact_match_sources", "rouge": "rouge_sources"}
@@ -39,6 +41,18 @@ def _held_out(source: mixture.Source, kind: str, limit: int) -> harness.PromptSe
             "data.eval_examples_per_source"
         )
     return harness.PromptSet(name=f"{source.name}_held_out", kind=kind, records=records)
+
+
+def official_ifeval(sets: Sequence[harness.PromptSet]) -> None:
+    """Makes the IFEval sets among ``sets`` score by the official checker's rules where itune's
+    differ (`itune.evaluation.ifeval.score` with ``official=True``). Those need NLTK and its
+    Punkt model: a UserError saying how to install them comes first, before any answer is
+    generated, if they are missing."""
+    ifeval_sets = [s for s in sets if s.kind == "ifeval"]
+    if ifeval_sets:
+        ifeval_text.official_nltk()
+    for prompt_set in ifeval_sets:
+        prompt_set.options["official"] = True
 
 
 def prompt_sets(config: Any, spec: Any = None, limit: int | None = None) -> list[harness.PromptSet]:
@@ -68,4 +82,6 @@ def prompt_sets(config: Any, spec: Any = None, limit: int | None = None) -> list
                 sets.append(_held_out(named[name], kind, limit or 0))
     if spec is not None and not spec.is_builtin and eval_config.get("prompts_per_source", 0):
         sets += samples.prompt_sets(config.data, spec, eval_config.prompts_per_source)
+    if eval_config.get("ifeval_official", False):
+        official_ifeval(sets)
     return sets
