@@ -33,6 +33,7 @@ from bench import report
 from configs import smoke
 from itune import configlib, sharding
 from itune.data import encode, mixture, packing, pipeline
+from itune.data import spec as data_spec
 from itune.model.decoder import ModelConfig
 from itune.training import feed, optimizer, state as state_lib, step
 
@@ -71,7 +72,7 @@ def file_mix_config(shared: pathlib.Path, seq_len: int, batch_size: int, mix: st
     return config
 
 
-def chats(data_config, spec: pipeline.DataSpec):
+def chats(data_config, spec: data_spec.DataSpec):
     """The training stream's chats (a resumable stream yields ``(chat, position)`` pairs)."""
     for item in mixture.train_stream(data_config, spec.sources):
         yield item[0] if isinstance(item, tuple) else item
@@ -106,7 +107,7 @@ def pack_first_fit(examples, seq_len: int, open_rows: int, pad_id: int):
 
 def packing_table(shared: pathlib.Path, workdir: str, args) -> None:
     config = file_mix_config(shared, TARGET_SEQ_LEN, 32, args.mixture)
-    spec = pipeline.make_spec(config.data, workdir)
+    spec = data_spec.make_spec(config.data, workdir)
     sizes = {s.name: len(s) for s in spec.sources}
     # One epoch's worth of the training stream, in the order itune would train on it.
     n = args.pack_examples or sum(sizes.values())
@@ -185,7 +186,7 @@ class PipelineRound:
     steady-state production, not batches made ahead.
     """
 
-    def __init__(self, name: str, data_config, spec: pipeline.DataSpec):
+    def __init__(self, name: str, data_config, spec: data_spec.DataSpec):
         self.name, self.data_config, self.spec = name, data_config, spec
         stop = threading.Event()
         dataset, self.stats = pipeline.train_dataset(data_config, spec, stop=stop)
@@ -213,7 +214,7 @@ class StepRound:
     """The smoke config's jitted train step, built as `itune.training.trainer` builds it, fed one
     fixed pre-built batch."""
 
-    def __init__(self, config, spec: pipeline.DataSpec, local_batch: dict):
+    def __init__(self, config, spec: data_spec.DataSpec, local_batch: dict):
         self.mesh = sharding.make_mesh(config.mesh)
         rules = sharding.rules_from_config(config.mesh)
         model_config = ModelConfig.from_config(config.model, spec.tokenizer.vocab_size)
@@ -285,10 +286,10 @@ def stage_times(pipe: PipelineRound, num_batches: int) -> dict[str, float]:
 
 def throughput_tables(shared: pathlib.Path, workdir: str, args) -> None:
     smoke_config = smoke.get_config()
-    smoke_spec = pipeline.make_spec(smoke_config.data, workdir)
+    smoke_spec = data_spec.make_spec(smoke_config.data, workdir)
     mix_batch = max(1, smoke_config.data.global_batch_size * smoke_config.data.seq_len // 2048)
     mix_config = file_mix_config(shared, 2048, args.mix_batch or mix_batch, args.mixture)
-    mix_spec = pipeline.make_spec(mix_config.data, workdir)
+    mix_spec = data_spec.make_spec(mix_config.data, workdir)
 
     pipes = [
         PipelineRound("(a) smoke, built-in data", smoke_config.data, smoke_spec),

@@ -53,6 +53,7 @@ assert SHARED.is_dir(), f"this notebook reads real data from {SHARED} (set ITUNE
 
 from configs import sft_mix
 from itune.data import chat, inspection, packing, pipeline, sources
+from itune.data import spec as data_spec
 from itune.data.hf_tokenizer import load_tokenizer_path
 from itune.training import feed
 
@@ -135,7 +136,7 @@ for name, (fmt, tokenizer) in formats.items():
 
 # %%
 config = sft_mix.get_config("runlocal")
-spec = pipeline.make_spec(config.data, str(workdir))
+spec = data_spec.make_spec(config.data, str(workdir))
 stop = threading.Event()
 dataset, _ = pipeline.train_dataset(config.data, spec, stop=stop)
 batches = feed.BatchIterator(dataset, stop=stop)

@@ -15,7 +15,8 @@ import time
 import numpy as np
 import pytest
 
-from itune.data import chat, encode, packing, pipeline
+from itune.data import chat, encode, packing
+from itune.data import spec as data_spec
 from itune.data.hf_tokenizer import load_tokenizer_path
 
 TOKENIZERS = {
@@ -68,7 +69,7 @@ def _packed(example, spec, truncation, cut):
 def test_a_cut_record_packs_as_the_whole_record_does(shared_dir, tokenizer, truncation):
     tok = load_tokenizer_path(str(shared_dir / "tokenizers" / TOKENIZERS[tokenizer]))
     for fmt in ("chatml", "llama3"):
-        spec = pipeline.DataSpec(tok, chat.get_format(fmt), SEQ_LEN, 1, [])
+        spec = data_spec.DataSpec(tok, chat.get_format(fmt), SEQ_LEN, 1, [])
         for name, messages in _chats(shared_dir).items():
             example = {"messages": messages, "source": "x"}
             rows, stats, whole = _packed(example, spec, truncation, cut=False)
@@ -131,6 +132,7 @@ _CHILD = textwrap.dedent(
     import itertools, os, sys
     from itune import configlib
     from itune.data import packing, pipeline
+    from itune.data import spec as data_spec
 
     def peak_mb():
         with open("/proc/self/status") as f:
@@ -144,7 +146,7 @@ _CHILD = textwrap.dedent(
         c.data.seq_len = 256
         c.data.global_batch_size = 2
         c.data.eval_examples_per_source = 0
-        spec = pipeline.make_spec(c.data, workdir)
+        spec = data_spec.make_spec(c.data, workdir)
         stats = packing.PackingStats()
         rows = pipeline.train_rows(c.data, spec, stats)
         # Until every record has been encoded once, and on for a few rows more.

@@ -9,12 +9,13 @@ import numpy as np
 from configs import smoke
 from itune.cli import inspect as inspect_cli
 from itune.data import inspection, pipeline, synthetic_tasks
+from itune.data import spec as data_spec
 from tests.conftest import HANG_GUARD_S, REPO
 
 
 def test_row_view_marks_segments_and_exactly_the_trained_tokens(tmp_path):
     config = smoke.get_config("runlocal")
-    spec = pipeline.make_spec(config.data, str(tmp_path))
+    spec = data_spec.make_spec(config.data, str(tmp_path))
     row = next(pipeline.train_rows(config.data, spec))
     segments = inspection.row_tokens(spec.tokenizer, row)
     assert len(segments) == len(np.unique(row["segment_ids"][row["segment_ids"] > 0]))

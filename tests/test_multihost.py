@@ -18,6 +18,7 @@ from jax.experimental import multihost_utils
 from configs import smoke
 from itune import sharding
 from itune.data import held_out, pipeline
+from itune.data import spec as data_spec
 from itune.training import feed
 config = smoke.get_config("runlocal")
 with config.unlocked():
@@ -31,7 +32,7 @@ with config.unlocked():
         config.data.seq_len = 256
         config.data.tokenizer.vocab_size = 1024
         config.data.eval_examples_per_source = 24
-spec = pipeline.make_spec(config.data, workdir)
+spec = data_spec.make_spec(config.data, workdir)
 for source in spec.sources:
     print("READ", jax.process_index(), source.name, source.stats.read, len(source))
 mesh = sharding.make_mesh(config.mesh)

@@ -9,6 +9,8 @@ import pytest
 
 from itune import sharding
 from itune.data import encode, held_out, mixture, pipeline, sources, synthetic_tasks
+from itune.data import spec as data_spec
+from itune.data import vocabulary
 from itune.training import feed
 
 
@@ -33,7 +35,7 @@ def _batches(config, spec, start_step, n):
 
 def test_stream_is_deterministic_and_resume_starts_at_the_right_batch(tmp_path):
     config = _config()
-    spec = pipeline.make_spec(config.data, str(tmp_path))
+    spec = data_spec.make_spec(config.data, str(tmp_path))
     first, stats = _batches(config, spec, 0, 5)
     again, _ = _batches(config, spec, 0, 5)
     resumed, _ = _batches(config, spec, 3, 2)
@@ -53,7 +55,7 @@ def test_stream_is_deterministic_and_resume_starts_at_the_right_batch(tmp_path):
 def test_rows_hold_whole_rendered_examples(tmp_path):
     """The first segment of the first row is example 0 of the stream, tokenized."""
     config = _config()
-    spec = pipeline.make_spec(config.data, str(tmp_path))
+    spec = data_spec.make_spec(config.data, str(tmp_path))
     (batch,), _ = _batches(config, spec, 0, 1)
     example = encode.encode_example(mixture.builtin_example(config.data, 0, "train"), spec)
     n = len(example["inputs"])
@@ -78,7 +80,7 @@ def test_rows_hold_whole_rendered_examples(tmp_path):
 
 def test_global_batch_is_sharded_along_the_batch_axes(tmp_path):
     config = _config()
-    spec = pipeline.make_spec(config.data, str(tmp_path))
+    spec = data_spec.make_spec(config.data, str(tmp_path))
     (local,), _ = _batches(config, spec, 0, 1)
     mesh = sharding.make_mesh({"data": 2, "fsdp": 4, "tensor": 1})
     batch = feed.global_batch(local, sharding.batch_sharding(mesh, sharding.DEFAULT_RULES))
@@ -93,7 +95,7 @@ def test_global_batch_is_sharded_along_the_batch_axes(tmp_path):
 
 def test_eval_batches_cover_every_example_once(tmp_path):
     config = _config()
-    spec = pipeline.make_spec(config.data, str(tmp_path))
+    spec = data_spec.make_spec(config.data, str(tmp_path))
     batches, stats = held_out.eval_batches(config.data, spec, 20)
     assert list(batches) == ["builtin"] and stats.packed == 20
     segments = sum(
@@ -105,7 +107,7 @@ def test_eval_batches_cover_every_example_once(tmp_path):
 def test_an_existing_sentencepiece_model_can_be_used(tmp_path, shared_dir):
     path = str(shared_dir / "tokenizers/unigram_32768.model")
     config = _config(**{"tokenizer.path": path})
-    spec = pipeline.make_spec(config.data, str(tmp_path))
+    spec = data_spec.make_spec(config.data, str(tmp_path))
     assert spec.tokenizer.vocab_size == 32768 and not (tmp_path / "tokenizer").exists()
     (batch,), _ = _batches(config, spec, 0, 1)
     assert batch["inputs"].max() < 32768 and batch["loss_mask"].sum() > 0
@@ -114,7 +116,7 @@ def test_an_existing_sentencepiece_model_can_be_used(tmp_path, shared_dir):
 def test_a_missing_tokenizer_file_is_named(tmp_path):
     config = _config(**{"tokenizer.path": str(tmp_path / "nope.model")})
     with pytest.raises(FileNotFoundError, match="nope.model"):
-        pipeline.make_spec(config.data, str(tmp_path))
+        data_spec.make_spec(config.data, str(tmp_path))
 
 
 def _file_config(tmp_path, shared_dir, **data):
@@ -140,7 +142,7 @@ def _file_config(tmp_path, shared_dir, **data):
 
 def test_file_sources_mix_by_weight_and_hold_out_an_eval_slice(tmp_path, shared_dir):
     config = _file_config(tmp_path, shared_dir)
-    spec = pipeline.make_spec(config.data, str(tmp_path))
+    spec = data_spec.make_spec(config.data, str(tmp_path))
     by_name = {s.name: s for s in spec.sources}
     assert set(by_name) == {"gsm8k", "chats"}
     gsm8k = by_name["gsm8k"]
@@ -162,7 +164,7 @@ def test_file_sources_mix_by_weight_and_hold_out_an_eval_slice(tmp_path, shared_
 
 def test_examples_proportional_and_temperature_rates(tmp_path, shared_dir):
     config = _file_config(tmp_path, shared_dir)
-    spec = pipeline.make_spec(config.data, str(tmp_path))
+    spec = data_spec.make_spec(config.data, str(tmp_path))
     sizes = np.array([len(s) for s in spec.sources], float)
     with config.unlocked():
         config.data.mixture = "examples"
@@ -192,10 +194,10 @@ def test_a_bad_chat_is_an_error_or_a_counted_skip(tmp_path):
         config.data.eval_examples_per_source = 0
         config.data.tokenizer.vocab_size = 1024
     with pytest.raises(sources.DataError, match="bad.jsonl:2: field 'output'"):
-        pipeline.make_spec(config.data, str(tmp_path))
+        data_spec.make_spec(config.data, str(tmp_path))
     with config.unlocked():
         config.data.on_bad_example = "skip"
-    spec = pipeline.make_spec(config.data, str(tmp_path))
+    spec = data_spec.make_spec(config.data, str(tmp_path))
     assert len(spec.sources[0]) == 2 and spec.sources[0].stats.skipped == {"wrong type": 1}
 
 
@@ -211,8 +213,8 @@ def test_set_up_tells_of_each_skipped_record_and_of_the_vocabulary_once(tmp_path
         config.data.on_bad_example = "skip"
         config.data.tokenizer.vocab_size = 1024
     with caplog.at_level(logging.INFO):
-        tokenizer = pipeline.load_tokenizer(config.data, str(tmp_path))
-        spec = pipeline.make_spec(config.data, str(tmp_path), tokenizer)
+        tokenizer = vocabulary.load_tokenizer(config.data, str(tmp_path))
+        spec = data_spec.make_spec(config.data, str(tmp_path), tokenizer)
     messages = [record.getMessage() for record in caplog.records]
     assert len([m for m in messages if f"skipped {path}:11:" in m]) == 1
     assert len([m for m in messages if m.startswith("Skipped bad examples in mine")]) == 1
@@ -226,7 +228,7 @@ def test_set_up_tells_of_each_skipped_record_and_of_the_vocabulary_once(tmp_path
 
 def test_a_hugging_face_tokenizer_directory_can_be_used(tmp_path, shared_dir):
     config = _config(**{"tokenizer.path": str(shared_dir / "tokenizers/smollm2_bpe")})
-    spec = pipeline.make_spec(config.data, str(tmp_path))
+    spec = data_spec.make_spec(config.data, str(tmp_path))
     assert spec.tokenizer.vocab_size == 49152 and spec.stop_id == 2  # <|im_end|>
     example = encode.encode_example(mixture.builtin_example(config.data, 0, "train"), spec)
     # SmolLM2 adds no BOS of its own: the chat starts with <|im_start|> once.
@@ -245,7 +247,7 @@ def test_a_prepared_tfds_dataset_is_a_source(tmp_path, shared_dir):
         config.data.sources = {"ident": {"tfds": "itune_chat/ident:1.0.0", "data_dir": data_dir}}
         config.data.eval_examples_per_source = 11
         config.data.tokenizer.vocab_size = 1024
-    spec = pipeline.make_spec(config.data, str(tmp_path))
+    spec = data_spec.make_spec(config.data, str(tmp_path))
     assert [s.name for s in spec.sources] == ["ident"] and len(spec.sources[0]) == 80
     (batch,), _ = _batches(config, spec, 0, 1)
     assert batch["loss_mask"].sum() > 0
@@ -261,7 +263,7 @@ def test_a_source_with_a_template_bank_is_rephrased(tmp_path, shared_dir):
             "few_shot": 1,
             "few_shot_rate": 0.5,
         }
-    spec = pipeline.make_spec(config.data, str(tmp_path))
+    spec = data_spec.make_spec(config.data, str(tmp_path))
     stream = mixture.train_stream(config.data, spec.sources)
     gsm8k = [ex for ex, _ in itertools.islice(stream, 400) if ex["source"] == "gsm8k"]
     assert {ex["template"] for ex in gsm8k} == set(range(len(templates.GSM8K_BANK.templates)))
@@ -281,7 +283,7 @@ def test_mistral_format_with_the_shared_bpe_sentencepiece_model(tmp_path, shared
     )
     with config.unlocked():
         config.data.chat_format = "mistral"
-    spec = pipeline.make_spec(config.data, str(tmp_path))
+    spec = data_spec.make_spec(config.data, str(tmp_path))
     tok = spec.tokenizer
     messages = [
         {"role": "user", "content": "What is 2+2?"},

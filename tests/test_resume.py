@@ -15,6 +15,7 @@ _SCRIPT = """
 import hashlib, json, sys, threading
 from configs import smoke
 from itune.data import pipeline
+from itune.data import spec as data_spec
 from itune.training import feed
 from itune import runtime
 shared, workdir, mode, n, k = sys.argv[1:6]
@@ -27,7 +28,7 @@ with config.unlocked():
     }
     config.data.seq_len = 256
     config.data.tokenizer.vocab_size = 1024
-spec = pipeline.make_spec(config.data, workdir)
+spec = data_spec.make_spec(config.data, workdir)
 state = json.load(open(workdir + "/state.json"))[0] if mode == "resume" else None
 states = pipeline.RowStates(1000)
 stop = threading.Event()

@@ -35,10 +35,11 @@ def inspect(config, workdir: str, num_rows: int, num_batches: int, color: bool) 
     """Prints the view and statistics; returns the path of the HTML page."""
     from itune.convert import run_model
     from itune.data import inspection, packing, pipeline
+    from itune.data import spec as data_spec
 
     pipeline.configure_tensorflow()
     os.makedirs(workdir, exist_ok=True)
-    spec = pipeline.make_spec(config.data, workdir, run_model.resolve(config, workdir).tokenizer)
+    spec = data_spec.make_spec(config.data, workdir, run_model.resolve(config, workdir).tokenizer)
     stats = packing.PackingStats()
     rows = list(
         itertools.islice(

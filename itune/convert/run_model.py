@@ -56,7 +56,7 @@ def resolve(config: Any, workdir: str | None = None) -> RunModel:
         architecture += f" (init_from={init_from} is not on this host)"
     fixed = _fixed_vocabulary(section)
     if workdir is not None:
-        tokenizer = _pipeline().load_tokenizer(config.data, workdir)
+        tokenizer = _vocabulary().load_tokenizer(config.data, workdir)
         vocabulary = fixed or _tokenizer_vocabulary(config.data, exact=True)
     elif fixed:
         tokenizer, vocabulary = None, fixed
@@ -105,7 +105,7 @@ def _pretrained(config: Any, workdir: str | None) -> RunModel:
     init_from = config.init_from
     base, tokenizer, chat_format = model_dir.describe(init_from)
     if config.data.tokenizer.path:
-        tokenizer = _pipeline().load_tokenizer(config.data, workdir)
+        tokenizer = _vocabulary().load_tokenizer(config.data, workdir)
     if chat_format and chat_format != config.data.chat_format:
         logging.warning(
             "%s was tuned for the chat format %r; this run uses data.chat_format=%r.",
@@ -158,16 +158,16 @@ def _planned_tokenizer(data_config: Any) -> tuple[Any, str]:
     if data_config.sources:
         return None, _tokenizer_vocabulary(data_config, exact=False)
     with tempfile.TemporaryDirectory(prefix="itune-vocabulary-") as folder:
-        tokenizer = _pipeline().load_tokenizer(data_config, folder)
+        tokenizer = _vocabulary().load_tokenizer(data_config, folder)
     return tokenizer, (
         "trained on the built-in tasks here, as the run trains it (at most "
         f"data.tokenizer.vocab_size={data_config.tokenizer.vocab_size})"
     )
 
 
-def _pipeline():
-    """`itune.data.pipeline`, imported on first use: it imports TensorFlow, which decoding a
-    model never needs."""
-    from itune.data import pipeline  # noqa: PLC0415
+def _vocabulary():
+    """`itune.data.vocabulary`, imported on first use: it reads the data sources through
+    TensorFlow, which decoding a model never needs."""
+    from itune.data import vocabulary  # noqa: PLC0415
 
-    return pipeline
+    return vocabulary

@@ -20,10 +20,7 @@ import tensorflow as tf
 
 from itune.data import mixture, packing
 from itune.data.encode import encode_examples
-# The run's data and tokenizer, made where they are defined; the commands and the trainer take
-# them from here, beside the streams they feed.
-from itune.data.spec import DataSpec, make_spec  # noqa: F401
-from itune.data.vocabulary import load_tokenizer  # noqa: F401
+from itune.data.spec import DataSpec
 
 
 def configure_tensorflow() -> None:

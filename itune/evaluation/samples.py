@@ -10,12 +10,13 @@ from __future__ import annotations
 
 from typing import Any
 
-from itune.data import held_out, pipeline
+from itune.data import held_out
+from itune.data import spec as data_spec
 from itune.evaluation import harness
 
 
 def prompt_sets(
-    data_config: Any, spec: pipeline.DataSpec, per_source: int
+    data_config: Any, spec: data_spec.DataSpec, per_source: int
 ) -> list[harness.PromptSet]:
     """One prompt set ``<source>_samples`` per source with held-out chats, records
     ``{messages, reference}``: each chat up to its last user turn, and the answer after it."""

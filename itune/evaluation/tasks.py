@@ -56,7 +56,7 @@ def official_ifeval(sets: Sequence[harness.PromptSet]) -> None:
 
 
 def prompt_sets(config: Any, spec: Any = None, limit: int | None = None) -> list[harness.PromptSet]:
-    """The prompt sets of ``config.eval``. ``spec`` (a `pipeline.DataSpec`): the run's data,
+    """The prompt sets of ``config.eval``. ``spec`` (a `itune.data.spec.DataSpec`): the run's data,
     whose sources are read when not given, and whose held-out chats become the unscored
     transcripts. ``limit``: prompts per prompt set and source, in place of
     ``eval.prompts_per_task``."""

@@ -20,6 +20,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 from itune import runtime, sharding
 from itune.convert import run_model
 from itune.data import held_out, pipeline
+from itune.data import spec as data_spec
 from itune.evaluation import in_training, sampler
 from itune.evaluation import tasks as eval_tasks
 from itune.evaluation.responder import Responder
@@ -41,7 +42,7 @@ def train_and_evaluate(config: Any, workdir: str) -> dict:
     mesh = sharding.make_mesh(config.mesh)
     rules = sharding.rules_from_config(config.mesh)
     run = run_model.resolve(config, workdir)
-    spec, model_config = pipeline.make_spec(config.data, workdir, run.tokenizer), run.config
+    spec, model_config = data_spec.make_spec(config.data, workdir, run.tokenizer), run.config
     num_steps = config.train.num_steps
     tx = optimizer.make_model_optimizer(config.optim, num_steps, model_config)
     schedule = optimizer.learning_rate_schedule(config.optim, num_steps)
