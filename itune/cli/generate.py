@@ -1,7 +1,7 @@
 """``itune-generate``: answers from a model, in its chat format, through itune's sampler.
 
   itune-generate --checkpoint=/tmp/smollm2 --prompt="What is the capital of France?"
-  itune-generate --checkpoint=model.gguf --prompts_file=prompts.jsonl --output=answers.jsonl \
+  itune-generate --checkpoint=model.gguf --prompts_file=prompts.jsonl --output=answers.jsonl \\
       --temperature=0.7 --top_p=0.9 --seed=1
 
 ``--checkpoint`` is anything `itune.convert.model_dir.load_model` reads: an itune model folder, a
@@ -24,7 +24,7 @@ cli.quiet_tensorflow()
 from absl import app, flags
 
 cli.define_model_flags()
-_PROMPT = flags.DEFINE_multi_string("prompt", [], "A user message (repeatable).")
+_PROMPT = flags.DEFINE_multi_string("prompt", [], "A user message.")
 _PROMPTS_FILE = flags.DEFINE_string("prompts_file", None, "JSONL of {prompt} or {messages}.")
 _SYSTEM = flags.DEFINE_string("system", None, "A system message before each prompt.")
 _OUTPUT = flags.DEFINE_string("output", None, "Write {messages, answer} lines to this JSONL file.")

@@ -127,6 +127,8 @@ def _flag_synopsis(flag: flags.Flag) -> str:
 
 def _flag_description(flag: flags.Flag, required) -> str:
     text = re.sub(r"^<[^>]*>: ", "", flag.help)  # absl's list of an enum's values.
+    # absl appends its own sentence to a repeatable flag's help.
+    text = re.sub(r";?\s*repeat this option to specify a list of values$", "", text)
     if isinstance(flag, flags.MultiFlag):
         text += " Repeatable."
     if flag.name in required:
