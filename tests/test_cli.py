@@ -183,6 +183,7 @@ def test_a_missing_data_file_is_named(tmp_path):
     config = _file_config(tmp_path, missing)
     line = _told(_run("train", f"--config={config}", f"--workdir={tmp_path / 'run'}"))
     assert "no such file" in line and str(missing) in line
+    assert not (tmp_path / "run").exists()  # A new run's folder is not left behind, empty.
 
 
 def test_an_empty_data_file_is_named(tmp_path):
@@ -194,7 +195,7 @@ def test_an_empty_data_file_is_named(tmp_path):
         f"itune-train: data.sources.mine ({empty}): has no records; give it some, or remove it "
         "from data.sources"
     )
-    assert not list(workdir.glob("*"))  # Nothing written in the run's folder.
+    assert not workdir.exists()  # Nothing written, and no empty folder left.
     verbose = _run("train", *result.args[3:], "--verbose")
     assert verbose.returncode == 1 and "Traceback" in verbose.stderr
 

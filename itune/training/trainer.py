@@ -37,12 +37,18 @@ def train_and_evaluate(config: Any, workdir: str) -> dict:
     # run is set up.
     config_json = config.to_json_best_effort(indent=2, sort_keys=True)
     workdir_lib.check_resume(json.loads(config_json), workdir)
+    new_workdir = not os.path.isdir(workdir)
     os.makedirs(workdir, exist_ok=True)
 
     mesh = sharding.make_mesh(config.mesh)
     rules = sharding.rules_from_config(config.mesh)
-    run = run_model.resolve(config, workdir)
-    spec, model_config = data_spec.make_spec(config.data, workdir, run.tokenizer), run.config
+    try:
+        run = run_model.resolve(config, workdir)
+        spec, model_config = data_spec.make_spec(config.data, workdir, run.tokenizer), run.config
+    except BaseException:
+        if new_workdir:
+            workdir_lib.remove_if_empty(workdir)
+        raise
     num_steps = config.train.num_steps
     tx = optimizer.make_model_optimizer(config.optim, num_steps, model_config)
     schedule = optimizer.learning_rate_schedule(config.optim, num_steps)

@@ -114,6 +114,15 @@ def check_resume(config: dict, workdir: str) -> None:
         )
 
 
+def remove_if_empty(workdir: str) -> None:
+    """Removes ``workdir`` if nothing was written in it: a run that stops on a mistake before it
+    starts leaves no empty folder behind."""
+    try:
+        os.rmdir(workdir)
+    except OSError:  # Not empty, or already gone: what is there stays.
+        pass
+
+
 def write_config(workdir: str, config_json: str) -> None:
     """Replaces ``<workdir>/config.json`` with ``config_json``, atomically."""
     atomic.write_text(os.path.join(workdir, CONFIG_JSON), config_json)

@@ -67,7 +67,9 @@ def specs_from_config(sources: Any) -> list[Any]:
 def reader_for(spec: Any) -> Reader:
     """The `READERS` row that reads ``spec``; a file that does not exist raises here."""
     if isinstance(spec, SourceSpec) and not tf.io.gfile.exists(spec.path):
-        raise FileNotFoundError(f"source {spec.name!r}: no such file: {spec.path}")
+        raise FileNotFoundError(
+            f"source {spec.name!r}: no such file: {spec.path}; correct its path in data.sources"
+        )
     for reader in READERS:
         if isinstance(spec, reader.spec) and reader.reads(spec):
             return reader
