@@ -201,22 +201,24 @@ def test_an_empty_data_file_is_named(tmp_path):
 
 
 def test_ctrl_c_ends_in_one_line(tmp_path):
-    # A config that says it has started, then waits on its input: Ctrl-C comes while the
-    # command runs.
+    # A config that says it has started, then waits until a signal ends the wait: Ctrl-C
+    # comes while the command runs. (Waiting on stdin instead would race with communicate(),
+    # which closes it.)
     config = tmp_path / "waits.py"
     config.write_text(
-        "import sys\n"
+        "import sys, time\n"
         "\n"
         "\n"
         "def get_config(arg=None):\n"
         "    print('waiting', file=sys.stderr, flush=True)\n"
-        "    sys.stdin.read()\n"
+        "    while True:\n"
+        "        time.sleep(3600)\n"
     )
     process = subprocess.Popen(
         [sys.executable, "-m", "itune.cli.train", f"--config={config}", f"--workdir={tmp_path}"],
         env=dict(os.environ, PYTHONPATH=str(REPO)),
         cwd=REPO,
-        stdin=subprocess.PIPE,
+        stdin=subprocess.DEVNULL,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
