@@ -47,7 +47,8 @@ SHARED = pathlib.Path(os.environ.get("ITUNE_SHARED", REPO.parent / "shared"))
 GGUF = SHARED / "models/smollm2-135m-instruct/SmolLM2-135M-Instruct.Q4_1.gguf"
 assert GGUF.is_file(), f"this notebook reads {GGUF} (set ITUNE_SHARED)"
 
-from itune import chat as itune_chat, configlib, plan as plan_lib, sharding
+from itune import configlib, sharding
+from itune.cli import chat as itune_chat, plan as plan_lib
 from itune.convert import model_dir, weights
 from itune.data import chat
 from itune.evaluation import sampler
