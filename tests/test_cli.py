@@ -205,11 +205,14 @@ def test_ctrl_c_ends_in_one_line(tmp_path):
     # comes while the command runs. (Waiting on stdin instead would race with communicate(),
     # which closes it.)
     config = tmp_path / "waits.py"
+    # The command gets Ctrl-C's default handler, as in a terminal, also when this test runs in
+    # the background, whose children inherit SIGINT ignored.
     config.write_text(
-        "import sys, time\n"
+        "import signal, sys, time\n"
         "\n"
         "\n"
         "def get_config(arg=None):\n"
+        "    signal.signal(signal.SIGINT, signal.default_int_handler)\n"
         "    print('waiting', file=sys.stderr, flush=True)\n"
         "    while True:\n"
         "        time.sleep(3600)\n"
