@@ -10,11 +10,8 @@ bfloat16, chat templates, tokenizers, and the errors.
 
 import doctest
 import json
-import logging
 import os
 
-import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 import safetensors.torch
@@ -25,6 +22,13 @@ from flax import nnx
 from itune import sharding
 from itune.convert import hf, tokenizer_files, weights
 from itune.data import chat
+from tests.util import (
+    flat,
+    from_pretrained_cleanly,
+    hf_logits,
+    itune_logits,
+    max_relative_error,
+)
 
 transformers.utils.logging.disable_progress_bar()
 
@@ -78,11 +82,6 @@ FAMILIES = {
 SHARDED = {"qwen2": "40KB"}
 
 
-def max_relative_error(actual, expected) -> float:
-    actual, expected = np.asarray(actual, np.float64), np.asarray(expected, np.float64)
-    return float(np.abs(actual - expected).max() / np.abs(expected).max())
-
-
 @pytest.fixture(scope="module")
 def text_tokens(shared_dir):
     """GSM8K questions as UTF-8 bytes: ids below the tiny models' vocabulary of 300."""
@@ -90,28 +89,6 @@ def text_tokens(shared_dir):
         questions = [json.loads(next(f))["question"].encode("utf-8") for _ in range(BATCH)]
     assert all(len(q) >= SEQ for q in questions)
     return np.array([list(q[:SEQ]) for q in questions], np.int32)
-
-
-def hf_logits(model, tokens) -> np.ndarray:
-    with torch.no_grad():
-        return model(torch.tensor(np.asarray(tokens), dtype=torch.long)).logits.float().numpy()
-
-
-def make_forward(graphdef):
-    @jax.jit
-    def forward(params, tokens):
-        b, t = tokens.shape
-        positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
-        return nnx.merge(graphdef, params)(tokens, positions, jnp.ones((b, t), jnp.int32))
-
-    return forward
-
-
-def itune_logits(graphdef, params, tokens, mesh=None) -> np.ndarray:
-    if mesh is None:
-        return np.asarray(make_forward(graphdef)(params, jnp.asarray(tokens)))
-    with jax.set_mesh(mesh):
-        return np.asarray(make_forward(graphdef)(params, jnp.asarray(tokens)))
 
 
 def build_hf_model(family: str, seed: int = 0):
@@ -154,39 +131,6 @@ def built(tmp_path_factory, text_tokens):
         return cache[family]
 
     return get
-
-
-class WarningLog(logging.Handler):
-    """Records transformers' warnings (its load report lists missing and unexpected weights)."""
-
-    def __init__(self):
-        super().__init__(logging.WARNING)
-        self.messages = []
-
-    def emit(self, record):
-        self.messages.append(record.getMessage())
-
-
-def from_pretrained_cleanly(path, **kwargs):
-    """transformers' model of ``path``, failing on any missing, unexpected or misshapen weight
-    and on any warning while loading."""
-    log = WarningLog()
-    logger = logging.getLogger("transformers")
-    logger.addHandler(log)
-    try:
-        model, info = transformers.AutoModelForCausalLM.from_pretrained(
-            path, output_loading_info=True, attn_implementation="eager", **kwargs
-        )
-    finally:
-        logger.removeHandler(log)
-    for key in ("missing_keys", "unexpected_keys", "mismatched_keys", "error_msgs"):
-        assert not info.get(key), f"{key}: {info[key]}"
-    assert not log.messages, log.messages
-    return model.eval()
-
-
-def flat(params) -> dict[str, np.ndarray]:
-    return dict(weights.host_params(params))
 
 
 # ----------------------------------------------------------------------------------------------

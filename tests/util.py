@@ -1,5 +1,7 @@
 """Small builders shared by the tests."""
 
+import logging
+
 import ml_collections
 import numpy as np
 
@@ -96,3 +98,83 @@ def jitted_train_step(model_config, optim, mesh_shape=(1, 1, 1), num_steps=10, *
             )
 
     return layout, state, run
+
+
+# ----------------------------------------------------------------------------------------------
+# Parity with transformers (torch and transformers are imported by the tests that use these).
+
+
+def max_relative_error(actual, expected) -> float:
+    """``max |actual - expected| / max |expected|``."""
+    actual, expected = np.asarray(actual, np.float64), np.asarray(expected, np.float64)
+    return float(np.abs(actual - expected).max() / np.abs(expected).max())
+
+
+def hf_logits(model, tokens) -> np.ndarray:
+    """A transformers model's float32 logits of ``tokens [batch, length]``."""
+    import torch
+
+    with torch.no_grad():
+        return model(torch.tensor(np.asarray(tokens), dtype=torch.long)).logits.float().numpy()
+
+
+def itune_logits(graphdef, params, tokens, mesh=None, positions=None, segment_ids=None):
+    """itune's logits of ``tokens [batch, length]`` (one unpacked sequence a row unless
+    ``positions`` and ``segment_ids`` say otherwise), jitted, on ``mesh`` if given."""
+    import jax
+
+    tokens = np.asarray(tokens, np.int32)
+    if positions is None:
+        positions = np.broadcast_to(np.arange(tokens.shape[1], dtype=np.int32), tokens.shape)
+    if segment_ids is None:
+        segment_ids = np.ones(tokens.shape, np.int32)
+    forward = _forward(graphdef)
+    if mesh is None:
+        return np.asarray(forward(params, tokens, positions, segment_ids))
+    with jax.set_mesh(mesh):
+        return np.asarray(forward(params, tokens, positions, segment_ids))
+
+
+def _forward(graphdef):
+    import jax
+    from flax import nnx
+
+    return jax.jit(lambda params, *inputs: nnx.merge(graphdef, params)(*inputs))
+
+
+class WarningLog(logging.Handler):
+    """Records transformers' warnings (its load report lists missing and unexpected weights)."""
+
+    def __init__(self):
+        super().__init__(logging.WARNING)
+        self.messages = []
+
+    def emit(self, record):
+        self.messages.append(record.getMessage())
+
+
+def from_pretrained_cleanly(path, **kwargs):
+    """transformers' model of ``path``, failing on any missing, unexpected or misshapen weight
+    and on any warning while loading."""
+    import transformers
+
+    log = WarningLog()
+    logger = logging.getLogger("transformers")
+    logger.addHandler(log)
+    try:
+        model, info = transformers.AutoModelForCausalLM.from_pretrained(
+            path, output_loading_info=True, attn_implementation="eager", **kwargs
+        )
+    finally:
+        logger.removeHandler(log)
+    for key in ("missing_keys", "unexpected_keys", "mismatched_keys", "error_msgs"):
+        assert not info.get(key), f"{key}: {info[key]}"
+    assert not log.messages, log.messages
+    return model.eval()
+
+
+def flat(params) -> dict[str, np.ndarray]:
+    """``{"blocks/attn/q": array, ...}`` of a parameter state, on the host."""
+    from itune.convert import weights
+
+    return dict(weights.host_params(params))

@@ -1,10 +1,12 @@
-"""Hugging Face checkpoints in and out: Llama, Mistral, Qwen2 and Gemma in safetensors.
+"""Hugging Face checkpoints in and out, in safetensors: Llama, Mistral, Qwen2, Qwen3, Gemma 1/2/3
+(text), Mixtral and Qwen3-MoE.
 
 `itune.convert.hf_config` maps ``config.json`` to a `ModelConfig` and back. `load_hf` places
 a checkpoint's weights shard by shard through `itune.convert.weights.place_params`: each
 device's part of each parameter is sliced straight out of the memory-mapped safetensors files
-(layer by layer for the stacked blocks), so no host holds a whole checkpoint. `save_hf` writes the reverse: ``config.json``,
-``model.safetensors`` (or shards and their index), streamed one tensor at a time, and optionally
+(layer by layer for the stacked blocks), so no host holds a whole checkpoint. `save_hf` writes
+the reverse: ``config.json``, ``model.safetensors`` (or shards and their index), streamed one
+tensor at a time, and optionally
 the tokenizer with a chat template for one of itune's chat formats
 (`itune.convert.tokenizer_files`). LoRA adapters alone: `itune.convert.peft`.
 
@@ -16,7 +18,16 @@ Hugging Face linear weights are ``(out, in)``; itune's are ``(in, out)`` with he
     model.layers.l.mlp.gate_proj.weight     (mlp, d)      blocks/mlp/gate[l]  (d, mlp)
     lm_head.weight                          (vocab, d)    lm_head             (d, vocab)
 
-Both sides use rotate-half RoPE, so q and k rows need no permutation.
+Gemma 2 and 3 name their four norms of a block differently (`layouts`); the experts of a
+mixture-of-experts layer are one tensor per expert in the original checkpoints (transformers 5
+fuses them when it loads), stacked over experts in itune (``E`` experts)::
+
+    model.layers.l.block_sparse_moe.gate.weight            (E, d)    blocks/moe/router[l]  (d, E)
+    model.layers.l.block_sparse_moe.experts.e.w1.weight    (mlp, d)  blocks/moe/gate[l, e] (d, mlp)
+    model.layers.l.mlp.experts.e.down_proj.weight          (d, mlp)  blocks/moe/down[l, e] (mlp, d)
+
+(Mixtral's ``w1``, ``w3``, ``w2``; Qwen3-MoE's ``mlp.gate`` and ``gate_proj``, ``up_proj``,
+``down_proj``.) Both sides use rotate-half RoPE, so q and k rows need no permutation.
 """
 
 from __future__ import annotations
@@ -62,8 +73,9 @@ class _Layout:
     ``kind``: ``copy`` (same layout), ``transpose`` (2-D, swapped), ``heads_in`` (HF
     ``(heads * head_dim, d)``, itune ``(d, heads, head_dim)``), ``heads_out`` (HF
     ``(d, heads * head_dim)``, itune ``(heads, head_dim, d)``), ``heads_bias`` (HF
-    ``(heads * head_dim,)``, itune ``(heads, head_dim)``). ``name`` has ``{}`` for the layer
-    of a stacked parameter.
+    ``(heads * head_dim,)``, itune ``(heads, head_dim)``), ``experts`` (one HF tensor
+    ``(out, in)`` per expert, itune ``(experts, in, out)``). ``name`` has ``{}`` for the layer
+    of a stacked parameter, and a second ``{}`` for the expert.
     """
 
     name: str
@@ -94,6 +106,43 @@ LAYOUTS = {
         for x in "qkv"
     },
 }
+# Gemma 2 and 3: a norm before and after attention and before and after the MLP.
+_SANDWICH_NORMS = {
+    "blocks/attn_post_norm/scale": _Layout(_LAYER + "post_attention_layernorm.weight", "copy"),
+    "blocks/mlp_norm/scale": _Layout(_LAYER + "pre_feedforward_layernorm.weight", "copy"),
+    "blocks/mlp_post_norm/scale": _Layout(_LAYER + "post_feedforward_layernorm.weight", "copy"),
+}
+_QK_NORMS = {
+    f"blocks/attn/{x}_norm/scale": _Layout(_LAYER + f"self_attn.{x}_norm.weight", "copy")
+    for x in "qk"
+}
+
+
+def _experts(module: str, router: str, gate: str, up: str, down: str) -> dict[str, _Layout]:
+    prefix = _LAYER + module + "."
+    return {
+        "blocks/moe/router": _Layout(prefix + router + ".weight", "transpose"),
+        **{
+            f"blocks/moe/{path}": _Layout(prefix + "experts.{}." + name + ".weight", "experts")
+            for path, name in (("gate", gate), ("up", up), ("down", down))
+        },
+    }
+
+
+_MIXTRAL_EXPERTS = _experts("block_sparse_moe", "gate", "w1", "w3", "w2")
+_QWEN3_MOE_EXPERTS = _experts("mlp", "gate", "gate_proj", "up_proj", "down_proj")
+
+
+def layouts(cfg: ModelConfig) -> dict[str, _Layout]:
+    """``{itune parameter path: _Layout}`` of ``cfg``'s family (`LAYOUTS` is Llama's)."""
+    out = dict(LAYOUTS)
+    if cfg.post_norms:
+        out.update(_SANDWICH_NORMS)
+    if cfg.qk_norm:
+        out.update(_QK_NORMS)
+    if cfg.num_experts:
+        out.update(_QWEN3_MOE_EXPERTS if cfg.qk_norm else _MIXTRAL_EXPERTS)
+    return out
 
 
 def _hf_shape(kind: str, shape: tuple[int, ...]) -> tuple[int, ...]:
@@ -111,17 +160,40 @@ def _hf_shape(kind: str, shape: tuple[int, ...]) -> tuple[int, ...]:
     raise AssertionError(kind)
 
 
+def _entries(layout: _Layout, shape: tuple[int, ...]) -> list[tuple[str, tuple[int, ...]]]:
+    """``[(Hugging Face name, shape)]`` of the tensors that hold an itune parameter of
+    ``shape``, in the order `_values` gives them."""
+    if not layout.stacked:
+        return [(layout.name, _hf_shape(layout.kind, shape))]
+    if layout.kind == "experts":
+        one = _hf_shape("transpose", shape[2:])
+        layers, experts = range(shape[0]), range(shape[1])
+        return [(layout.name.format(layer, e), one) for layer in layers for e in experts]
+    one = _hf_shape(layout.kind, shape[1:])
+    return [(layout.name.format(layer), one) for layer in range(shape[0])]
+
+
+def _values(layout: _Layout, value: np.ndarray) -> Iterator[tuple[str, np.ndarray]]:
+    """``(Hugging Face name, array)`` of each tensor of the itune parameter ``value``."""
+    if not layout.stacked:
+        yield layout.name, _to_hf(layout.kind, value)
+    elif layout.kind == "experts":
+        for layer in range(value.shape[0]):
+            for e in range(value.shape[1]):
+                yield layout.name.format(layer, e), value[layer, e].T
+    else:
+        for layer in range(value.shape[0]):
+            yield layout.name.format(layer), _to_hf(layout.kind, value[layer])
+
+
 def hf_tensor_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
     """``{Hugging Face tensor name: shape}`` of every tensor a checkpoint of ``cfg`` holds."""
-    out = {}
-    for path, shape in weights.param_shapes(cfg).items():
-        layout = LAYOUTS[path]
-        if layout.stacked:
-            for layer in range(shape[0]):
-                out[layout.name.format(layer)] = _hf_shape(layout.kind, shape[1:])
-        else:
-            out[layout.name] = _hf_shape(layout.kind, shape)
-    return out
+    table = layouts(cfg)
+    return {
+        name: shape
+        for path, param_shape in weights.param_shapes(cfg).items()
+        for name, shape in _entries(table[path], param_shape)
+    }
 
 
 def _read_part(tensor, kind: str, index: tuple[slice, ...], head_dim: int) -> np.ndarray:
@@ -245,19 +317,28 @@ class Checkpoint:
     def reader(self, cfg: ModelConfig) -> weights.Reader:
         """A `weights.Reader` that slices each part of each itune parameter out of the files."""
 
-        def read(path: str, index: tuple[slice, ...]) -> np.ndarray:
-            layout = LAYOUTS[path]
-            if not layout.stacked:
-                return _read_part(self.slice(layout.name), layout.kind, index, cfg.head_dim)
-            layers = range(*index[0].indices(cfg.num_layers))
+        table = layouts(cfg)
+
+        def read_layer(layout: _Layout, layer: int, index: tuple[slice, ...]) -> np.ndarray:
+            if layout.kind != "experts":
+                tensor = self.slice(layout.name.format(layer))
+                return _read_part(tensor, layout.kind, index, cfg.head_dim)
+            experts = range(*index[0].indices(cfg.num_experts))
             return np.stack(
                 [
                     _read_part(
-                        self.slice(layout.name.format(layer)), layout.kind, index[1:], cfg.head_dim
+                        self.slice(layout.name.format(layer, e)), "transpose", index[1:], 0
                     )
-                    for layer in layers
+                    for e in experts
                 ]
             )
+
+        def read(path: str, index: tuple[slice, ...]) -> np.ndarray:
+            layout = table[path]
+            if not layout.stacked:
+                return _read_part(self.slice(layout.name), layout.kind, index, cfg.head_dim)
+            layers = range(*index[0].indices(cfg.num_layers))
+            return np.stack([read_layer(layout, layer, index[1:]) for layer in layers])
 
         return read
 
@@ -300,34 +381,25 @@ def load_hf(
 # Export
 
 
-def _hf_tensors(params: nnx.State, dtype) -> Iterator[tuple[str, np.ndarray]]:
+def _hf_tensors(cfg: ModelConfig, params: nnx.State, dtype) -> Iterator[tuple[str, np.ndarray]]:
     """``(name, array)`` per Hugging Face tensor, gathering one itune parameter at a time."""
+    table = layouts(cfg)
     for path, value in weights.host_params(params):
-        layout = LAYOUTS[path]
-        if layout.stacked:
-            for layer in range(value.shape[0]):
-                yield layout.name.format(layer), _to_hf(layout.kind, value[layer]).astype(dtype)
-        else:
-            yield layout.name, _to_hf(layout.kind, value).astype(dtype)
+        for name, array in _values(table[path], value):
+            yield name, array.astype(dtype)
         del value
 
 
-def _plan(params: nnx.State, itemsize: int, max_shard_bytes: int):
+def _plan(cfg: ModelConfig, params: nnx.State, itemsize: int, max_shard_bytes: int):
     """The tensors ``[(name, shape)]`` of each shard, in the order `_hf_tensors` makes them."""
+    table = layouts(cfg)
     shards: list[list[tuple[str, tuple[int, ...]]]] = [[]]
     size = 0
     for path, variable in nnx.to_flat_state(params):
         path = "/".join(map(str, path))
-        if path not in LAYOUTS:
+        if path not in table:
             raise ValueError(f"parameter {path} has no Hugging Face tensor")
-        layout, shape = LAYOUTS[path], tuple(variable.shape)
-        names = (
-            [(layout.name.format(i), shape[1:]) for i in range(shape[0])]
-            if layout.stacked
-            else [(layout.name, shape)]
-        )
-        for name, one in names:
-            hf_shape = _hf_shape(layout.kind, one)
+        for name, hf_shape in _entries(table[path], tuple(variable.shape)):
             nbytes = math.prod(hf_shape) * itemsize
             if shards[-1] and size + nbytes > max_shard_bytes:
                 shards.append([])
@@ -409,7 +481,7 @@ def save_hf(
     # Process 0 writes into a temporary folder that becomes ``path`` once complete; a failure (a
     # full disk, Ctrl-C) leaves ``path`` as it was.
     with (atomic.folder(path, merge=True) if writes else contextlib.nullcontext()) as out:
-        files = _save_hf_files(out, params, np_dtype, max_shard_bytes, dtype)
+        files = _save_hf_files(out, cfg, params, np_dtype, max_shard_bytes, dtype)
         if writes:
             if tokenizer is not None:
                 hf_config.update(save_tokenizer(out, tokenizer, chat_format))
@@ -427,12 +499,12 @@ def _is_weights_file(name: str) -> bool:
 
 
 def _save_hf_files(
-    out: str | None, params: nnx.State, np_dtype, max_shard_bytes: int, dtype: str
+    out: str | None, cfg: ModelConfig, params: nnx.State, np_dtype, max_shard_bytes: int, dtype: str
 ) -> set[str]:
     """The weights as safetensors in the folder ``out`` (None: gathered, not written); returns
     the names of the files."""
-    shards = _plan(params, np_dtype.itemsize, max_shard_bytes)
-    tensors = _hf_tensors(params, np_dtype)
+    shards = _plan(cfg, params, np_dtype.itemsize, max_shard_bytes)
+    tensors = _hf_tensors(cfg, params, np_dtype)
     code = _SAFETENSORS_DTYPES[dtype]
     weight_map, total = {}, 0
     for i, entries in enumerate(shards):
