@@ -66,7 +66,8 @@ def test_scan_over_layers_matches_running_them_one_by_one():
     graphdef, stacked = nnx.split(model.blocks)
     for i in range(cfg.num_layers):
         block = nnx.merge(graphdef, jax.tree.map(lambda a: a[i], stacked))
-        x = block(x, pos, seg)
+        x, router_stats = block(x, pos, seg)
+        assert router_stats is None  # A dense MLP.
     expected = model.logits(model.final_norm(x))
     np.testing.assert_allclose(_logits(model, batch), np.asarray(expected), rtol=1e-5, atol=1e-5)
 

@@ -21,11 +21,17 @@ from itune.model.matmul import written_out
 IMPLEMENTATIONS = ("xla", "jax", "splash")
 
 
-def rope_frequencies(cfg: Any) -> np.ndarray:
-    """Inverse frequencies ``[head_dim / 2]`` (float32), with Llama-3 scaling if configured."""
+def rope_frequencies(cfg: Any, local: bool = False) -> np.ndarray:
+    """Inverse frequencies ``[head_dim / 2]`` (float32), scaled as configured; with ``local``,
+    those of the sliding layers' own base (``rope_local_theta``), unscaled."""
     dim = cfg.head_dim
     exponents = np.arange(0, dim, 2, dtype=np.float32) / np.float32(dim)
-    inv_freq = (1.0 / np.float32(cfg.rope_theta) ** exponents).astype(np.float32)
+    theta = cfg.rope_local_theta if local else cfg.rope_theta
+    inv_freq = (1.0 / np.float32(theta) ** exponents).astype(np.float32)
+    if local:
+        return inv_freq
+    if cfg.rope_scaling == "linear":
+        return (inv_freq / np.float32(cfg.rope_scaling_factor)).astype(np.float32)
     if cfg.rope_scaling == "llama3":
         factor, low, high = (
             cfg.rope_scaling_factor,
@@ -70,22 +76,48 @@ def attention_mask(segment_ids: jax.Array, sliding_window: int = 0) -> jax.Array
     return same_segment & allowed[None]
 
 
-def attend(q, k, v, segment_ids, implementation: str = "xla", sliding_window: int = 0):
-    """Grouped-query attention. q: ``[b, t, heads, d]``; k, v: ``[b, s, kv_heads, d]``."""
+def attend(
+    q,
+    k,
+    v,
+    segment_ids,
+    implementation: str = "xla",
+    sliding_window: int = 0,
+    scale: float | None = None,
+    softcap: float = 0.0,
+):
+    """Grouped-query attention. q: ``[b, t, heads, d]``; k, v: ``[b, s, kv_heads, d]``.
+
+    Scores are ``q.k * scale`` (default ``d ** -0.5``), soft-capped to ``softcap *
+    tanh(scores / softcap)`` when ``softcap`` is set (not with ``jax``)."""
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
     if implementation == "xla":
-        return dot_product_attention(q, k, v, segment_ids, sliding_window)
+        return dot_product_attention(
+            q, k, v, segment_ids, sliding_window, scale=scale, softcap=softcap
+        )
     if implementation == "jax":
+        if softcap:
+            raise ValueError("attention 'jax' has no soft-cap: use 'xla' or 'splash'")
         mask = attention_mask(segment_ids, sliding_window)[:, None]
-        out = jax.nn.dot_product_attention(q, k, v, mask=mask)
+        out = jax.nn.dot_product_attention(q, k, v, mask=mask, scale=scale)
         return out.astype(q.dtype)
     if implementation == "splash":
-        return splash_attention(q, k, v, segment_ids, sliding_window)
+        return splash_attention(q, k, v, segment_ids, sliding_window, scale=scale, softcap=softcap)
     raise ValueError(
         f"attention implementation {implementation!r}; expected one of {IMPLEMENTATIONS}"
     )
 
 
-def dot_product_attention(q, k, v, segment_ids, sliding_window: int = 0, block: int = 128):
+def dot_product_attention(
+    q,
+    k,
+    v,
+    segment_ids,
+    sliding_window: int = 0,
+    block: int = 128,
+    scale: float | None = None,
+    softcap: float = 0.0,
+):
     """The reference: grouped-query attention in XLA ops, scores and softmax in float32.
 
     q, k and v are laid out as batches of plain matrices, one per (example, kv head): queries
@@ -106,9 +138,9 @@ def dot_product_attention(q, k, v, segment_ids, sliding_window: int = 0, block: 
     q = q.reshape(b * num_kv_heads, t * group, head_dim)
     k = k.transpose(0, 2, 3, 1).reshape(b * num_kv_heads, head_dim, s)
     v = v.transpose(0, 2, 1, 3).reshape(b * num_kv_heads, s, head_dim)
-    q = q * jnp.asarray(head_dim**-0.5, q.dtype)
+    q = q * jnp.asarray(head_dim**-0.5 if scale is None else scale, q.dtype)
     bias = mask_bias(segment_ids, sliding_window)
-    out = _blocked_attention(q, k, v, bias, group, block)
+    out = _blocked_attention(q, k, v, bias, group, block, float(softcap))
     out = out.reshape(b, num_kv_heads, t, group, head_dim).transpose(0, 2, 1, 3, 4)
     return out.reshape(b, t, num_heads, head_dim)
 
@@ -143,22 +175,27 @@ def _query_blocks(t: int, s: int, block: int) -> list[tuple[int, int, int]]:
     return [(0, t, s)]
 
 
-def _block_scores(q, k_t, bias, group, start, end, keys):
-    """Scaled float32 scores ``[b, kv_heads, positions, group, keys]`` of one query block, the
-    masked ones pushed down by `MASKED`."""
+def _block_scores(q, k_t, bias, group, start, end, keys, softcap=0.0):
+    """Scaled float32 scores ``[b, kv_heads, positions, group, keys]`` of one query block
+    (soft-capped with ``softcap``), the masked ones pushed down by `MASKED`; and the tanh of
+    the soft-cap (for its derivative; None without one)."""
     n, _, head_dim = q.shape
     b = bias.shape[0]
     scores = _mm(q[:, start * group : end * group], k_t[:, :, :keys])
     scores = scores.reshape(b, n // b, end - start, group, keys)
-    return scores + bias[:, None, start:end, None, :keys]
+    squashed = None
+    if softcap:
+        squashed = jnp.tanh(scores / softcap)
+        scores = squashed * softcap
+    return scores + bias[:, None, start:end, None, :keys], squashed
 
 
-def _attention_forward(q, k_t, v, bias, group, block):
+def _attention_forward(q, k_t, v, bias, group, block, softcap=0.0):
     """Output ``[n, rows, d]`` and each row's log-sum-exp of scores ``[n, rows]``, both float32."""
     n, rows, head_dim = q.shape
     outputs, log_sum_exps = [], []
     for start, end, keys in _query_blocks(rows // group, k_t.shape[2], block):
-        scores = _block_scores(q, k_t, bias, group, start, end, keys)
+        scores, _ = _block_scores(q, k_t, bias, group, start, end, keys, softcap)
         row_max = jnp.max(scores, axis=-1, keepdims=True)
         weights = jnp.exp(scores - row_max)  # Normalised after the product: one pass fewer.
         total = jnp.sum(weights, axis=-1, keepdims=True)
@@ -169,8 +206,8 @@ def _attention_forward(q, k_t, v, bias, group, block):
     return jnp.concatenate(outputs, axis=1), jnp.concatenate(log_sum_exps, axis=1)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
-def _blocked_attention(q, k_t, v, bias, group, block):
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6))
+def _blocked_attention(q, k_t, v, bias, group, block, softcap=0.0):
     """Attention over the batched-matrix layout of `dot_product_attention`, with the backward
     of flash attention written out: it keeps only the output and the log-sum-exp of each row
     (named for remat, `ATTENTION_RESIDUALS`), recomputes each block's probabilities from them,
@@ -178,14 +215,14 @@ def _blocked_attention(q, k_t, v, bias, group, block):
     CPU backend runs the transposed forms far slower). Under plain autodiff the softmax's
     backward needs the probabilities kept, and a remat policy that saves no batched product
     recomputes the whole forward."""
-    return _attention_forward(q, k_t, v, bias, group, block)[0].astype(q.dtype)
+    return _attention_forward(q, k_t, v, bias, group, block, softcap)[0].astype(q.dtype)
 
 
 ATTENTION_RESIDUALS = ("attention_out", "attention_log_sum_exp")
 
 
-def _attention_fwd(q, k_t, v, bias, group, block):
-    out, log_sum_exp = _attention_forward(q, k_t, v, bias, group, block)
+def _attention_fwd(q, k_t, v, bias, group, block, softcap):
+    out, log_sum_exp = _attention_forward(q, k_t, v, bias, group, block, softcap)
     # Kept in float32, as the backward reads it: XLA:CPU updates a layer's slice of a stacked
     # bfloat16 residual through float32, rewriting the whole stack at every layer.
     out = checkpoint_name(out, ATTENTION_RESIDUALS[0])
@@ -193,7 +230,7 @@ def _attention_fwd(q, k_t, v, bias, group, block):
     return out.astype(q.dtype), (q, k_t, v, bias, out, log_sum_exp)
 
 
-def _attention_bwd(group, block, residuals, d_out):
+def _attention_bwd(group, block, softcap, residuals, d_out):
     q, k_t, v, bias, out, log_sum_exp = residuals
     n, rows, head_dim = q.shape
     s = k_t.shape[2]
@@ -208,12 +245,14 @@ def _attention_bwd(group, block, residuals, d_out):
     d_k_t = d_v_t = jnp.zeros((n, head_dim, s), jnp.float32)
     for start, end, keys in _query_blocks(rows // group, s, block):
         first, last = start * group, end * group
-        scores = _block_scores(q, k_t, bias, group, start, end, keys)
+        scores, squashed = _block_scores(q, k_t, bias, group, start, end, keys, softcap)
         per_row = scores.shape[:-1] + (1,)
         probs = jnp.exp(scores - log_sum_exp[:, first:last].reshape(per_row))
         d_v_t_block = _mm(d_out_t[:, :, first:last], probs.astype(dtype).reshape(n, -1, keys))
         d_probs = _mm(d_out[:, first:last], v_t[:, :, :keys]).reshape(scores.shape)
         d_scores = probs * (d_probs - row_dot[:, first:last].reshape(per_row))
+        if softcap:  # Through the soft-cap: d(c tanh(s / c)) / ds = 1 - tanh(s / c)^2.
+            d_scores = d_scores * (1.0 - squashed * squashed)
         d_scores = d_scores.astype(dtype).reshape(n, -1, keys)
         d_q_blocks.append(_mm(d_scores, k[:, :keys]))
         d_k_t_block = _mm(q_t[:, :, first:last], d_scores)
@@ -228,17 +267,30 @@ def _attention_bwd(group, block, residuals, d_out):
 _blocked_attention.defvjp(_attention_fwd, _attention_bwd)
 
 
-def cached_attention(q, k_cache, v_cache, positions, sliding_window: int = 0):
+def cached_attention(
+    q,
+    k_cache,
+    v_cache,
+    positions,
+    sliding_window=0,
+    scale: float | None = None,
+    softcap: float = 0.0,
+):
     """Queries ``[b, t, heads, d]`` at ``positions [b, t]`` over a cache ``[b, s, kv_heads, d]``
-    whose slot ``j`` holds position ``j``: causal (and windowed) by position, scores in float32."""
+    whose slot ``j`` holds position ``j``: causal (and windowed) by position, scores in float32,
+    scaled and soft-capped as in `attend`. ``sliding_window`` may be traced (0: none)."""
     b, t, num_heads, head_dim = q.shape
     num_kv_heads = k_cache.shape[2]
     q = q.reshape(b, t, num_kv_heads, num_heads // num_kv_heads, head_dim)
     scores = jnp.einsum("btkgd,bskd->bkgts", q, k_cache, preferred_element_type=jnp.float32)
-    scores = scores * head_dim**-0.5
+    scores = scores * (head_dim**-0.5 if scale is None else scale)
+    if softcap:
+        scores = jnp.tanh(scores / softcap) * softcap
     offset = positions[:, :, None] - jnp.arange(k_cache.shape[1])[None, None, :]  # [b, t, s]
     allowed = offset >= 0
-    if sliding_window:
+    if not isinstance(sliding_window, int):
+        allowed &= (offset < sliding_window) | (sliding_window == 0)
+    elif sliding_window:
         allowed &= offset < sliding_window
     scores = jnp.where(allowed[:, None, None], scores, jnp.finfo(jnp.float32).min)
     probs = jax.nn.softmax(scores, axis=-1).astype(v_cache.dtype)
@@ -246,7 +298,16 @@ def cached_attention(q, k_cache, v_cache, positions, sliding_window: int = 0):
     return out.astype(v_cache.dtype).reshape(b, t, num_heads, head_dim)
 
 
-def splash_attention(q, k, v, segment_ids, sliding_window: int = 0, block: int = 128):
+def splash_attention(
+    q,
+    k,
+    v,
+    segment_ids,
+    sliding_window: int = 0,
+    block: int = 128,
+    scale: float | None = None,
+    softcap: float = 0.0,
+):
     """The Pallas splash attention kernel (TPU); Pallas's interpreter elsewhere.
 
     The kernel runs per example and per key/value head (an MQA kernel over that head's group of
@@ -278,9 +339,18 @@ def splash_attention(q, k, v, segment_ids, sliding_window: int = 0, block: int =
         block_kv_dq=block,
     )
     interpret = jax.default_backend() != "tpu"
-    kernel = kernel_lib.make_splash_mqa_single_device(mask, block_sizes=sizes, interpret=interpret)
+    kernel = kernel_lib.make_splash_mqa_single_device(
+        mask,
+        block_sizes=sizes,
+        interpret=interpret,
+        attn_logits_soft_cap=softcap or None,
+    )
     # [b, kv, group, t, d] queries, pre-scaled: the kernel does not scale.
-    qs = (q * head_dim**-0.5).reshape(b, t, num_kv_heads, group, head_dim).transpose(0, 2, 3, 1, 4)
+    qs = (
+        (q * (head_dim**-0.5 if scale is None else scale))
+        .reshape(b, t, num_kv_heads, group, head_dim)
+        .transpose(0, 2, 3, 1, 4)
+    )
     ks, vs = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)
     segments = segment_ids.astype(jnp.int32)
 

@@ -1,9 +1,14 @@
-"""A LLaMA-family decoder in Flax NNX: Llama 2/3, Mistral, Qwen2, Gemma and SmolLM2 by config.
+"""A decoder-only transformer in Flax NNX: Llama 2/3, Mistral, Qwen2/3, Gemma 1/2/3, SmolLM2,
+Mixtral and Qwen3-MoE, by config.
 
 Token embedding (optionally scaled by ``sqrt(d_model)``, Gemma), pre-norm blocks of grouped- or
-multi-query attention (optional q/k/v bias, Qwen2) and a gated MLP (SwiGLU or GeGLU), RMSNorm
-(optionally scaling by ``1 + w``, Gemma), rotary position embedding (rotate-half, with optional
-Llama-3 frequency scaling), and a tied or separate output embedding. Every parameter carries
+multi-query attention (optional q/k/v bias, Qwen2; optional RMSNorm of each query and key head,
+Qwen3 and Gemma 3; optional soft-capped scores, Gemma 2) and a gated MLP (SwiGLU or GeGLU) or a
+mixture of such experts (`itune.model.moe`), RMSNorm (optionally scaling by ``1 + w``, Gemma),
+optionally a second norm after attention and after the MLP (Gemma 2/3), rotary position
+embedding (rotate-half, with Llama-3 or linear frequency scaling), layers that attend through a
+sliding window, all of them or all but every n-th (Gemma 2/3, with their own RoPE base), and a
+tied or separate output embedding, optionally soft-capped. Every parameter carries
 logical axis names (``('embed', 'mlp')``...) as its ``out_sharding`` metadata; `itune.sharding`
 turns those names into mesh axes through the rules in ``config.mesh``, so the model never names a
 mesh axis.
@@ -26,7 +31,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from itune.model import attention, lora
+from itune.model import attention, lora, moe
 from itune.model.matmul import PROJECTION, matmul
 from itune.sharding import LogicalRules, constrain
 
@@ -35,7 +40,7 @@ MLP_ACTIVATIONS = {
     "gelu_tanh": lambda x: jax.nn.gelu(x, approximate=True),  # GeGLU (Gemma).
     "gelu": lambda x: jax.nn.gelu(x, approximate=False),
 }
-ROPE_SCALINGS = ("none", "llama3")
+ROPE_SCALINGS = ("none", "llama3", "linear")
 # Metadata of the `ModelConfig` fields that decide the parameters' shapes: a checkpoint only
 # restores into a model whose shape fields are all equal (`shape_fields`).
 SHAPE = {"shape": True}
@@ -56,6 +61,8 @@ class ModelConfig:
     # Llama-3 frequency scaling: frequencies of wavelengths above original_max_len /
     # low_freq_factor are divided by the factor, those below original_max_len / high_freq_factor
     # kept, and those between interpolated.
+    # "linear" divides every frequency by the factor (Gemma 3's global layers). The scaling
+    # applies to the global layers, and to all layers when rope_local_theta is 0.
     rope_scaling: str = "none"  # One of ROPE_SCALINGS.
     rope_scaling_factor: float = 8.0
     rope_low_freq_factor: float = 1.0
@@ -65,10 +72,37 @@ class ModelConfig:
     norm_eps: float = 1e-5
     norm_plus_one: bool = False  # RMSNorm scales by (1 + w) (Gemma) rather than w.
     mlp_activation: str = "silu"  # The gate's activation: one of MLP_ACTIVATIONS.
-    qkv_bias: bool = dataclasses.field(default=False, metadata=SHAPE)  # Bias on the q, k and v projections (Qwen2).
+    qkv_bias: bool = dataclasses.field(
+        default=False, metadata=SHAPE
+    )  # Bias on the q, k and v projections (Qwen2).
     embed_scale: bool = False  # Embeddings multiplied by sqrt(d_model) (Gemma).
     tie_embeddings: bool = dataclasses.field(default=True, metadata=SHAPE)
     sliding_window: int = 0  # Attend to at most this many previous tokens (0: all; Mistral v0.1).
+    # With a sliding window: 0, every layer slides; n, every n-th layer (layer i with
+    # (i + 1) % n == 0) attends globally and the others slide (Gemma 2: 2, Gemma 3: 6).
+    global_layer_every: int = 0
+    rope_local_theta: float = (
+        0.0  # RoPE base of the sliding layers, unscaled (0: as global; Gemma 3).
+    )
+    # RMSNorm of each query and key head (over head_dim) before RoPE (Qwen3, Gemma 3).
+    qk_norm: bool = dataclasses.field(default=False, metadata=SHAPE)
+    # A second norm on the attention's and the MLP's outputs, before the residual add (Gemma 2/3).
+    post_norms: bool = dataclasses.field(default=False, metadata=SHAPE)
+    query_pre_attn_scalar: float = (
+        0.0  # Scores scaled by its -1/2 power (0: head_dim's; Gemma 2/3).
+    )
+    attn_logit_softcap: float = 0.0  # Scores become cap * tanh(scores / cap) (0: none; Gemma 2).
+    final_logit_softcap: float = 0.0  # Logits become cap * tanh(logits / cap) (0: none; Gemma 2).
+    # Mixture of experts (`itune.model.moe`): 0, a dense MLP; n, each block's MLP is n experts,
+    # gated MLPs of width mlp_dim, of which each token uses experts_per_token.
+    num_experts: int = dataclasses.field(default=0, metadata=SHAPE)
+    experts_per_token: int = 2
+    router_renormalize: bool = (
+        True  # The chosen experts' weights sum to 1 (Mixtral; Qwen3-MoE's norm_topk_prob).
+    )
+    router_aux_loss_coef: float = 0.0  # Load-balancing loss (transformers') added to the loss.
+    router_z_loss_coef: float = 0.0  # Router z-loss (ST-MoE) added to the loss.
+    moe_matmul: str = "auto"  # The experts' grouped products: one of moe.MATMULS.
     attention: str = "xla"  # One of attention.IMPLEMENTATIONS.
     scan_layers: bool = True  # False: the layers are unrolled (same parameters).
     param_dtype: str = "float32"
@@ -82,7 +116,9 @@ class ModelConfig:
     lora_rank: int = dataclasses.field(default=0, metadata=SHAPE)
     lora_alpha: float = 16.0  # The adapters' product is scaled by lora_alpha / lora_rank.
     lora_dropout: float = 0.0  # Dropout on the adapters' input, when a dropout_rng is passed.
-    lora_targets: str = dataclasses.field(default="q,k,v,o", metadata=SHAPE)  # Comma-separated, from q, k, v, o, gate, up, down.
+    lora_targets: str = dataclasses.field(
+        default="q,k,v,o", metadata=SHAPE
+    )  # Comma-separated, from q, k, v, o, gate, up, down.
 
     def __post_init__(self):
         if self.num_heads % self.num_kv_heads:
@@ -95,6 +131,7 @@ class ModelConfig:
             ("mlp_activation", self.mlp_activation, sorted(MLP_ACTIVATIONS)),
             ("rope_scaling", self.rope_scaling, ROPE_SCALINGS),
             ("attention", self.attention, attention.IMPLEMENTATIONS),
+            ("moe_matmul", self.moe_matmul, moe.MATMULS),
         ):
             if value not in allowed:
                 raise ValueError(f"model.{field}={value!r}; expected one of {list(allowed)}")
@@ -103,9 +140,40 @@ class ModelConfig:
         for field in ("param_dtype", "dtype"):
             if getattr(self, field) not in ("float32", "bfloat16", "float16"):
                 raise ValueError(
-                    f"model.{field}={getattr(self, field)!r}; expected float32, "
-                    "bfloat16 or float16"
+                    f"model.{field}={getattr(self, field)!r}; expected float32, bfloat16 or float16"
                 )
+        for field in (
+            "global_layer_every",
+            "rope_local_theta",
+            "query_pre_attn_scalar",
+            "attn_logit_softcap",
+            "final_logit_softcap",
+            "num_experts",
+            "router_aux_loss_coef",
+            "router_z_loss_coef",
+        ):
+            if getattr(self, field) < 0:
+                raise ValueError(f"model.{field}={getattr(self, field)}; expected 0 or more")
+        if self.num_experts and not 1 <= self.experts_per_token <= self.num_experts:
+            raise ValueError(
+                f"model.experts_per_token={self.experts_per_token}; expected 1 to "
+                f"model.num_experts ({self.num_experts})"
+            )
+        if (
+            self.num_experts
+            and self.moe_matmul == "dense"
+            and self.lora_rank
+            and set(lora.parse_targets(self.lora_targets)) & set(lora.MLP_TARGETS)
+        ):
+            raise ValueError(
+                "model.moe_matmul='dense' runs no expert adapters: use 'tiled' or 'ragged' "
+                "with LoRA on gate, up or down"
+            )
+        if self.attn_logit_softcap and self.attention == "jax":
+            raise ValueError(
+                "model.attention='jax' has no score soft-cap: use 'xla' or 'splash' with "
+                "model.attn_logit_softcap"
+            )
         lora.check_config(self)
 
     @classmethod
@@ -148,23 +216,69 @@ class ModelConfig:
             if f.metadata.get("shape")
         }
 
+    def layer_is_sliding(self) -> tuple[bool, ...]:
+        """Whether each layer attends through the sliding window (see ``global_layer_every``).
+
+        >>> ModelConfig(vocab_size=8, d_model=4, num_layers=4, num_heads=1, num_kv_heads=1,
+        ...             head_dim=4, mlp_dim=8, sliding_window=16, global_layer_every=2
+        ...             ).layer_is_sliding()
+        (True, False, True, False)
+        """
+        every = self.global_layer_every
+        return tuple(
+            bool(self.sliding_window) and (not every or (i + 1) % every != 0)
+            for i in range(self.num_layers)
+        )
+
+    def _block_params(self, experts_used: int) -> tuple[int, int]:
+        """``(matmul weights, norm scales)`` of one block with ``experts_used`` experts."""
+        d, k = self.d_model, self.head_dim
+        matmuls = d * k * (2 * self.num_heads + 2 * self.num_kv_heads)
+        other = self.head_dim * (self.num_heads + 2 * self.num_kv_heads) if self.qkv_bias else 0
+        other += (4 if self.post_norms else 2) * d + (2 * k if self.qk_norm else 0)
+        if self.num_experts:
+            matmuls += d * self.num_experts + experts_used * 3 * d * self.mlp_dim
+        else:
+            matmuls += 3 * d * self.mlp_dim
+        return matmuls, other
+
     def num_params(self) -> int:
-        attn = self.d_model * self.head_dim * (2 * self.num_heads + 2 * self.num_kv_heads)
-        if self.qkv_bias:
-            attn += self.head_dim * (self.num_heads + 2 * self.num_kv_heads)
-        block = attn + 3 * self.d_model * self.mlp_dim + 2 * self.d_model
+        """Every parameter (all experts; LoRA adapters not counted)."""
+        matmuls, other = self._block_params(self.num_experts)
         head = 0 if self.tie_embeddings else self.vocab_size * self.d_model
-        return self.num_layers * block + self.vocab_size * self.d_model + head + self.d_model
+        table = self.vocab_size * self.d_model
+        return self.num_layers * (matmuls + other) + table + head + self.d_model
+
+    def num_active_params(self) -> int:
+        """The parameters one token computes with: `num_params` with only its experts."""
+        matmuls, other = self._block_params(self.experts_per_token)
+        head = 0 if self.tie_embeddings else self.vocab_size * self.d_model
+        table = self.vocab_size * self.d_model
+        return self.num_layers * (matmuls + other) + table + head + self.d_model
 
     def flops_per_token(self, seq_len: int) -> float:
         """Training FLOPs per token (forward and backward, no recomputation): 6 per weight of a
-        matmul (the embedding lookup is not one; a tied table is again as the output
-        projection), plus attention's two matmuls over the causal half of the sequence."""
-        table = self.vocab_size * self.d_model
-        matmul_weights = self.num_params() - table + (table if self.tie_embeddings else 0)
-        matmul_weights -= (2 * self.num_layers + 1) * self.d_model  # Norm scales.
-        attention_flops = 6 * self.num_layers * self.num_heads * self.head_dim * seq_len
+        matmul that the token goes through (the embedding lookup is not one; a tied table is
+        again as the output projection; of the experts, only the chosen ones), plus
+        attention's two matmuls over the causal half of the sequence (over the window, for a
+        sliding layer)."""
+        matmuls, _ = self._block_params(self.experts_per_token)
+        matmul_weights = self.num_layers * matmuls + self.vocab_size * self.d_model
+        attention_flops = sum(
+            6
+            * self.num_heads
+            * self.head_dim
+            * (min(seq_len, 2 * self.sliding_window) if sliding else seq_len)
+            for sliding in self.layer_is_sliding()
+        )
         return 6 * matmul_weights + attention_flops
+
+
+def softcap(x: jax.Array, cap: float) -> jax.Array:
+    """``cap * tanh(x / cap)``: ``x`` squashed into ``(-cap, cap)``; ``x`` itself for cap 0."""
+    if not cap:
+        return x
+    return jnp.tanh(x / cap) * cap
 
 
 REMAT_POLICIES = {
@@ -200,13 +314,34 @@ class RMSNorm(nnx.Module):
         return (normed * (1.0 + scale if self.plus_one else scale)).astype(x.dtype)
 
 
-def _norm(cfg: ModelConfig, rngs: nnx.Rngs) -> RMSNorm:
+def _norm(cfg: ModelConfig, rngs: nnx.Rngs, dim: int | None = None) -> RMSNorm:
     p = jnp.dtype(cfg.param_dtype)
-    return RMSNorm(cfg.d_model, cfg.norm_eps, cfg.norm_plus_one, param_dtype=p, rngs=rngs)
+    return RMSNorm(dim or cfg.d_model, cfg.norm_eps, cfg.norm_plus_one, param_dtype=p, rngs=rngs)
+
+
+class HeadNorm(RMSNorm):
+    """RMSNorm over ``head_dim``, the same scale for every head (``qk_norm``)."""
+
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+        p = jnp.dtype(cfg.param_dtype)
+        init = nnx.initializers.zeros if cfg.norm_plus_one else nnx.initializers.ones
+        self.eps, self.plus_one = cfg.norm_eps, cfg.norm_plus_one
+        self.scale = _param(rngs, init, (cfg.head_dim,), p, ("head_dim",))
+
+
+def layer_flags(cfg: ModelConfig):
+    """What tells the layers apart, per layer (scanned along with their parameters): whether
+    each slides (see `ModelConfig.layer_is_sliding`); None when all layers are alike."""
+    kinds = cfg.layer_is_sliding()
+    return None if len(set(kinds)) <= 1 else jnp.asarray(kinds)
+
+
+def _sliding(cfg: ModelConfig, flag) -> Any:
+    """A layer's sliding flag: its scanned flag, or the one shared by all layers."""
+    return bool(cfg.sliding_window) if flag is None else flag
 
 
 class Attention(nnx.Module):
-
     def __init__(self, cfg: ModelConfig, rules: LogicalRules, *, rngs: nnx.Rngs):
         self.cfg, self.rules = cfg, rules
         p = jnp.dtype(cfg.param_dtype)
@@ -222,6 +357,9 @@ class Attention(nnx.Module):
             self.q_bias = _param(rngs, zeros, (h, hd), p, ("heads", "head_dim"))
             self.k_bias = _param(rngs, zeros, (kv, hd), p, ("kv_heads", "head_dim"))
             self.v_bias = _param(rngs, zeros, (kv, hd), p, ("kv_heads", "head_dim"))
+        if cfg.qk_norm:
+            self.q_norm = HeadNorm(cfg, rngs=rngs)
+            self.k_norm = HeadNorm(cfg, rngs=rngs)
 
     def project(self, x, dropout_rng=None):
         """q, k, v ``[batch, length, heads, head_dim]`` before the rotary embedding."""
@@ -236,22 +374,53 @@ class Attention(nnx.Module):
             q = q + self.q_bias[...].astype(dt)
             k = k + self.k_bias[...].astype(dt)
             v = v + self.v_bias[...].astype(dt)
+        if self.cfg.qk_norm:
+            q, k = self.q_norm(q), self.k_norm(k)
         return q, k, v
 
-    def __call__(self, x, positions, segment_ids, dropout_rng=None):
-        cfg, dt = self.cfg, jnp.dtype(self.cfg.dtype)
+    def _rotated(self, x, positions, sliding, dropout_rng=None):
+        """q, k (rotated by RoPE: the sliding layers' own when they have one) and v."""
+        cfg = self.cfg
         q, k, v = self.project(x, dropout_rng)
-        q = constrain(
-            q, ("activation_batch", "activation_length", "activation_heads", None), self.rules
-        )
         frequencies = attention.rope_frequencies(cfg)
+        if cfg.rope_local_theta and cfg.sliding_window:
+            local = attention.rope_frequencies(cfg, local=True)
+            frequencies = jnp.where(sliding, local, frequencies)
         q = attention.apply_rope(q, positions, frequencies)
         k = attention.apply_rope(k, positions, frequencies)
-        out = attention.attend(q, k, v, segment_ids, cfg.attention, cfg.sliding_window)
+        return q, k, v
+
+    def __call__(self, x, positions, segment_ids, sliding=False, dropout_rng=None):
+        """``sliding``: whether this layer attends through the window (a Python bool, or a
+        traced one when the layers differ and run under scan)."""
+        cfg, dt = self.cfg, jnp.dtype(self.cfg.dtype)
+        q, k, v = self._rotated(x, positions, sliding, dropout_rng)
+        q = constrain(
+            q,
+            ("activation_batch", "activation_length", "activation_heads", None),
+            self.rules,
+        )
+
+        def attend(window):
+            return lambda: attention.attend(
+                q,
+                k,
+                v,
+                segment_ids,
+                cfg.attention,
+                window,
+                _score_scale(cfg),
+                cfg.attn_logit_softcap,
+            )
+
+        if isinstance(sliding, bool):
+            out = attend(cfg.sliding_window if sliding else 0)()
+        else:  # Layers differ: each runs the attention of its kind, compiled once for each.
+            out = jax.lax.cond(sliding, attend(cfg.sliding_window), attend(0))
         y = matmul("bthk,hkd->btd", out, self.o[...], dt)
         return lora.apply(self, "o", out, y, dropout_rng)
 
-    def cached(self, x, positions, cache: "LayerCache", write_index):
+    def cached(self, x, positions, cache: "LayerCache", write_index, sliding=False):
         """Attention of new tokens over a key/value cache; returns ``(output, updated cache)``.
 
         Row ``b``'s ``t`` new keys and values go into cache slots ``write_index[b]...``; a cache
@@ -259,19 +428,30 @@ class Attention(nnx.Module):
         stale or padding slots after it.
         """
         cfg, dt = self.cfg, jnp.dtype(self.cfg.dtype)
-        q, k, v = self.project(x)
-        frequencies = attention.rope_frequencies(cfg)
-        q = attention.apply_rope(q, positions, frequencies)
-        k = attention.apply_rope(k, positions, frequencies)
+        q, k, v = self._rotated(x, positions, sliding)
         rows = jnp.arange(x.shape[0])[:, None]
         slots = write_index[:, None] + jnp.arange(x.shape[1])[None, :]
         cache = LayerCache(
             cache.k.at[rows, slots].set(k.astype(cache.k.dtype), mode="drop"),
             cache.v.at[rows, slots].set(v.astype(cache.v.dtype), mode="drop"),
         )
-        out = attention.cached_attention(q, cache.k, cache.v, positions, cfg.sliding_window)
+        window = jnp.where(sliding, cfg.sliding_window, 0) if cfg.sliding_window else 0
+        out = attention.cached_attention(
+            q,
+            cache.k,
+            cache.v,
+            positions,
+            window,
+            _score_scale(cfg),
+            cfg.attn_logit_softcap,
+        )
         y = matmul("bthk,hkd->btd", out, self.o[...], dt)
         return lora.apply(self, "o", out, y), cache
+
+
+def _score_scale(cfg: ModelConfig) -> float:
+    """What the scores q.k are multiplied by: ``query_pre_attn_scalar`` (or head_dim) ** -0.5."""
+    return (cfg.query_pre_attn_scalar or cfg.head_dim) ** -0.5
 
 
 class MLP(nnx.Module):
@@ -294,35 +474,63 @@ class MLP(nnx.Module):
         up = lora.apply(self, "up", x, matmul("btd,dm->btm", x, self.up[...], dt), dropout_rng)
         hidden = act(gate) * up
         return lora.apply(
-            self, "down", hidden, matmul("btm,md->btd", hidden, self.down[...], dt), dropout_rng
+            self,
+            "down",
+            hidden,
+            matmul("btm,md->btd", hidden, self.down[...], dt),
+            dropout_rng,
         )
 
 
 class Block(nnx.Module):
-    """Pre-norm residual block: x + attn(norm(x)), then x + mlp(norm(x))."""
+    """Pre-norm residual block: x + attn(norm(x)), then x + mlp(norm(x)); with ``post_norms``,
+    each branch's output is normed again before it is added (Gemma 2/3). The MLP is a mixture
+    of experts with ``num_experts``; the block then also returns its router's statistics."""
 
     def __init__(self, cfg: ModelConfig, rules: LogicalRules, *, rngs: nnx.Rngs):
-        self.rules = rules
+        self.cfg, self.rules = cfg, rules
         self.attn_norm = _norm(cfg, rngs)
         self.attn = Attention(cfg, rules, rngs=rngs)
+        if cfg.post_norms:
+            self.attn_post_norm = _norm(cfg, rngs)
         self.mlp_norm = _norm(cfg, rngs)
-        self.mlp = MLP(cfg, rngs=rngs)
+        if cfg.num_experts:
+            self.moe = moe.MoE(cfg, rngs=rngs)
+        else:
+            self.mlp = MLP(cfg, rngs=rngs)
+        if cfg.post_norms:
+            self.mlp_post_norm = _norm(cfg, rngs)
         # After every base parameter, so that the base drawn from a seed is the same with LoRA.
         lora.add_adapters(self.attn, cfg, lora.ATTENTION_TARGETS, rngs)
-        lora.add_adapters(self.mlp, cfg, lora.MLP_TARGETS, rngs)
+        lora.add_adapters(self.moe if cfg.num_experts else self.mlp, cfg, lora.MLP_TARGETS, rngs)
 
-    def __call__(self, x, positions, segment_ids, dropout_rng=None):
-        x = x + self.attn(self.attn_norm(x), positions, segment_ids, dropout_rng)
-        x = x + self.mlp(self.mlp_norm(x), dropout_rng)
-        return constrain(
-            x, ("activation_batch", "activation_length", "activation_embed"), self.rules
-        )
-
-    def cached(self, x, positions, cache: "LayerCache", write_index):
-        attended, cache = self.attn.cached(self.attn_norm(x), positions, cache, write_index)
-        x = x + attended
-        x = x + self.mlp(self.mlp_norm(x))
+    def _mlp_branch(self, x, segment_ids, dropout_rng=None):
+        """``(x + mlp branch, router statistics or None)``."""
+        if self.cfg.num_experts:
+            out, stats = self.moe(self.mlp_norm(x), segment_ids, dropout_rng)
+        else:
+            out, stats = self.mlp(self.mlp_norm(x), dropout_rng), None
+        if self.cfg.post_norms:
+            out = self.mlp_post_norm(out)
+        x = x + out
         x = constrain(x, ("activation_batch", "activation_length", "activation_embed"), self.rules)
+        return x, stats
+
+    def __call__(self, x, positions, segment_ids, sliding=False, dropout_rng=None):
+        """``(output, router statistics or None)``."""
+        attended = self.attn(self.attn_norm(x), positions, segment_ids, sliding, dropout_rng)
+        if self.cfg.post_norms:
+            attended = self.attn_post_norm(attended)
+        return self._mlp_branch(x + attended, segment_ids, dropout_rng)
+
+    def cached(self, x, positions, cache: "LayerCache", write_index, sliding=False):
+        attended, cache = self.attn.cached(
+            self.attn_norm(x), positions, cache, write_index, sliding
+        )
+        if self.cfg.post_norms:
+            attended = self.attn_post_norm(attended)
+        # Decoding has no padding tokens to leave out of the router statistics (unused).
+        x, _ = self._mlp_branch(x + attended, jnp.ones(x.shape[:2], jnp.int32))
         return x, cache
 
 
@@ -379,7 +587,14 @@ class Decoder(nnx.Module):
         )
 
     def hidden_states(self, tokens, positions, segment_ids, dropout_rng=None):
-        """Final-norm hidden states ``[batch, length, d_model]`` in the computation dtype.
+        """Final-norm hidden states ``[batch, length, d_model]`` in the computation dtype
+        (`hidden_states_and_router` without the router statistics)."""
+        return self.hidden_states_and_router(tokens, positions, segment_ids, dropout_rng)[0]
+
+    def hidden_states_and_router(self, tokens, positions, segment_ids, dropout_rng=None):
+        """``(hidden states, router statistics)``: final-norm hidden states ``[batch, length,
+        d_model]`` in the computation dtype, and the `moe.RouterStats` summed over the layers
+        (None without experts).
 
         ``dropout_rng``: a key for LoRA dropout (split over the layers); None: no dropout.
 
@@ -387,25 +602,35 @@ class Decoder(nnx.Module):
         computation dtype): the sum of 30 or 80 layers' outputs keeps its precision, and the
         backward's stack of layer inputs stays float32, which XLA:CPU updates in place where
         it would rewrite a whole bfloat16 stack at every layer."""
+        cfg = self.cfg
         x = self.embed_tokens(tokens).astype(jnp.float32)
         graphdef, block_state = nnx.split(self.blocks)
         keys = None
-        if dropout_rng is not None and self.cfg.lora_rank and self.cfg.lora_dropout > 0:
-            keys = jax.random.split(dropout_rng, self.cfg.num_layers)
+        if dropout_rng is not None and cfg.lora_rank and cfg.lora_dropout > 0:
+            keys = jax.random.split(dropout_rng, cfg.num_layers)
+        flags = layer_flags(cfg)
 
         def layer(carry, xs):
-            state, key = xs
-            return nnx.merge(graphdef, state)(carry, positions, segment_ids, key), None
+            state, key, flag = xs
+            block = nnx.merge(graphdef, state)
+            return block(carry, positions, segment_ids, _sliding(cfg, flag), key)
 
-        policy = REMAT_POLICIES[self.cfg.remat]
-        if self.cfg.remat != "none":
+        policy = REMAT_POLICIES[cfg.remat]
+        if cfg.remat != "none":
             layer = jax.checkpoint(layer, policy=policy, prevent_cse=False)
-        if self.cfg.scan_layers:
-            x, _ = jax.lax.scan(layer, x, (block_state, keys))
+        if cfg.scan_layers:
+            x, stats = jax.lax.scan(layer, x, (block_state, keys, flags))
+            stats = None if stats is None else jax.tree.map(lambda s: jnp.sum(s, 0), stats)
         else:
-            for i in range(self.cfg.num_layers):
-                x, _ = layer(x, jax.tree.map(lambda a: a[i], (block_state, keys)))
-        return self.final_norm(x).astype(self.cfg.dtype)
+            stats = None
+            for i in range(cfg.num_layers):
+                xs = jax.tree.map(lambda a: a[i], (block_state, keys))
+                x, layer_stats = layer(x, (*xs, cfg.layer_is_sliding()[i]))
+                if layer_stats is not None:
+                    stats = (
+                        layer_stats if stats is None else jax.tree.map(jnp.add, stats, layer_stats)
+                    )
+        return self.final_norm(x).astype(cfg.dtype), stats
 
     def init_cache(self, batch: int, cache_len: int) -> LayerCache:
         """An empty key/value cache for ``batch`` rows of up to ``cache_len`` positions."""
@@ -429,27 +654,33 @@ class Decoder(nnx.Module):
         The prompt (prefill: ``write_index`` 0) and each decoded token go through here. With
         ``layers`` (`unstacked_layers`), ``cache`` is a tuple of one `LayerCache` per layer and
         the layers run unrolled."""
+        cfg = self.cfg
         x = self.embed_tokens(tokens).astype(jnp.float32)  # As in `hidden_states`.
         if layers is not None:
             graphdef, states = layers
             updated = []
-            for state, layer_cache in zip(states, cache, strict=True):
+            for state, layer_cache, sliding in zip(
+                states, cache, cfg.layer_is_sliding(), strict=True
+            ):
                 block = nnx.merge(graphdef, state)
-                x, layer_cache = block.cached(x, positions, layer_cache, write_index)
+                x, layer_cache = block.cached(x, positions, layer_cache, write_index, sliding)
                 updated.append(layer_cache)
-            return self.final_norm(x).astype(self.cfg.dtype), tuple(updated)
+            return self.final_norm(x).astype(cfg.dtype), tuple(updated)
         graphdef, block_state = nnx.split(self.blocks)
+        flags = layer_flags(cfg)
 
         def layer(carry, xs):
-            state, layer_cache = xs
-            return nnx.merge(graphdef, state).cached(carry, positions, layer_cache, write_index)
+            state, layer_cache, flag = xs
+            block = nnx.merge(graphdef, state)
+            return block.cached(carry, positions, layer_cache, write_index, _sliding(cfg, flag))
 
-        if self.cfg.scan_layers:
-            x, cache = jax.lax.scan(layer, x, (block_state, cache))
+        if cfg.scan_layers:
+            x, cache = jax.lax.scan(layer, x, (block_state, cache, flags))
         else:
             updated = []
-            for i in range(self.cfg.num_layers):
-                x, layer_cache = layer(x, jax.tree.map(lambda a: a[i], (block_state, cache)))
+            for i in range(cfg.num_layers):
+                xs = jax.tree.map(lambda a: a[i], (block_state, cache))
+                x, layer_cache = layer(x, (*xs, cfg.layer_is_sliding()[i]))
                 updated.append(layer_cache)
             cache = jax.tree.map(lambda *a: jnp.stack(a), *updated)
         cache = LayerCache(*(constrain(c, CACHE_AXES, self.rules) for c in cache))
@@ -462,9 +693,22 @@ class Decoder(nnx.Module):
         else:
             out = matmul("btd,dv->btv", hidden, self.lm_head[...], dt, jnp.float32)
         out = constrain(
-            out, ("activation_batch", "activation_length", "activation_vocab"), self.rules
+            out,
+            ("activation_batch", "activation_length", "activation_vocab"),
+            self.rules,
         )
-        return out.astype(jnp.float32)
+        return softcap(out.astype(jnp.float32), self.cfg.final_logit_softcap)
+
+    def logits_from(self, hidden, weight):
+        """`logits` from the `output_weight` ``[vocab, d_model]`` that `features` returned."""
+        dt = jnp.dtype(self.cfg.dtype)
+        out = matmul("btd,vd->btv", hidden, weight, dt, jnp.float32)
+        out = constrain(
+            out,
+            ("activation_batch", "activation_length", "activation_vocab"),
+            self.rules,
+        )
+        return softcap(out.astype(jnp.float32), self.cfg.final_logit_softcap)
 
     def output_weight(self) -> jax.Array:
         """The logits' projection ``[vocab, d_model]`` in the computation dtype."""
@@ -472,11 +716,12 @@ class Decoder(nnx.Module):
         return weight.astype(self.cfg.dtype)
 
     def features(self, tokens, positions, segment_ids, dropout_rng=None):
-        """`hidden_states` and `output_weight`, from which a loss computes the logits itself;
-        with LoRA, as in ``__call__``."""
+        """`hidden_states` and `output_weight`, from which a loss computes the logits itself
+        (soft-capped by ``final_logit_softcap``), and the router statistics (None without
+        experts); with LoRA, as in ``__call__``."""
         model = lora.freeze_base(self) if self.cfg.lora_rank else self
-        hidden = model.hidden_states(tokens, positions, segment_ids, dropout_rng)
-        return hidden, model.output_weight()
+        hidden, stats = model.hidden_states_and_router(tokens, positions, segment_ids, dropout_rng)
+        return hidden, model.output_weight(), stats
 
     def __call__(self, tokens, positions, segment_ids, dropout_rng=None):
         """Logits; with LoRA, the base parameters enter through ``stop_gradient`` (only the

@@ -7,7 +7,10 @@ gains two `LoRAParam` arrays, stacked over layers like its base weight and named
     A  [in..., r]   kaiming-uniform (as PEFT)    q: ('embed', 'lora_rank')
     B  [r, out...]  zeros                        q: ('lora_rank', 'heads', 'head_dim')
 
-and computes ``base(x) + (lora_alpha / r) * (dropout(x) @ A) @ B``. B starts at zero, so a fresh
+and computes ``base(x) + (lora_alpha / r) * (dropout(x) @ A) @ B``. In a mixture of experts
+(``num_experts``), gate, up and down name the experts' projections, and each expert has its own
+pair (``blocks/moe/gate_lora_a [layers, experts, d_model, r]``), run as grouped products as the
+experts' weights are (`itune.model.moe`). B starts at zero, so a fresh
 LoRA model computes exactly what its base does. A and B carry the logical axis names of the base
 weight's input and output dimensions, so they shard by the same rules; ``'lora_rank'`` is in no
 rules table, so that dimension is replicated. Every base parameter enters the forward pass
@@ -82,10 +85,18 @@ def scale(cfg: ModelConfig) -> float:
     return cfg.lora_alpha / cfg.lora_rank
 
 
-def shapes(cfg: ModelConfig) -> dict[str, tuple[tuple[int, ...], tuple[str, ...], tuple, tuple]]:
+def shapes(
+    cfg: ModelConfig,
+) -> dict[str, tuple[tuple[int, ...], tuple[str, ...], tuple, tuple]]:
     """``{target: (in_shape, in_axes, out_shape, out_axes)}`` of each projection's base weight
     (per layer; the base weight is ``in_shape + out_shape``)."""
-    d, h, kv, k, m = cfg.d_model, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.mlp_dim
+    d, h, kv, k, m = (
+        cfg.d_model,
+        cfg.num_heads,
+        cfg.num_kv_heads,
+        cfg.head_dim,
+        cfg.mlp_dim,
+    )
     return {
         "q": ((d,), ("embed",), (h, k), ("heads", "head_dim")),
         "k": ((d,), ("embed",), (kv, k), ("kv_heads", "head_dim")),
@@ -97,9 +108,16 @@ def shapes(cfg: ModelConfig) -> dict[str, tuple[tuple[int, ...], tuple[str, ...]
     }
 
 
-def base_path(target: str) -> str:
+def experts_of(cfg: ModelConfig, target: str) -> int:
+    """How many experts each hold their own adapters of ``target`` (0: one shared pair)."""
+    return cfg.num_experts if target in MLP_TARGETS else 0
+
+
+def base_path(target: str, cfg: ModelConfig | None = None) -> str:
     """The stacked base weight an adapter of ``target`` belongs to (``'blocks/attn/q'``)."""
-    return ("blocks/attn/" if target in ATTENTION_TARGETS else "blocks/mlp/") + target
+    if target in ATTENTION_TARGETS:
+        return "blocks/attn/" + target
+    return ("blocks/moe/" if cfg is not None and cfg.num_experts else "blocks/mlp/") + target
 
 
 def without_lora(cfg: ModelConfig) -> ModelConfig:
@@ -115,7 +133,8 @@ def num_params(cfg: ModelConfig) -> int:
     total = 0
     for target in parse_targets(cfg.lora_targets):
         in_shape, _, out_shape, _ = shapes(cfg)[target]
-        total += cfg.lora_rank * (math.prod(in_shape) + math.prod(out_shape))
+        pair = cfg.lora_rank * (math.prod(in_shape) + math.prod(out_shape))
+        total += pair * max(1, experts_of(cfg, target))
     return cfg.num_layers * total
 
 
@@ -123,9 +142,9 @@ def num_params(cfg: ModelConfig) -> int:
 # Model hooks (called by itune.model.decoder)
 
 
-def _kaiming_uniform(key, shape, dtype):
+def _kaiming_uniform(key, shape, dtype, experts: int = 0):
     """PEFT's A init (``kaiming_uniform_(a=sqrt(5))``): U(-1/sqrt(fan_in), 1/sqrt(fan_in))."""
-    bound = 1.0 / math.sqrt(math.prod(shape[:-1]))
+    bound = 1.0 / math.sqrt(math.prod(shape[1 if experts else 0 : -1]))
     return jax.random.uniform(key, shape, dtype, -bound, bound)
 
 
@@ -141,8 +160,12 @@ def add_adapters(module: nnx.Module, cfg: ModelConfig, group: Sequence[str], rng
         if target not in group:
             continue
         in_shape, in_axes, out_shape, out_axes = table[target]
-        a = _kaiming_uniform(rngs.params(), (*in_shape, r), dtype)
-        b = jnp.zeros((r, *out_shape), dtype)
+        experts = experts_of(cfg, target)
+        lead, lead_axes = ((experts,), ("expert",)) if experts else ((), ())
+        in_shape, in_axes = (*lead, *in_shape), (*lead_axes, *in_axes)
+        a = _kaiming_uniform(rngs.params(), (*in_shape, r), dtype, experts)
+        b = jnp.zeros((*lead, r, *out_shape), dtype)
+        out_axes = (*lead_axes, *out_axes)
         # eager_sharding=False: the names are logical (see decoder._param).
         setattr(
             module,
@@ -152,8 +175,37 @@ def add_adapters(module: nnx.Module, cfg: ModelConfig, group: Sequence[str], rng
         setattr(
             module,
             f"{target}_lora_b",
-            LoRAParam(b, out_sharding=("lora_rank", *out_axes), eager_sharding=False),
+            LoRAParam(
+                b,
+                out_sharding=(*lead_axes, "lora_rank", *out_axes[len(lead) :]),
+                eager_sharding=False,
+            ),
         )
+
+
+def _dropout(cfg: ModelConfig, target: str, x: jax.Array, dropout_rng) -> jax.Array:
+    """The adapters' input ``x`` with LoRA dropout when ``dropout_rng`` is given."""
+    rate, dt = cfg.lora_dropout, x.dtype
+    if dropout_rng is None or rate <= 0.0:
+        return x
+    key = jax.random.fold_in(dropout_rng, TARGETS.index(target))
+    keep = jax.random.bernoulli(key, 1.0 - rate, x.shape)
+    return jnp.where(keep, x / jnp.asarray(1.0 - rate, dt), jnp.zeros((), dt))
+
+
+def apply_grouped(module, target, x, y, group_sizes, grouped_matmul, dropout_rng=None):
+    """`apply` for the experts' projections: rows ``x [rows, in]`` grouped by expert
+    (``group_sizes``), each group through its expert's own pair by ``grouped_matmul(x, w,
+    group_sizes)``."""
+    a = getattr(module, f"{target}_lora_a", None)
+    if a is None:
+        return y
+    cfg = module.cfg
+    dt = jnp.dtype(cfg.dtype)
+    a, b = a[...].astype(dt), getattr(module, f"{target}_lora_b")[...].astype(dt)
+    x = _dropout(cfg, target, x.astype(dt), dropout_rng)
+    low = (grouped_matmul(x, a, group_sizes) * scale(cfg)).astype(dt)
+    return y + grouped_matmul(low, b, group_sizes).astype(y.dtype)
 
 
 def apply(module: nnx.Module, target: str, x: jax.Array, y: jax.Array, dropout_rng=None):
@@ -166,12 +218,7 @@ def apply(module: nnx.Module, target: str, x: jax.Array, y: jax.Array, dropout_r
     cfg = module.cfg
     dt = jnp.dtype(cfg.dtype)
     a, b = a[...].astype(dt), getattr(module, f"{target}_lora_b")[...].astype(dt)
-    x = x.astype(dt)  # A norm's output is float32 (the residual stream's dtype).
-    rate = cfg.lora_dropout
-    if dropout_rng is not None and rate > 0.0:
-        key = jax.random.fold_in(dropout_rng, TARGETS.index(target))
-        keep = jax.random.bernoulli(key, 1.0 - rate, x.shape)
-        x = jnp.where(keep, x / jnp.asarray(1.0 - rate, dt), jnp.zeros((), dt))
+    x = _dropout(cfg, target, x.astype(dt), dropout_rng)  # A norm's output is float32.
     low = jnp.tensordot(x, a, axes=a.ndim - 1) * jnp.asarray(scale(cfg), dt)
     return y + jnp.tensordot(low, b, axes=1).astype(y.dtype)
 
@@ -242,11 +289,12 @@ def with_adapters(params: nnx.State, adapters: nnx.State) -> nnx.State:
         if base is None:
             raise ValueError(f"with_adapters: no base weight for the adapter {name}")
         shape, base_shape = tuple(variable.shape), tuple(base.shape)
+        lead = 2 if "moe" in map(str, path) else 1  # Layers (and experts) lead B.
         fits = (
             shape[:-1] == base_shape[: len(shape) - 1]
             if which == "a"
-            else shape[0] == base_shape[0]
-            and base_shape[len(base_shape) - len(shape) + 2 :] == shape[2:]
+            else shape[:lead] == base_shape[:lead]
+            and base_shape[len(base_shape) - len(shape) + lead + 1 :] == shape[lead + 1 :]
         )
         if not fits:
             raise ValueError(f"with_adapters: {name} {shape} does not fit {target} {base_shape}")
@@ -278,14 +326,15 @@ def init_adapters(cfg: ModelConfig, mesh=None, rules=(), seed: int = 0) -> nnx.S
         return jax.jit(make, out_shardings=shardings)()
 
 
-def _fold(w, a, b, factor):
+def _fold(w, a, b, factor, lead=1):
     """``w + factor * a @ b`` for stacked ``w [L, in..., out...]``, ``a [L, in..., r]``,
-    ``b [L, r, out...]``, in float32."""
-    layers, r = a.shape[0], a.shape[-1]
+    ``b [L, r, out...]``, in float32; ``lead`` 2: each of the ``w [L, E, ...]`` experts with its
+    own pair."""
+    stacks, r = math.prod(a.shape[:lead]), a.shape[-1]
     delta = jnp.einsum(
         "lir,lro->lio",
-        a.reshape(layers, -1, r).astype(jnp.float32),
-        b.reshape(layers, r, -1).astype(jnp.float32),
+        a.reshape(stacks, -1, r).astype(jnp.float32),
+        b.reshape(stacks, r, -1).astype(jnp.float32),
         precision=jax.lax.Precision.HIGHEST,
     )
     return (w.astype(jnp.float32) + factor * delta.reshape(w.shape)).astype(w.dtype)
@@ -301,14 +350,15 @@ def merge(cfg: ModelConfig, params: nnx.State) -> tuple[ModelConfig, nnx.State]:
     flat = dict(nnx.to_flat_state(params))
     factor = scale(cfg)
     for target in parse_targets(cfg.lora_targets):
-        path = tuple(base_path(target).split("/"))
+        path = tuple(base_path(target, cfg).split("/"))
         a = flat.pop((*path[:-1], f"{target}_lora_a"))
         b = flat.pop((*path[:-1], f"{target}_lora_b"))
         w = flat[path]
         value = w.get_value()
         sharding = getattr(value, "sharding", None)
-        fold = jax.jit(_fold, static_argnums=3, out_shardings=sharding)
-        flat[path] = w.replace(fold(value, a.get_value(), b.get_value(), factor))
+        fold = jax.jit(_fold, static_argnums=(3, 4), out_shardings=sharding)
+        lead = 2 if experts_of(cfg, target) else 1
+        flat[path] = w.replace(fold(value, a.get_value(), b.get_value(), factor, lead))
     leftover = [p for p in flat if is_lora(p)]
     if leftover:
         raise ValueError(f"merge: adapters {leftover} are not among model.lora_targets")

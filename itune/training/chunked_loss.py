@@ -37,19 +37,29 @@ def vocabulary_slices(vocab_size: int, target: int) -> tuple[int, int]:
 
 
 def token_log_loss(
-    hidden: jax.Array, weight: jax.Array, targets: jax.Array, chunk: int
+    hidden: jax.Array,
+    weight: jax.Array,
+    targets: jax.Array,
+    chunk: int,
+    softcap: float = 0.0,
 ) -> tuple[jax.Array, jax.Array]:
     """Per token ``[batch, length]``: ``log_z - logit[target]`` (float32) and 1.0 where the target
     has the largest logit (no gradient), for logits ``hidden [batch, length, d] @ weight.T``
     (``weight [vocab, d]``, in the computation dtype; products accumulate in float32), computed
-    ``chunk`` or fewer vocabulary entries at a time."""
+    ``chunk`` or fewer vocabulary entries at a time; with ``softcap``, of the logits
+    ``softcap * tanh(logits / softcap)``."""
     b, t, d = hidden.shape
     vocab_size = weight.shape[0]
     count, size = vocabulary_slices(vocab_size, chunk)
     if count * size != vocab_size:
         weight = jnp.pad(weight, ((0, count * size - vocab_size), (0, 0)))
     loss, correct = _token_log_loss(
-        hidden.reshape(b * t, d), weight, targets.reshape(b * t), size, vocab_size
+        hidden.reshape(b * t, d),
+        weight,
+        targets.reshape(b * t),
+        size,
+        vocab_size,
+        float(softcap),
     )
     return loss.reshape(b, t), correct.reshape(b, t)
 
@@ -64,22 +74,27 @@ def _transposed_slices(weight, size):
     return written_out(weight.reshape(-1, size, weight.shape[1]).transpose(0, 2, 1))
 
 
-def _slice_logits(hidden, weight_t, index, size, vocab_size):
-    """The logits of slice ``index``, those of the padding entries pushed down by `_MASKED`."""
+def _slice_logits(hidden, weight_t, index, size, vocab_size, softcap=0.0):
+    """The logits of slice ``index`` (soft-capped), those of the padding entries pushed down by
+    `_MASKED`; and the soft-cap's tanh (None without one)."""
     logits = _product(hidden, weight_t)
+    squashed = None
+    if softcap:
+        squashed = jnp.tanh(logits / softcap)
+        logits = squashed * softcap
     if vocab_size % size:  # Only the last slice holds padding.
         column = jax.lax.broadcasted_iota(jnp.int32, logits.shape, 1) + index * size
         logits = jnp.where(column < vocab_size, logits, _MASKED)
-    return logits
+    return logits, squashed
 
 
-def _forward(hidden, weight, targets, size, vocab_size):
+def _forward(hidden, weight, targets, size, vocab_size, softcap):
     tokens = hidden.shape[0]
 
     def one_slice(carry, xs):
         running_max, total, target_logit = carry
         weight_t, index = xs
-        logits = _slice_logits(hidden, weight_t, index, size, vocab_size)
+        logits, _ = _slice_logits(hidden, weight_t, index, size, vocab_size, softcap)
         new_max = jnp.maximum(running_max, jnp.max(logits, axis=-1))
         total = total * jnp.exp(running_max - new_max) + jnp.sum(
             jnp.exp(logits - new_max[:, None]), axis=-1
@@ -101,28 +116,31 @@ def _forward(hidden, weight, targets, size, vocab_size):
     return log_z - target_logit, correct, log_z
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
-def _token_log_loss(hidden, weight, targets, size, vocab_size):
-    loss, correct, _ = _forward(hidden, weight, targets, size, vocab_size)
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5))
+def _token_log_loss(hidden, weight, targets, size, vocab_size, softcap):
+    loss, correct, _ = _forward(hidden, weight, targets, size, vocab_size, softcap)
     return loss, correct
 
 
-def _token_log_loss_fwd(hidden, weight, targets, size, vocab_size):
-    loss, correct, log_z = _forward(hidden, weight, targets, size, vocab_size)
+def _token_log_loss_fwd(hidden, weight, targets, size, vocab_size, softcap):
+    loss, correct, log_z = _forward(hidden, weight, targets, size, vocab_size, softcap)
     return (loss, correct), (hidden, weight, targets, log_z)
 
 
-def _token_log_loss_bwd(size, vocab_size, residuals, cotangents):
+def _token_log_loss_bwd(size, vocab_size, softcap, residuals, cotangents):
     hidden, weight, targets, log_z = residuals
     d_loss = cotangents[0][:, None]
     hidden_t = written_out(hidden.T)
 
     def one_slice(d_hidden, xs):
         weight_slice, weight_t, index = xs
-        logits = _slice_logits(hidden, weight_t, index, size, vocab_size)
+        logits, squashed = _slice_logits(hidden, weight_t, index, size, vocab_size, softcap)
         column = jax.lax.broadcasted_iota(jnp.int32, logits.shape, 1) + index * size
         is_target = (column == targets[:, None]).astype(jnp.float32)
-        d_logits = ((jnp.exp(logits - log_z[:, None]) - is_target) * d_loss).astype(hidden.dtype)
+        d_logits = (jnp.exp(logits - log_z[:, None]) - is_target) * d_loss
+        if softcap:  # d(c tanh(x / c)) / dx = 1 - tanh(x / c)^2.
+            d_logits = d_logits * (1.0 - squashed * squashed)
+        d_logits = d_logits.astype(hidden.dtype)
         d_hidden = d_hidden + _product(d_logits, weight_slice)
         return d_hidden, _product(hidden_t, d_logits)  # The slice's weight gradient, [d, size].
 

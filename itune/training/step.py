@@ -11,6 +11,7 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
+from itune.model import moe
 from itune.training import chunked_loss
 from itune.training.state import TrainState
 
@@ -105,15 +106,35 @@ def batch_sums(
     inputs = (batch["inputs"], batch["positions"], batch["segment_ids"])
     groups = batch.get("source_ids") if num_groups else None
     segment_ids = batch["segment_ids"] if sequences else None
-    chunk = model.cfg.loss_vocab_chunk
-    if not chunk:
-        logits = model(*inputs, **kwargs)
-        return cross_entropy(
-            logits, batch["targets"], batch["loss_mask"], groups, num_groups, segment_ids
+    cfg = model.cfg
+    hidden, weight, router_stats = model.features(*inputs, **kwargs)
+    if cfg.loss_vocab_chunk:
+        loss, correct = chunked_loss.token_log_loss(
+            hidden,
+            weight,
+            batch["targets"],
+            cfg.loss_vocab_chunk,
+            cfg.final_logit_softcap,
         )
-    hidden, weight = model.features(*inputs, **kwargs)
-    loss, correct = chunked_loss.token_log_loss(hidden, weight, batch["targets"], chunk)
-    return token_sums(loss, correct, batch["loss_mask"], groups, num_groups, segment_ids)
+        sums = token_sums(loss, correct, batch["loss_mask"], groups, num_groups, segment_ids)
+    else:
+        logits = model.logits_from(hidden, weight)
+        sums = cross_entropy(
+            logits,
+            batch["targets"],
+            batch["loss_mask"],
+            groups,
+            num_groups,
+            segment_ids,
+        )
+    if router_stats is not None:
+        losses = moe.router_losses(cfg, router_stats)
+        sums.update(losses)
+        sums["router_penalty"] = (
+            cfg.router_aux_loss_coef * losses["router_aux_loss"]
+            + cfg.router_z_loss_coef * losses["router_z_loss"]
+        )
+    return sums
 
 
 def _check_normalization(loss_normalization: str) -> None:
@@ -189,7 +210,9 @@ def accumulated_gradients(
 
     def objective(p, b, rng=dropout_rng):
         sums = batch_sums(graphdef, p, b, num_groups, sequences, rng)
-        return _numerator(sums, loss_normalization) / denominator, sums
+        loss = _numerator(sums, loss_normalization) / denominator
+        # The routers' weighted auxiliary losses: each microbatch's, so their mean in the sum.
+        return loss + sums.get("router_penalty", 0.0) / microbatches, sums
 
     grad_fn = jax.value_and_grad(objective, has_aux=True)
     if microbatches == 1:
@@ -277,6 +300,9 @@ def train_step(
         "learning_rate": schedule(schedule_count(state.opt_state, state.step)),
         "nonfinite": 1.0 - finite.astype(jnp.float32),
     }
+    for name in ("router_aux_loss", "router_z_loss"):
+        if name in sums:  # Each microbatch's value, summed: their mean.
+            metrics[name] = sums[name] / microbatches
     if loss_normalization == "sequence":
         metrics["token_loss"] = sums["loss_sum"] / jnp.maximum(sums["weight_sum"], 1.0)
     for i, name in enumerate(source_names if num_groups else ()):

@@ -1,0 +1,196 @@
+"""Mixture-of-experts MLP: a float32 router picks ``k`` experts per token, dropless.
+
+Each token's hidden state goes to its ``experts_per_token`` experts (top-k of the router's
+softmax, optionally renormalised over the chosen ones: Mixtral, Qwen3-MoE's ``norm_topk_prob``);
+each expert is a gated MLP (``down(act(gate(x)) * up(x))``) and the token's output is the
+weighted sum of its experts' outputs. No token is ever dropped: the token-expert assignments
+are sorted by expert and each expert's rows run as one group of a grouped matrix product
+(`grouped_matmul`), so the work is that of the chosen experts only, never of all of them and
+never a one-hot dispatch tensor of tokens x experts x capacity.
+
+The router's statistics (`RouterStats`) leave each layer for the auxiliary losses of
+`router_losses`: transformers' load-balancing loss (``router_aux_loss_coef``) and the router
+z-loss of ST-MoE (``router_z_loss_coef``).
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, NamedTuple
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from itune.model import lora
+
+if TYPE_CHECKING:
+    from itune.model.decoder import ModelConfig
+
+MATMULS = ("auto", "ragged", "tiled", "dense")
+# Rows of one tile of `tiled_matmul`: each expert's group is padded to a multiple of it.
+TILE = 64
+
+
+class RouterStats(NamedTuple):
+    """One layer's router sums over its non-padding tokens (summed again over layers)."""
+
+    tokens: jax.Array  # [] how many tokens were routed
+    chosen: jax.Array  # [k, experts] how many tokens chose each expert as their j-th
+    probability: jax.Array  # [experts] the router's probabilities, summed over tokens
+    z: jax.Array  # [] squared log-sum-exp of the router logits, summed over tokens
+
+    @staticmethod
+    def zeros(cfg: ModelConfig) -> "RouterStats":
+        k, e = cfg.experts_per_token, cfg.num_experts
+        return RouterStats(jnp.zeros(()), jnp.zeros((k, e)), jnp.zeros((e,)), jnp.zeros(()))
+
+
+def router_losses(cfg: ModelConfig, stats: RouterStats) -> dict[str, jax.Array]:
+    """``{'router_aux_loss', 'router_z_loss'}`` from the statistics summed over all layers.
+
+    The load-balancing loss is transformers' ``load_balancing_loss_func`` over every layer's
+    router logits at once: ``experts * sum_j,e f[j, e] * P[e]``, ``f`` the fraction of tokens
+    choosing expert ``e`` as their ``j``-th and ``P`` the mean router probability (both over
+    all layers' non-padding tokens). The z-loss is the mean squared log-sum-exp of the logits.
+    """
+    tokens = jnp.maximum(stats.tokens, 1.0)
+    fraction = stats.chosen / tokens
+    probability = stats.probability / tokens
+    aux = cfg.num_experts * jnp.sum(fraction * probability[None, :])
+    return {"router_aux_loss": aux, "router_z_loss": stats.z / tokens}
+
+
+def grouped_matmul(x, w, group_sizes, implementation: str):
+    """``x [rows, in]`` sorted by group, ``w [groups, in, out]``, ``group_sizes [groups]``
+    (summing to at most ``rows``) -> ``[rows, out]``: row ``i`` of group ``g`` times ``w[g]``.
+    Rows past the groups' total come out as zeros."""
+    if implementation == "ragged":
+        return jax.lax.ragged_dot(x, w, group_sizes, preferred_element_type=jnp.float32)
+    if implementation == "tiled":
+        return tiled_matmul(x, w, group_sizes)
+    raise ValueError(f"grouped_matmul: implementation {implementation!r}")
+
+
+def tiled_matmul(x, w, group_sizes, tile: int = TILE):
+    """`grouped_matmul` as one batched product over tiles of ``tile`` rows, each tile holding
+    rows of one group only (each group padded to whole tiles): work and memory grow with the
+    rows and tiles, not with rows x groups (XLA:CPU computes ``ragged_dot`` for every group)."""
+    rows, groups = x.shape[0], w.shape[0]
+    num_tiles = -(-rows // tile) + groups  # Padding adds less than one tile per group.
+    ends = jnp.cumsum(group_sizes)
+    starts = ends - group_sizes
+    padded_sizes = -(-group_sizes // tile) * tile
+    padded_ends = jnp.cumsum(padded_sizes)
+    padded_starts = padded_ends - padded_sizes
+    row = jnp.arange(rows)
+    row_group = jnp.minimum(jnp.searchsorted(ends, row, side="right"), groups - 1)
+    in_groups = row < ends[-1]
+    slot = padded_starts[row_group] + row - starts[row_group]
+    slot = jnp.where(in_groups, slot, num_tiles * tile)  # Out of range: dropped.
+    padded = jnp.zeros((num_tiles * tile, x.shape[1]), x.dtype).at[slot].set(x, mode="drop")
+    tile_group = jnp.searchsorted(padded_ends, jnp.arange(num_tiles) * tile, side="right")
+    tile_w = w[jnp.minimum(tile_group, groups - 1)]  # Tiles past the groups hold zeros.
+    out = jnp.einsum(
+        "tnd,tdm->tnm",
+        padded.reshape(num_tiles, tile, -1),
+        tile_w,
+        preferred_element_type=jnp.float32,
+    ).reshape(num_tiles * tile, -1)
+    return jnp.where(in_groups[:, None], out.at[slot].get(mode="fill", fill_value=0), 0)
+
+
+def _implementation(cfg: ModelConfig) -> str:
+    if cfg.moe_matmul != "auto":
+        return cfg.moe_matmul
+    return "tiled" if jax.default_backend() == "cpu" else "ragged"
+
+
+class MoE(nnx.Module):
+    """The experts' gated MLPs and their router (parameters stacked over experts)."""
+
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+        from itune.model.decoder import _param  # noqa: PLC0415  (decoder imports this module)
+
+        self.cfg = cfg
+        p = jnp.dtype(cfg.param_dtype)
+        d, m, e = cfg.d_model, cfg.mlp_dim, cfg.num_experts
+        normal = nnx.initializers.normal
+        self.router = _param(rngs, normal(d**-0.5), (d, e), p, ("embed", None))
+        self.gate = _param(rngs, normal(d**-0.5), (e, d, m), p, ("expert", "embed", "mlp"))
+        self.up = _param(rngs, normal(d**-0.5), (e, d, m), p, ("expert", "embed", "mlp"))
+        self.down = _param(rngs, normal(m**-0.5), (e, m, d), p, ("expert", "mlp", "embed"))
+
+    def route(self, x, segment_ids):
+        """``(weights [n, k], experts [n, k], RouterStats)`` of tokens ``x [n, d]``."""
+        cfg = self.cfg
+        logits = jnp.dot(
+            x.astype(jnp.float32),
+            self.router[...].astype(jnp.float32),
+            precision=jax.lax.Precision.HIGHEST,
+        )
+        probs = jax.nn.softmax(logits, axis=-1)
+        weights, experts = jax.lax.top_k(probs, cfg.experts_per_token)
+        if cfg.router_renormalize:
+            weights = weights / jnp.sum(weights, axis=-1, keepdims=True)
+        real = (segment_ids.reshape(-1) != 0).astype(jnp.float32)
+        chosen = jax.nn.one_hot(experts, cfg.num_experts, dtype=jnp.float32)  # [n, k, e] sums only
+        stats = RouterStats(
+            tokens=jnp.sum(real),
+            chosen=jnp.einsum("n,nke->ke", real, chosen),
+            probability=jnp.einsum("n,ne->e", real, probs),
+            z=jnp.sum(real * jax.nn.logsumexp(logits, axis=-1) ** 2),
+        )
+        return weights, experts, stats
+
+    def __call__(self, x, segment_ids, dropout_rng=None):
+        """``(output [b, t, d], RouterStats)``."""
+        from itune.model.decoder import MLP_ACTIVATIONS  # noqa: PLC0415
+
+        cfg = self.cfg
+        dt = jnp.dtype(cfg.dtype)
+        b, t, d = x.shape
+        tokens = x.reshape(b * t, d)
+        weights, experts, stats = self.route(tokens, segment_ids)
+        act = MLP_ACTIVATIONS[cfg.mlp_activation]
+        implementation = _implementation(cfg)
+        if implementation == "dense":
+            out = self._dense(tokens.astype(dt), weights, experts, act)
+            return out.reshape(b, t, d), stats
+        k = cfg.experts_per_token
+        flat_experts = experts.reshape(-1)
+        order = jnp.argsort(flat_experts, stable=True)
+        rows = tokens.astype(dt)[order // k]  # [n * k, d], grouped by expert
+        sizes = jnp.bincount(flat_experts, length=cfg.num_experts).astype(jnp.int32)
+
+        def matmul(inputs, w, group_sizes):
+            return grouped_matmul(inputs, w, group_sizes, implementation)
+
+        def project(name, inputs):
+            y = matmul(inputs, getattr(self, name)[...].astype(dt), sizes).astype(dt)
+            return lora.apply_grouped(self, name, inputs, y, sizes, matmul, dropout_rng)
+
+        hidden = act(project("gate", rows)) * project("up", rows)
+        out_rows = project("down", hidden)
+        inverse = jnp.zeros_like(order).at[order].set(jnp.arange(order.shape[0]))
+        per_choice = out_rows[inverse].reshape(b * t, k, d).astype(jnp.float32)
+        out = jnp.einsum("nkd,nk->nd", per_choice, weights).astype(dt)
+        return out.reshape(b, t, d), stats
+
+    def _dense(self, tokens, weights, experts, act):
+        """Every expert on every token, weighted by the router (zero for experts not chosen):
+        the reference that the grouped products are checked and measured against."""
+        cfg = self.cfg
+        dt = tokens.dtype
+        dense_weights = jnp.einsum(
+            "nk,nke->ne",
+            weights,
+            jax.nn.one_hot(experts, cfg.num_experts, dtype=jnp.float32),
+        )
+        out = jnp.zeros(tokens.shape, jnp.float32)
+        for e in range(cfg.num_experts):
+            gate = jnp.dot(tokens, self.gate[...][e].astype(dt), preferred_element_type=jnp.float32)
+            up = jnp.dot(tokens, self.up[...][e].astype(dt), preferred_element_type=jnp.float32)
+            hidden = (act(gate.astype(dt)) * up.astype(dt)).astype(dt)
+            y = jnp.dot(hidden, self.down[...][e].astype(dt), preferred_element_type=jnp.float32)
+            out = out + dense_weights[:, e : e + 1] * y
+        return out.astype(dt)
