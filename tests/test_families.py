@@ -375,7 +375,8 @@ def test_round_trip(built, tmp_path, family):
 
 @pytest.mark.parametrize("family", list(FAMILIES))
 def test_train_step_on_a_mesh_matches_one_device(built, family):
-    cfg = built(family)["cfg"]
+    """One step from the imported weights, on one device and on a 2 x 2 x 2 mesh."""
+    cfg, params = built(family)["cfg"], built(family)["params"]
     # Segments longer than the windows, so that the windows bind.
     batch = packed_batch(0, batch=8, length=24, vocab=cfg.vocab_size, segment_lengths=(15, 7))
     # Plain SGD at learning rate 1: the update is the gradient itself. (Adam's first step is
@@ -383,7 +384,7 @@ def test_train_step_on_a_mesh_matches_one_device(built, family):
     optim = optim_config(name="sgd", momentum=0.0, learning_rate=1.0, weight_decay=0.0)
     results = []
     for mesh_shape in ((1, 1, 1), MESH):
-        _, state, run = jitted_train_step(cfg, optim, mesh_shape)
+        _, state, run = jitted_train_step(cfg, optim, mesh_shape, params=params)
         init = jax.device_get(state.params)
         state, metrics = run(state, batch)
         results.append((init, jax.device_get(state), jax.device_get(metrics)))

@@ -62,10 +62,13 @@ def packed_batch(
     }
 
 
-def jitted_train_step(model_config, optim, mesh_shape=(1, 1, 1), num_steps=10, **step_kwargs):
+def jitted_train_step(
+    model_config, optim, mesh_shape=(1, 1, 1), num_steps=10, params=None, **step_kwargs
+):
     """``(layout, state, run)`` built as the trainer builds them, on a ``(data, fsdp, tensor)``
     mesh of the first devices: ``run(state, host_batch) -> (state, metrics)`` is the jitted,
-    donating `train_step` with ``step_kwargs``."""
+    donating `train_step` with ``step_kwargs``. With ``params`` (an imported model's, say), the
+    state starts from them rather than from a random initialisation."""
     import functools
 
     import jax
@@ -80,7 +83,15 @@ def jitted_train_step(model_config, optim, mesh_shape=(1, 1, 1), num_steps=10, *
     tx = optimizer.make_optimizer(optim, num_steps)
     schedule = optimizer.learning_rate_schedule(optim, num_steps)
     layout = state_lib.state_layout(model_config, tx, mesh, rules)
-    state = state_lib.init_train_state(layout, model_config, tx, mesh, rules)
+    if params is None:
+        state = state_lib.init_train_state(layout, model_config, tx, mesh, rules)
+    else:
+        import jax.numpy as jnp
+
+        state = state_lib.TrainState(
+            step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params)
+        )
+        state = jax.device_put(state, layout.shardings)
     batch_sharding = sharding.batch_sharding(mesh, rules)
     train_step = jax.jit(
         functools.partial(
