@@ -18,7 +18,9 @@ import numpy as np
 import pytest
 import torch
 import transformers
+from flax import nnx
 
+from itune import sharding
 from itune.convert import hf, weights
 from itune.evaluation import sampler
 from itune.model import presets
@@ -297,6 +299,40 @@ def test_routing_is_uneven(built, family):
         assert counts.min() > 0 and counts.max() >= 1.4 * counts.min(), counts
 
 
+@pytest.mark.parametrize("family", ["gemma3", "mixtral", "qwen3_moe"])
+def test_import_on_a_mesh_reads_only_each_devices_shard(built, family, monkeypatch):
+    """Placed shard by shard on a mesh (experts over fsdp: the "ep" strategy), every parameter
+    holds the one-device import's values, and the reader slices out the placed shards and
+    nothing more (of each expert's tensor, of each norm...)."""
+    run = built(family)
+    read_elements = []
+    read_part = hf._read_part
+
+    def recording(tensor, kind, index, head_dim):
+        part = read_part(tensor, kind, index, head_dim)
+        read_elements.append(part.size)
+        return part
+
+    monkeypatch.setattr(hf, "_read_part", recording)
+    mesh = sharding.make_mesh({"data": 1, "fsdp": 4, "tensor": 2})
+    _, _, params = hf.load_hf(run["path"], mesh=mesh, rules=sharding.STRATEGIES["ep"])
+    placed = 0
+    single = flat(run["params"])
+    for path, variable in nnx.to_flat_state(params):
+        value = variable.get_value()
+        # A shard per device (a fully replicated array is read once).
+        shards = (
+            value.addressable_shards[:1] if value.is_fully_replicated else value.addressable_shards
+        )
+        placed += sum(shard.data.size for shard in shards)
+        np.testing.assert_array_equal(np.asarray(value), single["/".join(map(str, path))])
+    assert sum(read_elements) == placed
+    if run["cfg"].num_experts:
+        gate = params["blocks"]["moe"]["gate"].get_value()
+        assert gate.sharding.spec[1] == "fsdp"  # [layers, experts, embed, mlp]
+        assert gate.addressable_shards[0].data.shape[1] == run["cfg"].num_experts // 4
+
+
 # ----------------------------------------------------------------------------------------------
 # Decoding
 
@@ -410,8 +446,6 @@ def test_train_step_on_a_mesh_matches_one_device(built, family):
 
 
 def flat_dict(params) -> dict[str, np.ndarray]:
-    from flax import nnx
-
     return {"/".join(map(str, p)): np.asarray(v.get_value()) for p, v in nnx.to_flat_state(params)}
 
 
@@ -546,13 +580,16 @@ def test_presets_export_as_transformers_reads_them(name, tmp_path):
 
     (tmp_path / "config.json").write_text(json.dumps(hf_config))
     theirs = transformers.AutoConfig.from_pretrained(str(tmp_path))
-    assert type(theirs).__name__ == {
-        "qwen3": "Qwen3Config",
-        "qwen3_moe": "Qwen3MoeConfig",
-        "gemma2": "Gemma2Config",
-        "gemma3_text": "Gemma3TextConfig",
-        "mixtral": "MixtralConfig",
-    }[hf_config["model_type"]]
+    assert (
+        type(theirs).__name__
+        == {
+            "qwen3": "Qwen3Config",
+            "qwen3_moe": "Qwen3MoeConfig",
+            "gemma2": "Gemma2Config",
+            "gemma3_text": "Gemma3TextConfig",
+            "mixtral": "MixtralConfig",
+        }[hf_config["model_type"]]
+    )
     sliding = [t == "sliding_attention" for t in getattr(theirs, "layer_types", None) or []]
     if cfg.global_layer_every:
         assert sliding == list(cfg.layer_is_sliding())
@@ -581,7 +618,9 @@ def test_export_refuses_what_no_family_computes():
             "global_layer_every",
         ),
         (
-            dataclasses.replace(qwen3, rope_local_theta=10.0, sliding_window=8, global_layer_every=2),
+            dataclasses.replace(
+                qwen3, rope_local_theta=10.0, sliding_window=8, global_layer_every=2
+            ),
             "rope_local_theta",
         ),
     ):
