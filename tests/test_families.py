@@ -11,6 +11,7 @@ one device. ``pytest -s`` prints the parity table at the end.
 """
 
 import dataclasses
+import json
 import os
 
 import jax
@@ -19,6 +20,7 @@ import pytest
 import torch
 import transformers
 from flax import nnx
+from safetensors import safe_open
 
 from itune import sharding
 from itune.convert import hf, weights
@@ -382,17 +384,9 @@ def test_round_trip(built, tmp_path, family):
     run = built(family)
     hf.save_hf(str(tmp_path), run["cfg"], run["params"])
     assert sorted(os.listdir(tmp_path)) == ["config.json", "model.safetensors"]
-    warnings = "none"
-    try:
-        model = from_pretrained_cleanly(str(tmp_path))
-    except AssertionError as e:
-        warnings = str(e)
-        raise
-    finally:
-        record(family, "round trip", warnings)
+    model = from_pretrained_cleanly(str(tmp_path))  # Fails on any of them.
+    record(family, "round trip", "none")
     assert type(model) is type(run["model"])
-    from safetensors import safe_open
-
     with safe_open(os.path.join(run["path"], hf.SINGLE_FILE), "np") as original:
         names = set(original.keys())
     assert set(hf.hf_tensor_shapes(run["cfg"])) == names
@@ -576,8 +570,6 @@ def test_presets_export_as_transformers_reads_them(name, tmp_path):
     cfg = ModelConfig(**presets.preset(name))
     hf_config = hf.config_to_hf(cfg)
     assert hf.config_from_hf(hf_config) == cfg
-    import json
-
     (tmp_path / "config.json").write_text(json.dumps(hf_config))
     theirs = transformers.AutoConfig.from_pretrained(str(tmp_path))
     assert (
