@@ -37,6 +37,7 @@ DEFAULT_RULES: LogicalRules = (
     ("kv_heads", "tensor"),
     ("head_dim", None),
     ("layers", None),
+    ("expert", None),
 )
 
 
@@ -64,11 +65,18 @@ TENSOR_PARALLEL_RULES: LogicalRules = (
     ("heads", "tensor"),
     ("kv_heads", "tensor"),
 )
+# Expert parallel (mixtures of experts): each device along fsdp holds whole experts, a share of
+# them (an expert array's 'expert' dimension takes fsdp before its 'embed' can); the other
+# parameters as in fsdp_tp. XLA gathers a layer's experts where its tokens meet them.
+EXPERT_PARALLEL_RULES: LogicalRules = (("expert", "fsdp"),) + tuple(
+    rule for rule in DEFAULT_RULES if rule[0] != "expert"
+)
 STRATEGIES: dict[str, LogicalRules] = {
     "dp": DATA_PARALLEL_RULES,
     "fsdp": FSDP_RULES,
     "tp": TENSOR_PARALLEL_RULES,
     "fsdp_tp": DEFAULT_RULES,
+    "ep": EXPERT_PARALLEL_RULES,
 }
 
 

@@ -14,13 +14,13 @@ from tests.util import optim_config, packed_batch, tiny_model_config
 MODEL = tiny_model_config(num_heads=4, num_kv_heads=4, d_model=32, mlp_dim=64, vocab_size=128)
 
 
-def _one_step(mesh_shape, batch, rules=sharding.DEFAULT_RULES):
+def _one_step(mesh_shape, batch, rules=sharding.DEFAULT_RULES, model=MODEL):
     devices = jax.devices()[: int(np.prod(mesh_shape))]
     mesh = sharding.make_mesh(dict(zip(sharding.MESH_AXES, mesh_shape)), devices)
     tx = optimizer.make_optimizer(optim_config(), num_steps=10)
     schedule = optimizer.learning_rate_schedule(optim_config(), 10)
-    layout = state_lib.state_layout(MODEL, tx, mesh, rules, seed=0)
-    state = state_lib.init_train_state(layout, MODEL, tx, mesh, rules, seed=0)
+    layout = state_lib.state_layout(model, tx, mesh, rules, seed=0)
+    state = state_lib.init_train_state(layout, model, tx, mesh, rules, seed=0)
     batch_sharding = sharding.batch_sharding(mesh, rules)
     train_step = jax.jit(
         functools.partial(step.train_step, graphdef=layout.graphdef, tx=tx, schedule=schedule),
@@ -90,6 +90,28 @@ def _check_against_one_device(mesh_shape, rules, params_sharded):
     # The step really changed the parameters.
     assert not np.allclose(jax.tree.leaves(ref_init)[0], jax.tree.leaves(ref_state.params)[0])
     return live_state
+
+
+@pytest.mark.parametrize(
+    "mesh_shape", [(2, 4, 1), (1, 2, 2)], ids=["data2x_fsdp4", "fsdp2x_tensor2"]
+)
+def test_expert_parallel_moe_step_matches_one_device(mesh_shape):
+    """Mixture of experts under the 'ep' strategy: each device holds a share of the experts
+    (whole ones), and the step equals the 1-device step."""
+    model = tiny_model_config(
+        num_experts=4, experts_per_token=2, mlp_dim=16, router_aux_loss_coef=0.01
+    )
+    rules = sharding.rules_from_config({"strategy": "ep"})
+    batch = packed_batch(0, batch=8, length=16, vocab=model.vocab_size)
+    _, ref_state, ref_metrics, _ = _one_step((1, 1, 1), batch, model=model)
+    _, new_state, metrics, live_state = _one_step(mesh_shape, batch, rules, model)
+    gate = live_state.params["blocks"]["moe"]["gate"].get_value()
+    assert gate.sharding.spec[1] == "fsdp"  # [layers, expert, embed, mlp]
+    assert gate.addressable_shards[0].data.shape[1] == 4 // mesh_shape[1]
+    for name in ("loss", "grad_norm", "router_aux_loss"):
+        np.testing.assert_allclose(metrics[name], ref_metrics[name], rtol=1e-5)
+    for a, b in zip(jax.tree.leaves(new_state), jax.tree.leaves(ref_state)):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
 
 
 def test_rules_map_logical_names_and_replicate_indivisible_dimensions():
