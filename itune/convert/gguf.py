@@ -1,4 +1,9 @@
-"""Importing a llama.cpp GGUF file: a LLaMA-architecture model, its tokenizer and chat format.
+"""Importing a llama.cpp GGUF file: the model, its tokenizer and chat format.
+
+Architectures (``general.architecture``): ``llama`` (LLaMA, Mistral, SmolLM2), ``qwen3``,
+``qwen3moe`` (Qwen3-MoE), ``gemma2`` and ``gemma3`` (the text model), as transformers' GGUF loader
+reads them; any other, or a feature of one that neither reads (a Mixtral-style ``llama`` file
+with experts, shared experts, YaRN), is refused with a `GGUFError` naming it.
 
 `load_gguf` reads the model's shape from the file's metadata and places its weights shard by
 shard (`itune.convert.weights.place_params`), dequantizing only the rows of one GGUF tensor that a
@@ -6,13 +11,20 @@ shard needs at a time, never the whole model. Every type the ``gguf`` package de
 supported (F32, F16, BF16, Q4_0 ... Q8_0, the K-quants, the IQ types, ...).
 
 Layout: a 2-D GGUF tensor, read as numpy, is the ``torch.nn.Linear`` weight ``(out, in)`` (ggml
-lists its dimensions the other way round). llama.cpp stores the rows of the q and k projections
-of each head permuted for interleaved (GPT-J style) RoPE; itune's RoPE is rotate-half (as in
-Hugging Face LLaMA), so they are un-permuted here as transformers' GGUF loader does.
+lists its dimensions the other way round); experts are stacked, ``(experts, out, in)``. llama.cpp
+stores the rows of the q and k projections of each head of a ``llama`` file permuted for
+interleaved (GPT-J style) RoPE; itune's RoPE is rotate-half (as in Hugging Face LLaMA), so they
+are un-permuted here as transformers' GGUF loader does (the other architectures use rotate-half
+RoPE in llama.cpp too, and are stored as they are). Gemma's norms are stored as ``1 + w``.
+Where llama.cpp fixes a value rather than storing it, the importer fixes the same one: Gemma 3's
+local RoPE base 10000 and 5 local : 1 global layers, Gemma 2/3's query scaling by the head
+dimension (by ``d_model / heads`` for the 27B models), Gemma 2's soft-caps 50 and 30 when absent,
+Qwen3-MoE's renormalised top-k weights. Where transformers' loader ignores a key that llama.cpp
+reads (a qwen3 file's head dimension, the experts' width, Gemma 3's RoPE scaling), itune reads it.
 
 `load_gguf_tokenizer` builds an `HFTokenizer` from the tokenizer in the metadata (byte-level BPE,
-``tokenizer.ggml.model == 'gpt2'``) and names the itune chat format that the file's
-``tokenizer.chat_template`` writes.
+``tokenizer.ggml.model == 'gpt2'``, or Gemma's SentencePiece vocabulary, ``'llama'``) and names the
+itune chat format that the file's ``tokenizer.chat_template`` writes.
 """
 
 from __future__ import annotations
@@ -26,20 +38,50 @@ import gguf
 import numpy as np
 from flax import nnx
 from jax.sharding import Mesh
-from tokenizers import AddedToken
 
 from itune import sharding
 from itune.convert.weights import place_params
-from itune.data.hf_tokenizer import HFTokenizer, _byte_decoder
+from itune.errors import UserError
 from itune.model import attention
 from itune.model.decoder import ModelConfig
 
-ARCHITECTURE = "llama"
 
-# GGUF token types (llama.cpp's llama_token_type).
-_CONTROL, _USER_DEFINED = 3, 4
+class GGUFError(UserError, ValueError):
+    """A GGUF file itune cannot read, in one line naming the key or tensor at fault."""
 
-# Chat formats by a marker their template writes, checked in this order.
+
+@dataclasses.dataclass(frozen=True)
+class _Family:
+    """How llama.cpp writes one architecture, and the `ModelConfig` fields it fixes."""
+
+    fields: dict[str, Any]
+    permuted_qk: bool = False  # q/k rows permuted for interleaved RoPE (convert_hf_to_gguf.py).
+    # llama.cpp's number of layers of its 27B model, whose queries are scaled by
+    # (d_model / heads) ** -0.5 rather than head_dim ** -0.5 (llama-model.cpp).
+    layers_of_27b: int = 0
+
+
+_GEMMA = dict(norm_plus_one=True, embed_scale=True, post_norms=True, mlp_activation="gelu_tanh")
+FAMILIES = {
+    "llama": _Family({}, permuted_qk=True),
+    "qwen3": _Family(dict(qk_norm=True)),
+    # llama.cpp always renormalises Qwen3-MoE's top-k weights (norm_topk_prob).
+    "qwen3moe": _Family(dict(qk_norm=True, router_renormalize=True)),
+    "gemma2": _Family(dict(_GEMMA, global_layer_every=2), layers_of_27b=46),
+    # llama.cpp fixes Gemma 3's pattern (5 local : 1 global) and its local RoPE base.
+    "gemma3": _Family(
+        dict(_GEMMA, qk_norm=True, global_layer_every=6, rope_local_theta=10_000.0),
+        layers_of_27b=62,
+    ),
+}
+# Values llama.cpp assumes when a file leaves the key out (llama-model.cpp).
+_DEFAULTS = {
+    "gemma2": {
+        "attn_logit_softcapping": 50.0,
+        "final_logit_softcapping": 30.0,
+        "attention.sliding_window": 4096,
+    },
+}
 
 # Types that are plain numbers in the file (the rest go through gguf.quants.dequantize).
 _PLAIN_TYPES = {
@@ -75,18 +117,38 @@ class _File:
         try:
             self.reader = _Reader(self.path)
         except (ValueError, OSError) as e:
-            raise ValueError(f"{self.path}: not a readable GGUF file ({e})") from e
+            raise GGUFError(f"{self.path}: not a readable GGUF file ({e})") from e
         self.tensors = {t.name: t for t in self.reader.tensors}
+        self.arch = self.get("general.architecture")
 
     def get(self, key: str, default: Any = None) -> Any:
         field = self.reader.fields.get(key)
-        return default if field is None else field.contents()
+        if field is None:
+            return default
+        if field.types == [gguf.GGUFValueType.FLOAT32]:
+            # The shortest decimal of the float32 (1e-06, not 9.99999997e-07): the value written.
+            return float(str(np.float32(field.contents())))
+        return field.contents()
 
     def require(self, key: str) -> Any:
         value = self.get(key)
         if value is None:
-            raise ValueError(f"{self.path}: the GGUF metadata has no {key!r}")
+            raise GGUFError(f"{self.path}: the GGUF metadata has no {key!r}")
         return value
+
+    def key(self, name: str) -> str:
+        """The architecture's own key ``name`` (``'qwen3.block_count'``)."""
+        return f"{self.arch}.{name}"
+
+    def arch_get(self, name: str, default: Any = None) -> Any:
+        """The architecture's key ``name``, else llama.cpp's default for it, else ``default``."""
+        value = self.get(self.key(name))
+        if value is None:
+            value = _DEFAULTS.get(self.arch, {}).get(name, default)
+        return value
+
+    def arch_require(self, name: str) -> Any:
+        return self.require(self.key(name))
 
     def shape(self, name: str) -> tuple[int, ...]:
         """A tensor's numpy shape (ggml lists the dimensions in reverse)."""
@@ -106,7 +168,7 @@ class _File:
             try:
                 out = gguf.quants.dequantize(data, qtype)
             except NotImplementedError as e:
-                raise ValueError(
+                raise GGUFError(
                     f"{self.path}: tensor {name!r} is of type {qtype.name}, which the gguf "
                     f"package cannot dequantize ({e})"
                 ) from e
@@ -131,46 +193,54 @@ def _parsed(path: str, mtime_ns: int, size: int) -> _File:
     return _File(path)
 
 
-def _meta(key: str) -> str:
-    return f"{ARCHITECTURE}.{key}"
-
-
-def _check_architecture(file: _File) -> None:
+def _family(file: _File) -> _Family:
     arch = file.require("general.architecture")
-    if arch != ARCHITECTURE:
-        raise ValueError(
-            f"{file.path}: general.architecture is {arch!r}; load_gguf supports only "
-            f"{ARCHITECTURE!r} (LLaMA, Mistral and SmolLM2 files use it)"
+    if arch not in FAMILIES:
+        raise GGUFError(
+            f"{file.path}: general.architecture is {arch!r}; load_gguf reads "
+            f"{', '.join(map(repr, FAMILIES))} files"
         )
+    return FAMILIES[arch]
 
 
 def _rope_scaling(file: _File, base: ModelConfig) -> dict[str, Any]:
     """ModelConfig fields for the RoPE scaling the file describes ({} for none)."""
-    kind = file.get(_meta("rope.scaling.type"))
-    factor = file.get(_meta("rope.scaling.factor"))
-    if kind not in (None, "none") or (kind is None and factor not in (None, 1.0)):
-        raise ValueError(
-            f"{file.path}: {_meta('rope.scaling.type')}={kind!r} "
-            f"({_meta('rope.scaling.factor')}={factor!r}) is not supported; itune's RoPE "
-            "knows no scaling but Llama 3's"
+    kind = file.arch_get("rope.scaling.type")
+    factor = file.arch_get("rope.scaling.factor")
+    if kind == "linear" and factor and float(factor) > 0:
+        fields = {"rope_scaling": "linear", "rope_scaling_factor": float(factor)}
+        if factor == 1:
+            fields = {}
+    elif kind not in (None, "none") or (kind is None and factor not in (None, 1.0)):
+        raise GGUFError(
+            f"{file.path}: {file.key('rope.scaling.type')}={kind!r} "
+            f"({file.key('rope.scaling.factor')}={factor!r}) is not supported; itune's RoPE "
+            "knows linear scaling and Llama 3's"
         )
+    else:
+        fields = {}
     if "rope_freqs.weight" not in file.tensors:
-        return {}
+        return fields
     # llama.cpp writes Llama 3 scaling as per-frequency divisors (convert_hf_to_gguf.py).
     factors = file.rows("rope_freqs.weight").astype(np.float64)
     if factors.shape != (base.head_dim // 2,):
-        raise ValueError(
+        raise GGUFError(
             f"{file.path}: tensor 'rope_freqs.weight' has shape {factors.shape}; expected "
             f"({base.head_dim // 2},)"
         )
     if np.allclose(factors, 1.0):
-        return {}
+        return fields
+    if fields:
+        raise GGUFError(
+            f"{file.path}: tensor 'rope_freqs.weight' and {file.key('rope.scaling.type')}="
+            f"{kind!r} both scale RoPE; itune applies one scaling only"
+        )
     return _fit_llama3(file, base, factors)
 
 
 def _fit_llama3(file: _File, base: ModelConfig, factors: np.ndarray) -> dict[str, Any]:
-    """Llama 3 scaling parameters that give ``factors``, or a ValueError if none do."""
-    original = int(file.get(_meta("rope.scaling.original_context_length")) or 8192)
+    """Llama 3 scaling parameters that give ``factors``, or a GGUFError if none do."""
+    original = int(file.arch_get("rope.scaling.original_context_length") or 8192)
     factor = float(factors.max())
     exponents = np.arange(0, base.head_dim, 2, dtype=np.float64) / base.head_dim
     wavelen = 2 * np.pi * float(base.rope_theta) ** exponents
@@ -194,55 +264,102 @@ def _fit_llama3(file: _File, base: ModelConfig, factors: np.ndarray) -> dict[str
     expected = attention.rope_frequencies(dataclasses.replace(base, **fields))
     plain = attention.rope_frequencies(base) / factors
     if not np.allclose(expected, plain, rtol=1e-4, atol=0):
-        raise ValueError(
+        raise GGUFError(
             f"{file.path}: tensor 'rope_freqs.weight' holds RoPE frequency factors that are not "
             "Llama 3 scaling, the only kind itune supports"
         )
     return fields
 
 
-def _config(file: _File, param_dtype: str, dtype: str, overrides: dict[str, Any]) -> ModelConfig:
-    _check_architecture(file)
-    experts = file.get(_meta("expert_count"))
-    if experts:
-        raise ValueError(
-            f"{file.path}: {_meta('expert_count')}={experts}: mixture-of-experts models "
-            "are not supported"
+def _experts(file: _File) -> dict[str, Any]:
+    """The mixture-of-experts fields (``{}`` for a dense file); a GGUFError for experts that
+    neither itune nor transformers' GGUF loader reads."""
+    count = int(file.arch_get("expert_count") or 0)
+    if file.arch != "qwen3moe":
+        if count:
+            raise GGUFError(
+                f"{file.path}: {file.key('expert_count')}={count}: transformers' GGUF loader "
+                f"reads no experts in a {file.arch!r} file (Mixtral's layout), nor does itune; "
+                "convert the Hugging Face checkpoint instead"
+            )
+        return {}
+    unsupported = {
+        "expert_shared_count": "shared experts",
+        "leading_dense_block_count": "dense layers before the expert layers",
+    }
+    for name, what in unsupported.items():
+        if file.arch_get(name):
+            raise GGUFError(
+                f"{file.path}: {file.key(name)}={file.arch_get(name)}: {what} are not supported"
+            )
+    gating = file.arch_get("expert_gating_func")
+    if gating not in (None, gguf.ExpertGatingFuncType.SOFTMAX):
+        raise GGUFError(
+            f"{file.path}: {file.key('expert_gating_func')}={gating}: only a softmax router "
+            "is supported"
         )
-    d_model = int(file.require(_meta("embedding_length")))
-    num_heads = int(file.require(_meta("attention.head_count")))
-    num_kv_heads = int(file.get(_meta("attention.head_count_kv")) or num_heads)
-    head_dim = int(file.get(_meta("attention.key_length")) or d_model // num_heads)
+    return dict(
+        num_experts=int(file.arch_require("expert_count")),
+        experts_per_token=int(file.arch_require("expert_used_count")),
+        mlp_dim=int(file.arch_require("expert_feed_forward_length")),
+    )
+
+
+def _config(file: _File, param_dtype: str, dtype: str, overrides: dict[str, Any]) -> ModelConfig:
+    family = _family(file)
+    d_model = int(file.arch_require("embedding_length"))
+    num_layers = int(file.arch_require("block_count"))
+    num_heads = int(file.arch_require("attention.head_count"))
+    num_kv_heads = int(file.arch_get("attention.head_count_kv") or num_heads)
+    head_dim = int(file.arch_get("attention.key_length") or d_model // num_heads)
     for key in ("attention.value_length", "rope.dimension_count"):
-        value = file.get(_meta(key))
+        value = file.arch_get(key)
         if value is not None and int(value) != head_dim:
-            raise ValueError(
-                f"{file.path}: {_meta(key)}={value} differs from the head dimension "
+            raise GGUFError(
+                f"{file.path}: {file.key(key)}={value} differs from the head dimension "
                 f"{head_dim}; not supported"
             )
     tokens = file.get("tokenizer.ggml.tokens")
-    vocab_size = len(tokens) if tokens else file.get(_meta("vocab_size"))
+    vocab_size = len(tokens) if tokens else file.arch_get("vocab_size")
     if not vocab_size:
         vocab_size = (
             file.shape("token_embd.weight")[0] if "token_embd.weight" in file.tensors else 0
         )
     if not vocab_size:
-        raise ValueError(f"{file.path}: the GGUF metadata has no 'tokenizer.ggml.tokens'")
+        raise GGUFError(f"{file.path}: the GGUF metadata has no 'tokenizer.ggml.tokens'")
+    fields = dict(family.fields)
+    fields.update(_experts(file))
+    if "mlp_dim" not in fields:
+        fields["mlp_dim"] = int(file.arch_require("feed_forward_length"))
+    if family.layers_of_27b:  # Gemma: llama.cpp scales queries by this, whatever the file says.
+        scalar = d_model / num_heads if num_layers == family.layers_of_27b else head_dim
+        fields["query_pre_attn_scalar"] = float(scalar)
+    if "rope_local_theta" in fields:
+        fields["rope_local_theta"] = float(
+            file.arch_get("rope.freq_base_swa") or fields["rope_local_theta"]
+        )
+    window = int(file.arch_get("attention.sliding_window") or 0)
+    if fields.get("global_layer_every") and not window:
+        raise GGUFError(
+            f"{file.path}: the GGUF metadata has no {file.key('attention.sliding_window')!r}"
+        )
     base = ModelConfig(
         vocab_size=int(vocab_size),
         d_model=d_model,
-        num_layers=int(file.require(_meta("block_count"))),
+        num_layers=num_layers,
         num_heads=num_heads,
         num_kv_heads=num_kv_heads,
         head_dim=head_dim,
-        mlp_dim=int(file.require(_meta("feed_forward_length"))),
-        rope_theta=float(file.get(_meta("rope.freq_base")) or 10_000.0),
-        max_seq_len=int(file.get(_meta("context_length")) or 8192),
-        norm_eps=float(file.get(_meta("attention.layer_norm_rms_epsilon")) or 1e-5),
-        sliding_window=int(file.get(_meta("attention.sliding_window")) or 0),
+        rope_theta=float(file.arch_get("rope.freq_base") or 10_000.0),
+        max_seq_len=int(file.arch_get("context_length") or 8192),
+        norm_eps=float(file.arch_get("attention.layer_norm_rms_epsilon") or 1e-5),
+        sliding_window=window,
+        attn_logit_softcap=float(file.arch_get("attn_logit_softcapping") or 0.0),
+        final_logit_softcap=float(file.arch_get("final_logit_softcapping") or 0.0),
         tie_embeddings="output.weight" not in file.tensors,
         param_dtype=param_dtype,
         dtype=dtype,
+        **fields,
     )
     cfg = dataclasses.replace(base, **_rope_scaling(file, base))
     unknown = sorted(set(overrides) - {f.name for f in dataclasses.fields(ModelConfig)})
@@ -254,32 +371,41 @@ def _config(file: _File, param_dtype: str, dtype: str, overrides: dict[str, Any]
 def gguf_config(
     path: str | os.PathLike, param_dtype: str = "float32", dtype: str = "float32", **overrides: Any
 ) -> ModelConfig:
-    """The `ModelConfig` of a LLaMA-architecture GGUF file, from its metadata; ``overrides`` set
-    other fields (``attention``, ``remat``...)."""
+    """The `ModelConfig` of a GGUF file, from its metadata; ``overrides`` set other fields
+    (``attention``, ``remat``...)."""
     return _config(_open(path), param_dtype, dtype, overrides)
 
 
 def _expected_tensors(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
     """GGUF tensor name -> numpy shape (the torch Linear ``(out, in)`` layout)."""
-    d, v, m = cfg.d_model, cfg.vocab_size, cfg.mlp_dim
+    d, v, m, e = cfg.d_model, cfg.vocab_size, cfg.mlp_dim, cfg.num_experts
     q, kv = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
     shapes = {"token_embd.weight": (v, d), "output_norm.weight": (d,)}
     if not cfg.tie_embeddings:
         shapes["output.weight"] = (v, d)
     for i in range(cfg.num_layers):
-        shapes.update(
-            {
-                f"blk.{i}.attn_norm.weight": (d,),
-                f"blk.{i}.attn_q.weight": (q, d),
-                f"blk.{i}.attn_k.weight": (kv, d),
-                f"blk.{i}.attn_v.weight": (kv, d),
-                f"blk.{i}.attn_output.weight": (d, q),
-                f"blk.{i}.ffn_norm.weight": (d,),
-                f"blk.{i}.ffn_gate.weight": (m, d),
-                f"blk.{i}.ffn_up.weight": (m, d),
-                f"blk.{i}.ffn_down.weight": (d, m),
+        layer = {
+            "attn_norm": (d,),
+            "attn_q": (q, d),
+            "attn_k": (kv, d),
+            "attn_v": (kv, d),
+            "attn_output": (d, q),
+            "ffn_norm": (d,),
+        }
+        if cfg.qk_norm:
+            layer |= {"attn_q_norm": (cfg.head_dim,), "attn_k_norm": (cfg.head_dim,)}
+        if cfg.post_norms:
+            layer |= {"post_attention_norm": (d,), "post_ffw_norm": (d,)}
+        if e:
+            layer |= {
+                "ffn_gate_inp": (e, d),
+                "ffn_gate_exps": (e, m, d),
+                "ffn_up_exps": (e, m, d),
+                "ffn_down_exps": (e, d, m),
             }
-        )
+        else:
+            layer |= {"ffn_gate": (m, d), "ffn_up": (m, d), "ffn_down": (d, m)}
+        shapes.update({f"blk.{i}.{name}.weight": shape for name, shape in layer.items()})
     return shapes
 
 
@@ -287,17 +413,17 @@ def _check_tensors(file: _File, cfg: ModelConfig) -> None:
     expected = _expected_tensors(cfg)
     for name, shape in expected.items():
         if name not in file.tensors:
-            raise ValueError(f"{file.path}: the GGUF file has no tensor {name!r}")
+            raise GGUFError(f"{file.path}: the GGUF file has no tensor {name!r}")
         if file.shape(name) != shape:
-            raise ValueError(
+            raise GGUFError(
                 f"{file.path}: tensor {name!r} has shape {file.shape(name)}; the metadata "
                 f"implies {shape}"
             )
     unexpected = sorted(set(file.tensors) - set(expected) - {"rope_freqs.weight"})
     if unexpected:
-        raise ValueError(
+        raise GGUFError(
             f"{file.path}: tensors {unexpected[:5]}{' ...' if len(unexpected) > 5 else ''} have "
-            "no place in itune's LLaMA model (biases? another architecture?)"
+            f"no place in itune's model of a {file.arch!r} file (biases? shared experts?)"
         )
 
 
@@ -321,6 +447,9 @@ def _layer_readers(
 ) -> dict[str, Callable[[int, tuple[slice, ...]], np.ndarray]]:
     """itune path -> ``f(layer, index)``: one layer's part of a stacked parameter."""
     hd = cfg.head_dim
+    permuted = FAMILIES[file.arch].permuted_qk
+    # Gemma's norms are stored as 1 + w, itune's (like transformers') as w.
+    offset = 1.0 if cfg.norm_plus_one else 0.0
 
     def projection(tensor: str, num_heads: int, permuted: bool):
         def read(layer, index):  # (d, heads, head_dim)
@@ -345,24 +474,41 @@ def _layer_readers(
 
         return read
 
-    def norm(tensor: str):
-        return lambda layer, index: file.rows(f"blk.{layer}.{tensor}.weight")[index]
+    def experts(tensor: str):
+        def read(layer, index):  # (experts, in, out) from the (experts, out, in) weight
+            w = file.rows(f"blk.{layer}.{tensor}.weight", index[0])
+            return w.transpose(0, 2, 1)[:, index[1], index[2]]
 
-    return {
-        "blocks/attn/q": projection("attn_q", cfg.num_heads, True),
-        "blocks/attn/k": projection("attn_k", cfg.num_kv_heads, True),
+        return read
+
+    def norm(tensor: str):
+        return lambda layer, index: file.rows(f"blk.{layer}.{tensor}.weight")[index] - offset
+
+    readers = {
+        "blocks/attn/q": projection("attn_q", cfg.num_heads, permuted),
+        "blocks/attn/k": projection("attn_k", cfg.num_kv_heads, permuted),
         "blocks/attn/v": projection("attn_v", cfg.num_kv_heads, False),
         "blocks/attn/o": output,
         "blocks/attn_norm/scale": norm("attn_norm"),
         "blocks/mlp_norm/scale": norm("ffn_norm"),
+        "blocks/attn/q_norm/scale": norm("attn_q_norm"),
+        "blocks/attn/k_norm/scale": norm("attn_k_norm"),
+        "blocks/attn_post_norm/scale": norm("post_attention_norm"),
+        "blocks/mlp_post_norm/scale": norm("post_ffw_norm"),
         "blocks/mlp/gate": transposed("ffn_gate"),
         "blocks/mlp/up": transposed("ffn_up"),
         "blocks/mlp/down": transposed("ffn_down"),
+        "blocks/moe/router": transposed("ffn_gate_inp"),
+        "blocks/moe/gate": experts("ffn_gate_exps"),
+        "blocks/moe/up": experts("ffn_up_exps"),
+        "blocks/moe/down": experts("ffn_down_exps"),
     }
+    return readers
 
 
 def _reader(file: _File, cfg: ModelConfig) -> Callable[[str, tuple[slice, ...]], np.ndarray]:
     layers = _layer_readers(file, cfg)
+    offset = 1.0 if cfg.norm_plus_one else 0.0
 
     def read(path: str, index: tuple[slice, ...]) -> np.ndarray:
         if path == "embed":  # (vocab, d)
@@ -370,9 +516,9 @@ def _reader(file: _File, cfg: ModelConfig) -> Callable[[str, tuple[slice, ...]],
         if path == "lm_head":  # (d, vocab)
             return file.rows("output.weight", index[1]).T[index[0]]
         if path == "final_norm/scale":
-            return file.rows("output_norm.weight")[index]
+            return file.rows("output_norm.weight")[index] - offset
         if path not in layers:
-            raise ValueError(f"{file.path}: the GGUF importer has no source for {path!r}")
+            raise GGUFError(f"{file.path}: the GGUF importer has no source for {path!r}")
         parts = [layers[path](i, index[1:]) for i in range(cfg.num_layers)[index[0]]]
         return np.stack(parts) if parts else np.zeros((0,), np.float32)
 
@@ -387,11 +533,11 @@ def load_gguf(
     dtype: str = "float32",
     **overrides: Any,
 ) -> tuple[ModelConfig, nnx.GraphDef, nnx.State]:
-    """A LLaMA-architecture GGUF file as ``(config, graphdef, params)``;
-    ``nnx.merge(graphdef, params)`` is the model. Parameters are placed on ``mesh`` (without
-    one, on the first device) and stored as ``param_dtype``; ``overrides`` set `ModelConfig`
-    fields that leave the parameters' shapes alone (``attention``, ``remat``, ``scan_layers``...).
-    A missing or misshapen tensor, or metadata itune cannot honour, is a ValueError naming it."""
+    """A GGUF file as ``(config, graphdef, params)``; ``nnx.merge(graphdef, params)`` is the
+    model. Parameters are placed on ``mesh`` (without one, on the first device) and stored as
+    ``param_dtype``; ``overrides`` set `ModelConfig` fields that leave the parameters' shapes
+    alone (``attention``, ``remat``, ``scan_layers``...). A missing or misshapen tensor, or
+    metadata itune cannot honour, is a `GGUFError` naming it."""
     file = _open(path)
     cfg = _config(file, param_dtype, dtype, overrides)
     _check_tensors(file, cfg)
@@ -400,63 +546,8 @@ def load_gguf(
 
 
 def load_gguf_tokenizer(path: str | os.PathLike):
-    """``(HFTokenizer, chat format name or None)`` from a GGUF file's tokenizer metadata.
+    """``(HFTokenizer, chat format name or None)`` from a GGUF file's tokenizer metadata (see
+    `itune.convert.gguf_tokenizer`)."""
+    from itune.convert import gguf_tokenizer  # noqa: PLC0415  (it reads files through this module)
 
-    Control tokens (``<|im_start|>``...) become special tokens with their own single ids, and
-    user-defined ones added tokens, as llama.cpp matches both whole in text. Only byte-level BPE
-    vocabularies (``tokenizer.ggml.model == 'gpt2'``) with a pre-tokenizer `HFTokenizer` knows
-    (``tokenizer.ggml.pre``: gpt2, smollm, starcoder...) are supported.
-    """
-    file = _open(path)
-    model = file.require("tokenizer.ggml.model")
-    if model != "gpt2":
-        raise ValueError(
-            f"{file.path}: tokenizer.ggml.model is {model!r}; load_gguf_tokenizer supports only "
-            "byte-level BPE ('gpt2')"
-        )
-    tokens = list(file.require("tokenizer.ggml.tokens"))
-    merges_text = file.require("tokenizer.ggml.merges")
-    types = list(file.get("tokenizer.ggml.token_type") or [1] * len(tokens))
-    if len(types) != len(tokens):
-        raise ValueError(
-            f"{file.path}: tokenizer.ggml.token_type has {len(types)} entries for "
-            f"{len(tokens)} tokens"
-        )
-    merges = []
-    for n, merge in enumerate(merges_text):
-        pair = merge.split(" ")
-        if len(pair) != 2:
-            raise ValueError(f"{file.path}: tokenizer.ggml.merges[{n}] is {merge!r}")
-        merges.append((pair[0], pair[1]))
-    spell = {byte: char for char, byte in _byte_decoder().items()}
-    alphabet = set(spell.values())
-    vocab: dict[str, int] = {}
-    specials = []
-    for token_id, (token, kind) in enumerate(zip(tokens, types)):
-        if kind in (_CONTROL, _USER_DEFINED):
-            # Matched whole in the raw text: kept as spelled, with its own id.
-            specials.append(AddedToken(token, special=kind == _CONTROL, normalized=False))
-        elif not set(token) <= alphabet:
-            # A normal token spelled in plain text rather than the byte alphabet.
-            token = "".join(spell[byte] for byte in token.encode("utf-8"))
-        vocab.setdefault(token, token_id)
-
-    def special_id(key: str) -> int | None:
-        value = file.get(f"tokenizer.ggml.{key}")
-        return None if value is None else int(value)
-
-    add_bos = file.get("tokenizer.ggml.add_bos_token")
-    tokenizer = HFTokenizer.from_vocab_and_merges(
-        vocab,
-        merges,
-        specials,
-        bos=special_id("bos_token_id"),
-        eos=special_id("eos_token_id"),
-        pad=special_id("padding_token_id"),
-        pre_tokenizer=file.get("tokenizer.ggml.pre") or "gpt2",
-        name=file.path,
-        add_bos_token=None if add_bos is None else bool(add_bos),
-    )
-    from itune.data import chat  # noqa: PLC0415
-
-    return tokenizer, chat.format_for_template(file.get("tokenizer.chat_template"))
+    return gguf_tokenizer.load_gguf_tokenizer(path)
