@@ -99,8 +99,9 @@ def test_attention_implementations_match_the_xla_reference(implementation):
     ref, model = _same_params(cfg, dataclasses.replace(cfg, attention=implementation))
     batch = packed_batch(4, batch=2, length=128, vocab=128, segment_lengths=(50, 40, 20))
     np.testing.assert_allclose(_logits(model, batch), _logits(ref, batch), rtol=1e-5, atol=1e-5)
-    (ref_loss, ref_grads), (loss, grads) = _loss_and_grads(ref, batch), _loss_and_grads(
-        model, batch
+    (ref_loss, ref_grads), (loss, grads) = (
+        _loss_and_grads(ref, batch),
+        _loss_and_grads(model, batch),
     )
     np.testing.assert_allclose(loss, ref_loss, rtol=1e-5)
     for a, b in zip(jax.tree.leaves(grads), jax.tree.leaves(ref_grads)):
@@ -130,8 +131,9 @@ def test_unrolled_layers_and_remat_give_the_same_loss_and_gradients(change):
     ref, model = _same_params(cfg, dataclasses.replace(cfg, **change))
     assert jax.tree.structure(nnx.state(ref)) == jax.tree.structure(nnx.state(model))
     batch = packed_batch(6, batch=2, length=16, vocab=128, segment_lengths=(9, 7))
-    (ref_loss, ref_grads), (loss, grads) = _loss_and_grads(ref, batch), _loss_and_grads(
-        model, batch
+    (ref_loss, ref_grads), (loss, grads) = (
+        _loss_and_grads(ref, batch),
+        _loss_and_grads(model, batch),
     )
     np.testing.assert_allclose(loss, ref_loss, rtol=1e-6)
     for a, b in zip(jax.tree.leaves(grads), jax.tree.leaves(ref_grads)):
@@ -253,6 +255,102 @@ def test_attention_in_query_blocks_equals_one_block(sliding_window):
         np.testing.assert_allclose(got, want, atol=2e-5)
 
 
+def test_soft_capped_scaled_attention_and_its_backward_against_autodiff():
+    """Scores scaled by query_pre_attn_scalar ** -0.5 and soft-capped (Gemma 2), in query blocks
+    with the written-out backward, against autodiff of the plain formula; the decoding path
+    (`cached_attention`) computes the same."""
+    from itune.model import attention
+
+    kq, kk, kv = jax.random.split(jax.random.key(2), 3)
+    q = 3 * jax.random.normal(kq, (2, 32, 4, 8))
+    k, v = jax.random.normal(kk, (2, 32, 2, 8)), jax.random.normal(kv, (2, 32, 2, 8))
+    segments = np.array([[1] * 32, [1] * 32])
+    scale, cap, window = 0.2, 2.0, 6
+    mask = attention.attention_mask(jnp.asarray(segments), window)
+
+    def reference(q, k, v):
+        kr, vr = (jnp.repeat(x, 2, axis=2) for x in (k, v))
+        scores = jnp.einsum("bthd,bshd->bhts", q, kr) * scale
+        scores = cap * jnp.tanh(scores / cap)
+        scores = jnp.where(mask[:, None], scores, -1e30)
+        return jnp.einsum("bhts,bshd->bthd", jax.nn.softmax(scores, axis=-1), vr)
+
+    def blocked(q, k, v):
+        return attention.dot_product_attention(
+            q, k, v, segments, window, block=8, scale=scale, softcap=cap
+        )
+
+    def loss(f):
+        return lambda *a: jnp.sum(jnp.sin(f(*a)))
+
+    np.testing.assert_allclose(blocked(q, k, v), reference(q, k, v), atol=1e-5)
+    assert np.abs(jnp.einsum("bthd,bshd->bhts", q, jnp.repeat(k, 2, 2)) * scale).max() > 2 * cap
+    for got, want in zip(
+        jax.grad(loss(blocked), (0, 1, 2))(q, k, v), jax.grad(loss(reference), (0, 1, 2))(q, k, v)
+    ):
+        np.testing.assert_allclose(got, want, atol=2e-5)
+    positions = jnp.broadcast_to(jnp.arange(32), (2, 32))
+    cached = attention.cached_attention(q, k, v, positions, jnp.asarray(window), scale, cap)
+    np.testing.assert_allclose(cached, reference(q, k, v), atol=1e-5)
+
+
+def _gemma3_like(**overrides):
+    values = dict(
+        num_layers=5,
+        sliding_window=3,
+        global_layer_every=2,
+        rope_local_theta=100.0,
+        rope_scaling="linear",
+        rope_scaling_factor=4.0,
+        qk_norm=True,
+        post_norms=True,
+        norm_plus_one=True,
+        embed_scale=True,
+        query_pre_attn_scalar=12.0,
+        attn_logit_softcap=5.0,
+        final_logit_softcap=3.0,
+    )
+    values.update(overrides)
+    return tiny_model_config(**values)
+
+
+def test_local_and_global_layers_scanned_equal_them_unrolled():
+    """A model whose layers differ (sliding and global, each with its RoPE) under one scan over
+    one stacked parameter tree computes what the unrolled layers do, forward and backward; and
+    the scanned program does not grow with depth."""
+    cfg = _gemma3_like()
+    assert cfg.layer_is_sliding() == (True, False, True, False, True)
+    model = Decoder(cfg, rngs=nnx.Rngs(4))
+    params = jax.tree.map(
+        lambda x: x + 0.1 * jnp.cos(jnp.arange(x.size).reshape(x.shape)), nnx.state(model)
+    )
+    batch = packed_batch(5, batch=2, length=12, vocab=128, segment_lengths=(7, 5))
+    unrolled = Decoder(dataclasses.replace(cfg, scan_layers=False), rngs=nnx.Rngs(4))
+    scanned_loss, scanned_grads = _loss_and_grads(nnx.merge(nnx.graphdef(model), params), batch)
+    unrolled_loss, unrolled_grads = _loss_and_grads(
+        nnx.merge(nnx.graphdef(unrolled), params), batch
+    )
+    np.testing.assert_allclose(scanned_loss, unrolled_loss, rtol=1e-5)
+    for a, b in zip(jax.tree.leaves(scanned_grads), jax.tree.leaves(unrolled_grads)):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+    # Changing one global layer's RoPE scaling changes the output (the layers really differ).
+    unscaled = nnx.merge(
+        nnx.graphdef(Decoder(dataclasses.replace(cfg, rope_scaling="none"), rngs=nnx.Rngs(4))),
+        params,
+    )
+    assert not np.allclose(
+        _logits(unscaled, batch), _logits(nnx.merge(nnx.graphdef(model), params), batch)
+    )
+
+    def program_lines(num_layers):
+        deep = Decoder(_gemma3_like(num_layers=num_layers), rngs=nnx.Rngs(0))
+        tokens = jnp.zeros((1, 8), jnp.int32)
+        lowered = jax.jit(lambda m: m(tokens, tokens, tokens + 1)).lower(deep)
+        return len(lowered.as_text().splitlines())
+
+    assert program_lines(12) == program_lines(6)
+
+
 def test_bfloat16_attention_backward_runs_in_bfloat16():
     """Every product of attention's bfloat16 forward and backward takes bfloat16 operands (XLA's
     CPU library path), and the gradients stay close to float32 attention's."""
@@ -348,8 +446,16 @@ def test_compiled_bfloat16_step_keeps_xla_cpu_on_its_fast_paths():
     no stack of per-layer residuals goes through float32 (XLA:CPU updates a layer's slice of a
     bfloat16 stack by converting the whole stack, at every layer)."""
     cfg = tiny_model_config(
-        vocab_size=256, d_model=64, num_layers=3, num_heads=4, num_kv_heads=2, head_dim=16,
-        mlp_dim=128, dtype="bfloat16", remat="save_dots", max_seq_len=256,
+        vocab_size=256,
+        d_model=64,
+        num_layers=3,
+        num_heads=4,
+        num_kv_heads=2,
+        head_dim=16,
+        mlp_dim=128,
+        dtype="bfloat16",
+        remat="save_dots",
+        max_seq_len=256,
     )
     model = Decoder(cfg, rngs=nnx.Rngs(0))
     graphdef, params = nnx.split(model)
@@ -367,8 +473,10 @@ def test_compiled_bfloat16_step_keeps_xla_cpu_on_its_fast_paths():
     assert all(types == ("bf16", "bf16") for types in operand_types), operand_types
     stacked = rf"f32\[{cfg.num_layers},[\d,]+\]\S* convert\(\S+\)"
     converted_stacks = [
-        line for line in hlo.splitlines()
-        if re.search(stacked, line) and re.search(r"convert\(%[\w.\-]+\)", line)
+        line
+        for line in hlo.splitlines()
+        if re.search(stacked, line)
+        and re.search(r"convert\(%[\w.\-]+\)", line)
         and _operand_is_bfloat16(hlo, line)
     ]
     assert not converted_stacks, converted_stacks

@@ -38,7 +38,7 @@ import optax
 from flax import nnx
 
 if TYPE_CHECKING:
-    from itune.model.decoder import ModelConfig
+    from itune.model.config import ModelConfig
 
 TARGETS = ("q", "k", "v", "o", "gate", "up", "down")
 ATTENTION_TARGETS = ("q", "k", "v", "o")

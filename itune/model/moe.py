@@ -24,7 +24,7 @@ from flax import nnx
 from itune.model import lora
 
 if TYPE_CHECKING:
-    from itune.model.decoder import ModelConfig
+    from itune.model.config import ModelConfig
 
 MATMULS = ("auto", "ragged", "tiled", "dense")
 # Rows of one tile of `tiled_matmul`: each expert's group is padded to a multiple of it.
