@@ -87,7 +87,9 @@ def tiled_matmul(x, w, group_sizes, tile: int = TILE):
     in_groups = row < ends[-1]
     slot = padded_starts[row_group] + row - starts[row_group]
     slot = jnp.where(in_groups, slot, num_tiles * tile)  # Out of range: dropped.
-    padded = jnp.zeros((num_tiles * tile, x.shape[1]), x.dtype).at[slot].set(x, mode="drop")
+    # Each slot's row (out of range for padding): rows and slots map one to one.
+    slot_row = jnp.full((num_tiles * tile,), rows, slot.dtype).at[slot].set(row, mode="drop")
+    padded = _take(x, slot_row, slot)
     tile_group = jnp.searchsorted(padded_ends, jnp.arange(num_tiles) * tile, side="right")
     tile_w = w[jnp.minimum(tile_group, groups - 1)]  # Tiles past the groups hold zeros.
     out = jnp.einsum(
@@ -96,7 +98,27 @@ def tiled_matmul(x, w, group_sizes, tile: int = TILE):
         tile_w,
         preferred_element_type=jnp.float32,
     ).reshape(num_tiles * tile, -1)
-    return jnp.where(in_groups[:, None], out.at[slot].get(mode="fill", fill_value=0), 0)
+    return _take(out, slot, slot_row)  # Rows past the groups: zeros.
+
+
+@jax.custom_vjp
+def _take(x, index, inverse):
+    """``x[index]``, zero where ``index`` is out of range; ``index`` and ``inverse`` map the
+    rows they keep one to one (``x[index][inverse] == x`` on those), so the gradient is a
+    gather by ``inverse`` as well (XLA:CPU runs a gather much faster than a scatter)."""
+    return x.at[index].get(mode="fill", fill_value=0)
+
+
+def _take_fwd(x, index, inverse):
+    return _take(x, index, inverse), (index, inverse)
+
+
+def _take_bwd(residuals, g):
+    index, inverse = residuals
+    return _take(g, inverse, index), None, None
+
+
+_take.defvjp(_take_fwd, _take_bwd)
 
 
 def _implementation(cfg: ModelConfig) -> str:
