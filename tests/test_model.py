@@ -485,3 +485,29 @@ def test_compiled_bfloat16_step_keeps_xla_cpu_on_its_fast_paths():
 def _operand_is_bfloat16(hlo: str, line: str) -> bool:
     name = re.search(r"convert\(%([\w.\-]+)\)", line).group(1)
     return bool(re.search(rf"%{re.escape(name)} = bf16\[", hlo))
+
+
+def test_gemma3_trains_in_bfloat16_without_non_finite_steps():
+    """A Gemma 3 shape (q/k norm, four norms, local and global layers, embedding scale) with
+    bfloat16 parameters and computation trains for a few steps at a high learning rate: every
+    step finite, the loss falling (scores, soft-caps, norms and the loss run in float32)."""
+    from tests.util import jitted_train_step, optim_config
+
+    cfg = _gemma3_like(
+        attn_logit_softcap=0.0,
+        final_logit_softcap=0.0,
+        dtype="bfloat16",
+        param_dtype="bfloat16",
+        mlp_activation="gelu_tanh",
+    )
+    # Rows of two attention blocks (XLA:CPU runs bfloat16 products of one block of 128 or
+    # fewer queries through a kernel without bfloat16).
+    batch = packed_batch(7, batch=2, length=256, vocab=cfg.vocab_size, segment_lengths=(256,))
+    batch["loss_mask"][:] = 1
+    _, state, run = jitted_train_step(cfg, optim_config(learning_rate=3e-2), num_steps=8)
+    losses = []
+    for _ in range(8):
+        state, metrics = run(state, batch)
+        assert float(metrics["nonfinite"]) == 0.0
+        losses.append(float(metrics["loss"]))
+    assert all(np.isfinite(losses)) and losses[-1] < 0.7 * losses[0]

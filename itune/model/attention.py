@@ -70,7 +70,9 @@ def attention_mask(segment_ids: jax.Array, sliding_window: int = 0) -> jax.Array
     length = segment_ids.shape[-1]
     offset = jnp.arange(length)[:, None] - jnp.arange(length)[None, :]
     allowed = offset >= 0
-    if sliding_window:
+    if not isinstance(sliding_window, int):  # Traced (a layer's own, under scan); 0: none.
+        allowed &= (offset < sliding_window) | (sliding_window == 0)
+    elif sliding_window:
         allowed &= offset < sliding_window
     same_segment = segment_ids[:, :, None] == segment_ids[:, None, :]
     return same_segment & allowed[None]

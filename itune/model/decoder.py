@@ -185,7 +185,9 @@ class Attention(nnx.Module):
 
         if isinstance(sliding, bool):
             out = attend(cfg.sliding_window if sliding else 0)()
-        else:  # Layers differ: each runs the attention of its kind, compiled once for each.
+        elif cfg.attention == "xla":  # Layers differ: the mask takes each layer's window.
+            out = attend(jnp.where(sliding, cfg.sliding_window, 0))()
+        else:  # The kernels take a fixed mask: each kind is compiled once, and runs on its layers.
             out = jax.lax.cond(sliding, attend(cfg.sliding_window), attend(0))
         y = matmul("bthk,hkd->btd", out, self.o[...], dt)
         return lora.apply(self, "o", out, y, dropout_rng)
