@@ -15,6 +15,7 @@ import json
 import os
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
@@ -25,8 +26,8 @@ from safetensors import safe_open
 from itune import sharding
 from itune.convert import hf, weights
 from itune.evaluation import sampler
-from itune.model import presets
-from itune.model.decoder import ModelConfig
+from itune.model import lora, presets
+from itune.model.decoder import Decoder, ModelConfig
 from tests.util import (
     flat,
     from_pretrained_cleanly,
@@ -631,3 +632,24 @@ def test_parity_table():
         row = RESULTS.get(family, {})
         lines.append(f"| {family} | " + " | ".join(row.get(c, "-") for c in columns) + " |")
     print("\n" + "\n".join(lines))
+
+
+@pytest.mark.parametrize("family", ["mixtral", "qwen3_moe"])
+def test_lora_on_attention_and_experts_exports_merged(built, tmp_path, family):
+    """LoRA on the attention and every expert's projections of an imported mixture (adapters
+    made non-zero, as after training): the merged export, loaded by transformers, computes the
+    logits that itune computes with the adapters."""
+    run = built(family)
+    cfg = dataclasses.replace(run["cfg"], lora_rank=4, lora_targets="q,v,o,gate,up,down")
+    adapters = lora.init_adapters(cfg, seed=3)
+    adapters = jax.tree.map(
+        lambda a: a + 0.02 * jnp.cos(jnp.arange(a.size).reshape(a.shape)), adapters
+    )
+    params = lora.with_adapters(run["params"], adapters)
+    graphdef = nnx.graphdef(nnx.eval_shape(lambda: Decoder(cfg, rngs=nnx.Rngs(0))))
+    tokens = np.stack(token_rows(4, [SEQ, SEQ]))
+    adapted = itune_logits(graphdef, params, tokens)
+    assert max_relative_error(adapted, itune_logits(run["graphdef"], run["params"], tokens)) > 1e-3
+    hf.save_hf(str(tmp_path), cfg, params)
+    model = from_pretrained_cleanly(str(tmp_path))
+    assert max_relative_error(adapted, hf_logits(model, tokens)) < TOLERANCE

@@ -7,9 +7,10 @@ training workdirs.
 
 SRC, read (``--from``):
   itune     an itune model folder: model.json, params/, tokenizer/
-  hf        a Hugging Face folder: config.json (Llama, Mistral, Qwen2, Gemma), *.safetensors and
-            the tokenizer's files
-  gguf      a llama.cpp GGUF file of a LLaMA-architecture model, any quantization
+  hf        a Hugging Face folder: config.json (Llama, Mistral, Qwen2, Qwen3, Gemma 1/2/3,
+            Mixtral, Qwen3-MoE), *.safetensors and the tokenizer's files
+  gguf      a llama.cpp GGUF file (llama, qwen3, qwen3moe, gemma2 or gemma3 architecture),
+            any quantization
   workdir   a training workdir (``itune-train --workdir``): its newest checkpoint
 DST, written (``--to``), a path that does not exist yet:
   itune     an itune model folder
