@@ -167,3 +167,13 @@ def test_flops_count_the_chosen_experts_only():
     assert cfg.num_params() - dense.num_params() == cfg.num_layers * (
         7 * 3 * cfg.d_model * cfg.mlp_dim + cfg.d_model * cfg.num_experts
     )
+
+
+def test_peft_adapters_of_experts_are_refused_with_the_way_out(tmp_path):
+    from itune.convert import peft
+
+    cfg = moe_config(lora_rank=2, lora_targets="q,up")
+    params = nnx.state(Decoder(cfg, rngs=nnx.Rngs(0)))
+    with pytest.raises(ValueError, match=r"expert projections \['up'\].*--to=hf"):
+        peft.save_adapters(str(tmp_path / "adapters"), cfg, params)
+    assert not (tmp_path / "adapters").exists()

@@ -15,6 +15,7 @@ from safetensors import safe_open
 from itune import atomic, sharding
 from itune.convert import weights
 from itune.convert.hf import LAYOUTS
+from itune.errors import ConfigError
 from itune.convert.tokenizer_files import read_json as _read_json
 from itune.convert.tokenizer_files import write_json as _write_json
 from itune.model import lora
@@ -66,6 +67,7 @@ def save_adapters(
 
     if not cfg.lora_rank:
         raise ValueError("save_adapters: model.lora_rank is 0 (no adapters)")
+    _check_no_expert_adapters(cfg)
     tensors = {}
     for name, value in weights.host_params(lora.adapters_only(params)):
         target, which = _adapter_target(name)
@@ -126,6 +128,17 @@ def adapter_config(path: str, cfg: ModelConfig) -> ModelConfig:
     )
 
 
+def _check_no_expert_adapters(cfg: ModelConfig) -> None:
+    """PEFT names an expert's adapters after transformers' module of that expert, which
+    transformers 5 fuses across experts: adapters on experts travel merged (`hf.save_hf`)."""
+    experts = [t for t in lora.parse_targets(cfg.lora_targets) if lora.experts_of(cfg, t)]
+    if cfg.lora_rank and experts:
+        raise ConfigError(
+            f"model.lora_targets has expert projections {experts}: PEFT adapters of experts "
+            "are not written or read; export the merged model (--to=hf) instead"
+        )
+
+
 def load_adapters(
     path: str,
     cfg: ModelConfig,
@@ -137,6 +150,7 @@ def load_adapters(
     without one) in ``cfg.param_dtype``. ``lora.with_adapters(base_params, adapters)`` makes
     the LoRA model's parameters. A missing, misshapen or unexpected tensor is a ValueError."""
     cfg = adapter_config(path, cfg)
+    _check_no_expert_adapters(cfg)
     if mesh is None:
         mesh = sharding.make_mesh({"data": 1, "fsdp": 1, "tensor": 1}, jax.devices()[:1])
     _, abstract = weights.abstract_params(cfg, rules)
