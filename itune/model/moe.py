@@ -155,10 +155,13 @@ class MoE(nnx.Module):
         if cfg.router_renormalize:
             weights = weights / jnp.sum(weights, axis=-1, keepdims=True)
         real = (segment_ids.reshape(-1) != 0).astype(jnp.float32)
-        chosen = jax.nn.one_hot(experts, cfg.num_experts, dtype=jnp.float32)  # [n, k, e] sums only
+        # Counted by scatter-add: a one-hot [tokens, k, experts] would be large at 128 experts.
+        rank = jnp.broadcast_to(jnp.arange(cfg.experts_per_token), experts.shape)
+        chosen = jnp.zeros((cfg.experts_per_token, cfg.num_experts), jnp.float32)
+        chosen = chosen.at[rank, experts].add(jnp.broadcast_to(real[:, None], experts.shape))
         stats = RouterStats(
             tokens=jnp.sum(real),
-            chosen=jnp.einsum("n,nke->ke", real, chosen),
+            chosen=chosen,
             probability=jnp.einsum("n,ne->e", real, probs),
             z=jnp.sum(real * jax.nn.logsumexp(logits, axis=-1) ** 2),
         )
