@@ -159,7 +159,14 @@ def test_preflight_of_a_step_that_does_not_fit_gives_figures_and_hints():
 
 @pytest.mark.parametrize(
     "name, slice_name",
-    [("llama3_8b_sft", "v5p-64"), ("llama3_70b_sft", "v5p-256"), ("gemma_2b_sft", "v5e-16")],
+    [
+        ("llama3_8b_sft", "v5p-64"),
+        ("llama3_70b_sft", "v5p-256"),
+        ("gemma_2b_sft", "v5e-16"),
+        ("qwen3_30b_a3b_sft", "v5p-32"),
+        ("mixtral_8x7b_sft", "v5p-32"),
+        ("gemma3_27b_sft", "v5p-32"),
+    ],
 )
 def test_real_scale_configs_name_their_topology(name, slice_name):
     spec = importlib.util.spec_from_file_location(name, REPO / f"configs/{name}.py")
