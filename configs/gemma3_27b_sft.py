@@ -1,6 +1,6 @@
 """Instruction-tune Gemma 3 27B (its text decoder) on the GSM8K and chat mixture of ``../shared``:
 64 rows of 4096 tokens per step on a TPU v5p-32 slice (16 chips, 4 hosts), the smallest v5p
-slice it fits (55 GiB of 95 per chip; on v5p-16 it needs 97).
+slice it fits (57 GiB of 95 per chip; on v5p-16 it needs 98).
 
   itune-preflight --config=configs/gemma3_27b_sft.py                  # compile for v5p-32 here
   launch/tpu.sh create --name=itune-gemma3 --zone=us-east5-a --accelerator=v5p-32

@@ -1,7 +1,7 @@
 """Instruction-tune Qwen3-30B-A3B (128 experts, 8 per token: 30.5B parameters, 3.3B active) on
 the GSM8K and chat mixture of ``../shared``: 64 rows of 4096 tokens per step on a TPU v5p-32
-slice (16 chips, 4 hosts), the smallest v5p slice it fits (71 GiB of 95 per chip; on v5p-16 it
-needs 113).
+slice (16 chips, 4 hosts), the smallest v5p slice it fits (67 GiB of 95 per chip; on v5p-16 it
+needs 112).
 
   itune-preflight --config=configs/qwen3_30b_a3b_sft.py               # compile for v5p-32 here
   launch/tpu.sh create --name=itune-qwen3moe --zone=us-east5-a --accelerator=v5p-32
