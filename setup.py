@@ -33,6 +33,9 @@ INSTALL_REQUIRES = [
     "gguf==0.19.0",
     # IFEval's language instructions: the official checker detects languages with langdetect.
     "langdetect==1.0.9",
+    # Models' own chat templates, rendered in its sandbox as transformers renders them
+    # (itune.data.jinja_template); 3.1.6 is the first release without the known sandbox escapes.
+    "jinja2==3.1.6",
 ]
 
 EXTRAS_REQUIRE = {
@@ -42,8 +45,6 @@ EXTRAS_REQUIRE = {
         # torch pulls a CUDA build of several GB.
         "torch==2.13.0",
         "transformers==5.23.0",
-        # Renders chat templates in the export tests (transformers only suggests it).
-        "jinja2>=3.1",
         # transformers refuses to load a GGUF model without it.
         "accelerate==1.15.0",
         # The notebooks (tests/test_notebooks.py): jupytext makes each .ipynb from its

@@ -6,7 +6,9 @@ encoded with byte offsets, and a token is trained exactly when it overlaps a tra
 
 Built-in formats follow the Hugging Face chat templates of their model families: ``chatml``,
 ``llama3`` (Llama 3 instruct), ``gemma``, ``mistral`` (the v1 ``[INST]`` template) and ``alpaca``.
-A format of one's own comes from a config through `ChatFormat.from_config`.
+A format of one's own comes from a config through `ChatFormat.from_config`. A model's own Jinja
+template (`itune.data.jinja_template.ChatTemplate`) renders and tokenizes through the same
+`render` and `tokenize`, its trained spans found in its rendering.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
+from itune.data.jinja_template import ChatTemplate
 from itune.data.tokenizer import Tokenizer
 
 ROLES = ("system", "user", "assistant", "tool")
@@ -218,16 +221,23 @@ def format_for_template(template: str | None) -> str | None:
     return None
 
 
-def get_format(name_or_config: Any) -> ChatFormat:
-    """A built-in format by name, or a format from a config (see `ChatFormat.from_config`).
+def get_format(name_or_config: Any) -> ChatFormat | ChatTemplate:
+    """A built-in format by name, a format from a config (see `ChatFormat.from_config`), or a
+    Jinja chat template: a `ChatTemplate`, a ``.jinja`` file, or the template's own text.
 
     >>> get_format("llama3").end_of_turn
     '<|eot_id|>'
+    >>> get_format("{{ messages[0].content }}").name
+    'data.chat_format'
     """
-    if isinstance(name_or_config, ChatFormat):
+    if isinstance(name_or_config, (ChatFormat, ChatTemplate)):
         return name_or_config
     if not isinstance(name_or_config, str):
         return ChatFormat.from_config(name_or_config)
+    if name_or_config.endswith(".jinja"):
+        return ChatTemplate.from_file(name_or_config)
+    if "{{" in name_or_config or "{%" in name_or_config:
+        return ChatTemplate(name_or_config, name="data.chat_format")
     if name_or_config not in FORMATS:
         raise ValueError(
             f"data.chat_format={name_or_config!r}; known formats: {sorted(FORMATS)} "
@@ -305,9 +315,10 @@ def validate(
 
 def render(
     messages: Sequence[Mapping],
-    fmt: ChatFormat,
+    fmt: ChatFormat | ChatTemplate,
     add_generation_prompt: bool = False,
     train_on: str = "all_assistant",
+    tools: Any = None,
 ) -> list[Piece]:
     """Renders a conversation into pieces, trained as ``train_on`` says.
 
@@ -319,9 +330,13 @@ def render(
     >>> chat = [{"role": "user", "content": "2+2?"}, {"role": "assistant", "content": "4"}]
     >>> [(p.text, p.trained) for p in render(chat, CHATML)][-4:]
     [('assistant\\n', False), ('4', True), ('<|im_end|>', True), ('\\n', False)]
+
+    A `ChatTemplate` renders the chat with ``tools`` (built-in formats have no place for them).
     """
     if train_on not in TRAIN_ON:
         raise ValueError(f"train_on={train_on!r}; expected one of {TRAIN_ON}")
+    if isinstance(fmt, ChatTemplate):
+        return fmt.render(messages, add_generation_prompt, train_on, tools)
     validate(messages, fmt, add_generation_prompt)
     everything = train_on == "all"
     last = max((i for i, m in enumerate(messages) if m["role"] == "assistant"), default=-1)
@@ -428,11 +443,17 @@ def tokenize(
     return np.asarray(ids, np.int32), np.asarray(mask, np.int32)
 
 
-def prompt_ids(messages: Sequence[Mapping], tokenizer: Tokenizer, fmt: ChatFormat) -> np.ndarray:
+def prompt_ids(
+    messages: Sequence[Mapping],
+    tokenizer: Tokenizer,
+    fmt: ChatFormat | ChatTemplate,
+    tools: Any = None,
+) -> np.ndarray:
     """Token ids of a conversation followed by an open assistant turn, ready for generation.
 
     >>> # chatml, [user "2+2?"] -> the ids of
     >>> # <s> <|im_start|> user\\n2+2? <|im_end|> \\n <|im_start|> assistant\\n
     """
-    ids, _ = tokenize(render(messages, fmt, add_generation_prompt=True), tokenizer, fmt)
+    pieces = render(messages, fmt, add_generation_prompt=True, tools=tools)
+    ids, _ = tokenize(pieces, tokenizer, fmt)
     return ids
