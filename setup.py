@@ -36,6 +36,9 @@ INSTALL_REQUIRES = [
     # Models' own chat templates, rendered in its sandbox as transformers renders them
     # (itune.data.jinja_template); 3.1.6 is the first release without the known sandbox escapes.
     "jinja2==3.1.6",
+    # Parquet files and Arrow datasets as data sources, read a record batch at a time
+    # (itune.data.sources.parquet, .arrow); tensorflow-datasets already pulls it in, unpinned.
+    "pyarrow==26.0.1",
 ]
 
 EXTRAS_REQUIRE = {
@@ -47,6 +50,8 @@ EXTRAS_REQUIRE = {
         "transformers==5.23.0",
         # transformers refuses to load a GGUF model without it.
         "accelerate==1.15.0",
+        # Writes the Arrow datasets (save_to_disk) that the Arrow source tests read.
+        "datasets==5.2.0",
         # The notebooks (tests/test_notebooks.py): jupytext makes each .ipynb from its
         # percent-format .py, nbclient runs it on ipykernel's python3 kernel, and they plot with
         # matplotlib.

@@ -24,6 +24,7 @@ run replays it exactly, and the global batches do not depend on the number of pr
 
 from __future__ import annotations
 
+import array
 import dataclasses
 import itertools
 import logging
@@ -62,12 +63,12 @@ def data_shards(data_config: Any) -> tuple[int, range]:
 
 @dataclasses.dataclass
 class Source:
-    """One source: this process's training examples by shard (None for the infinite built-in)
-    and the whole held-out eval slice."""
+    """One source: this process's training examples by shard (None for the infinite built-in;
+    a `sources_lib.RecordPool` for sources read on demand) and the whole held-out eval slice."""
 
     name: str
     weight: float
-    shards: dict[int, list[dict]] | None
+    shards: dict[int, Sequence[dict]] | None
     eval: list[dict]
     stats: sources_lib.SourceStats
     size: int = 0  # Training examples over all shards: the source's size in a mixture.
@@ -77,7 +78,7 @@ class Source:
     def is_builtin(self) -> bool:
         return self.shards is None
 
-    def pool(self, shard: int) -> list[dict]:
+    def pool(self, shard: int) -> Sequence[dict]:
         """The training examples of ``shard``, which this process must own."""
         if self.shards is None or shard not in self.shards:
             raise ValueError(f"source {self.name!r}: this process does not read shard {shard}")
@@ -131,7 +132,10 @@ def load_sources(
         order = np.random.default_rng([data_config.seed, 7]).permutation(num_records)
         eval_records = {int(i) for i in order[:num_eval]}
         bounds = [s * num_records // num_shards for s in range(num_shards + 1)]
-        pools: dict[int, list[dict]] = {s: [] for s in own}
+        # A source that can read a record again by its index keeps only the indices of its
+        # training examples, not the examples (see `sources_lib.RecordPool`).
+        table = sources_lib.record_table(spec, bounds[own.start], bounds[own.stop])
+        pools: dict[int, Any] = {s: [] if table is None else array.array("q") for s in own}
         held_out, shard = [], own.start
         stats = sources_lib.SourceStats(spec.name)
         records = sources_lib.read_records(
@@ -141,6 +145,7 @@ def load_sources(
             bounds[own.start],
             bounds[own.stop],
             log_skips=log_skips,
+            table=table,
         )
         for index, example in records:
             if index in eval_records:
@@ -148,7 +153,12 @@ def load_sources(
                 continue
             while index >= bounds[shard + 1]:
                 shard += 1
-            pools[shard].append(example)
+            pools[shard].append(example if table is None else index)
+        if table is not None:
+            pools = {
+                s: sources_lib.RecordPool(table, indices, spec, stats.format)
+                for s, indices in pools.items()
+            }
         if stats.skipped and log_skips:
             logging.warning("Skipped bad examples in %s", stats.summary())
         loaded.append(Source(spec.name, spec.weight, pools, [], stats, 0, banks.get(spec.name)))

@@ -3,9 +3,12 @@ reads its kind of storage, and the reading functions that go through it.
 
 A reader module has two functions: ``count(spec)``, the number of record indices of the source,
 and ``records(spec, first, stop)``, a `Raw` record for each index ``first <= index < stop``
-(``stop`` None: to the end), reading no more of the storage than it must. A config entry is a
-spec of the first row whose ``key`` it has; a spec is read by the first row of its class that
-``reads`` it. Adding a kind of storage (Parquet, say) is one reader module and one row here.
+(``stop`` None: to the end), reading no more of the storage than it must. One that can read a
+record again by its index also has ``table(spec, first, stop)``: an object with that range's
+``records()`` and ``raw(index)`` (a `Raw` record, or None for an index that holds none), so that
+the records need not be held once checked (`record_table`). A config entry is a spec of the first
+row whose ``key`` it has; a spec is read by the first row of its class that ``reads`` it. Adding a
+kind of storage is one reader module and one row here.
 """
 
 from __future__ import annotations
@@ -16,7 +19,7 @@ from typing import Any, Callable, Iterator
 
 import tensorflow as tf
 
-from itune.data.sources import json_array, jsonl, tfds
+from itune.data.sources import arrow, json_array, jsonl, parquet, tfds
 from itune.data.sources.records import SourceStats, examples, start_reading
 from itune.data.sources.spec import SourceSpec
 from itune.errors import ConfigError
@@ -30,12 +33,15 @@ class Reader:
     key: str  # The key that makes a ``config.data.sources`` entry a spec of ``spec``.
     spec: type
     reads: Callable[[Any], bool]  # Whether it reads a spec of its class (its file, say).
-    module: types.ModuleType  # count(spec), records(spec, first, stop).
+    module: types.ModuleType  # count(spec), records(spec, first, stop) [, table(spec, ...)].
 
 
 READERS = (
     Reader("tfds", "tfds", tfds.TfdsSourceSpec, lambda spec: True, tfds),
-    # A file's kind is read off its content, not its name: a JSON list opens with "[".
+    Reader("arrow", "path", SourceSpec, lambda s: arrow.holds_dataset(s.path), arrow),
+    # A file's kind is read off its content, not its name: Parquet opens with "PAR1", a JSON
+    # list with "[".
+    Reader("parquet", "path", SourceSpec, lambda s: parquet.holds_parquet(s.path), parquet),
     Reader("json_array", "path", SourceSpec, lambda s: json_array.holds_array(s.path), json_array),
     Reader("jsonl", "path", SourceSpec, lambda spec: True, jsonl),
 )
@@ -66,10 +72,19 @@ def specs_from_config(sources: Any) -> list[Any]:
 
 def reader_for(spec: Any) -> Reader:
     """The `READERS` row that reads ``spec``; a file that does not exist raises here."""
-    if isinstance(spec, SourceSpec) and not tf.io.gfile.exists(spec.path):
+    # A path is a file, a folder, or a glob of Parquet shards.
+    if isinstance(spec, SourceSpec) and not (
+        tf.io.gfile.exists(spec.path) or parquet.files(spec.path)
+    ):
         raise FileNotFoundError(
             f"source {spec.name!r}: no such file: {spec.path}; correct its path in data.sources"
         )
+    if isinstance(spec, SourceSpec) and tf.io.gfile.isdir(spec.path):
+        if not (arrow.holds_dataset(spec.path) or parquet.holds_parquet(spec.path)):
+            raise ConfigError(
+                f"source {spec.name!r}: the folder {spec.path} holds neither Parquet files nor a "
+                "dataset saved by save_to_disk"
+            )
     for reader in READERS:
         if isinstance(spec, reader.spec) and reader.reads(spec):
             return reader
@@ -78,8 +93,15 @@ def reader_for(spec: Any) -> Reader:
 
 def count_records(spec: Any) -> int:
     """The number of record indices of a source (see `read_records`): a JSONL file's lines, a
-    JSON list's records, a TFDS split's examples."""
+    JSON list's records, a TFDS split's examples, the rows of Parquet files or an Arrow dataset."""
     return reader_for(spec).module.count(spec)
+
+
+def record_table(spec: Any, first: int = 0, stop: int | None = None) -> Any:
+    """The records ``first <= index < stop`` of a source, to be read in order and again one at a
+    time by index (see `READERS`); None for a kind of storage that cannot (a JSON list, TFDS)."""
+    module = reader_for(spec).module
+    return module.table(spec, first, stop) if hasattr(module, "table") else None
 
 
 def read_records(
@@ -90,6 +112,7 @@ def read_records(
     stop: int | None = None,
     *,
     log_skips: bool = True,
+    table: Any = None,
 ) -> Iterator[tuple[int, dict]]:
     """``(record index, example)`` for the records ``first <= index < stop`` of a source.
 
@@ -100,10 +123,14 @@ def read_records(
     skips bad records and counts them in ``stats.skipped`` (logging the first few, unless not
     ``log_skips``). Problems with a source as a whole raise in either mode: a JSON list that
     does not parse (there is no next record to go on from), or ``auto`` finding no known format
-    in the first record.
+    in the first record. A ``table`` of the same range (`record_table`) is read instead of the
+    storage.
     """
     stats = start_reading(spec, on_bad_example, stats)
-    raws = reader_for(spec).module.records(spec, first, stop)
+    if table is not None:
+        raws = table.records()
+    else:
+        raws = reader_for(spec).module.records(spec, first, stop)
     return examples(raws, spec, on_bad_example == "skip", stats, log_skips)
 
 

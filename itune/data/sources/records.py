@@ -2,7 +2,8 @@
 
 Every reader yields `Raw` records, whatever its storage; `examples` converts them with the
 source's format and maps (`itune.data.sources.formats`), so that a bad record is reported and
-skipped alike for every kind of source.
+skipped alike for every kind of source. A `RecordPool` converts them again on demand, for sources
+whose records are not held.
 """
 
 from __future__ import annotations
@@ -10,7 +11,9 @@ from __future__ import annotations
 import collections
 import dataclasses
 import logging
-from typing import Any, Iterable, Iterator, NamedTuple
+from typing import Any, Iterable, Iterator, NamedTuple, Sequence
+
+import numpy as np
 
 from itune.data.sources.formats import DataError, convert, detect_format
 from itune.errors import ConfigError
@@ -43,6 +46,7 @@ class SourceStats:
     read: int = 0
     skipped: collections.Counter = dataclasses.field(default_factory=collections.Counter)
     yielded: int = 0
+    format: str = ""  # The format records were converted with (``auto``: the one detected).
 
     def summary(self) -> str:
         skipped = ", ".join(f"{n} {why}" for why, n in sorted(self.skipped.items())) or "none"
@@ -76,6 +80,7 @@ def examples(
                 raise raw.record
             if fmt is None and isinstance(raw.record, dict):
                 fmt = detect_format(raw.record, spec.field_map, raw.location)
+            stats.format = fmt or spec.format
             example = convert(
                 raw.record,
                 fmt or spec.format,
@@ -94,3 +99,38 @@ def examples(
             continue
         stats.yielded += 1
         yield raw.index, example
+
+
+class RecordPool(Sequence):
+    """Examples of a source read on demand: ``pool[i]`` reads record ``indices[i]`` from a
+    reader's ``table`` (see `itune.data.sources.record_table`) and converts it, so that the
+    examples are not held, only their indices (8 bytes each).
+
+    The records must have been read and checked once (`examples`), converted then with ``fmt``;
+    each is read, parsed and converted again each time it is looked up.
+    """
+
+    def __init__(self, table: Any, indices: Sequence[int], spec: Any, fmt: str):
+        self.table, self.spec, self.fmt = table, spec, fmt
+        self.indices = np.asarray(indices, np.int64)
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, i: int) -> dict:
+        if not -len(self) <= i < len(self):
+            raise IndexError(f"record pool index {i} out of range (size {len(self)})")
+        raw = self.table.raw(int(self.indices[i]))
+        spec = self.spec
+        return convert(
+            raw.record,
+            self.fmt,
+            spec.field_map,
+            spec.role_map,
+            raw.source or spec.name,
+            raw.origin,
+            raw.location,
+        )
+
+    def __iter__(self) -> Iterator[dict]:
+        return (self[i] for i in range(len(self)))
