@@ -2,7 +2,8 @@
 
 Layers name their dimensions (``'embed'``, ``'mlp'``, ``'heads'``, ``'activation_batch'``...);
 a rules table maps each name to a mesh axis, a tuple of mesh axes, or None (replicated).
-Changing strategy (data parallel, FSDP, tensor parallel) is a change of rules, never of the model:
+Changing strategy (data parallel, FSDP, tensor parallel, context parallel) is a change of rules,
+never of the model:
 ``config.mesh.strategy`` picks one of `STRATEGIES`, and ``config.mesh.rules``, when given,
 replaces its table.
 """
@@ -18,7 +19,8 @@ import numpy as np
 from flax import nnx
 from jax.sharding import AbstractMesh, AxisType, Mesh, NamedSharding, PartitionSpec
 
-MESH_AXES = ("data", "fsdp", "tensor")
+# ``context`` last: a config or a shape that names only the first three axes gets context 1.
+MESH_AXES = ("data", "fsdp", "tensor", "context")
 
 LogicalRules = tuple[tuple[str, Any], ...]
 
@@ -71,21 +73,30 @@ TENSOR_PARALLEL_RULES: LogicalRules = (
 EXPERT_PARALLEL_RULES: LogicalRules = (("expert", "fsdp"),) + tuple(
     rule for rule in DEFAULT_RULES if rule[0] != "expert"
 )
+# Context parallel: as fsdp_tp, and the sequence of every activation split over context
+# (attention gathers the keys and values, `itune.model.context`); parameters split along 'embed'
+# over fsdp and context together, so that the context devices do not each hold a replica.
+CONTEXT_PARALLEL_RULES: LogicalRules = (
+    ("activation_length", "context"),
+    ("embed", ("fsdp", "context")),
+) + tuple(rule for rule in DEFAULT_RULES if rule[0] not in ("activation_length", "embed"))
 STRATEGIES: dict[str, LogicalRules] = {
     "dp": DATA_PARALLEL_RULES,
     "fsdp": FSDP_RULES,
     "tp": TENSOR_PARALLEL_RULES,
     "fsdp_tp": DEFAULT_RULES,
     "ep": EXPERT_PARALLEL_RULES,
+    "cp": CONTEXT_PARALLEL_RULES,
 }
 
 
 def mesh_shape(mesh_config: Any, num_devices: int) -> tuple[int, ...]:
-    """The ``(data, fsdp, tensor)`` sizes of ``config.mesh`` for ``num_devices`` devices.
+    """The ``(data, fsdp, tensor, context)`` sizes of ``config.mesh`` for ``num_devices``
+    devices; an axis the config does not name has size 1.
 
     One axis size may be -1: it takes all devices left over by the others.
     """
-    shape = [int(mesh_config[name]) for name in MESH_AXES]
+    shape = [int(mesh_config.get(name, 1)) for name in MESH_AXES]
     if shape.count(-1) > 1:
         raise ValueError(f"config.mesh: at most one of {MESH_AXES} may be -1, got {shape}")
     if -1 in shape:
@@ -105,7 +116,8 @@ def mesh_shape(mesh_config: Any, num_devices: int) -> tuple[int, ...]:
 
 
 def make_mesh(mesh_config: Any, devices: Sequence[jax.Device] | None = None) -> Mesh:
-    """A mesh with axes ``data, fsdp, tensor`` sized by ``config.mesh`` (see `mesh_shape`)."""
+    """A mesh with axes ``data, fsdp, tensor, context`` sized by ``config.mesh`` (see
+    `mesh_shape`)."""
     devices = list(jax.devices() if devices is None else devices)
     shape = mesh_shape(mesh_config, len(devices))
     # Auto axes: Flax layers and sharding propagation expect them (Explicit is jax's new default).
@@ -150,8 +162,16 @@ def device_grid(shape: Sequence[int], devices: Sequence[jax.Device]) -> np.ndarr
         return np.array(devices).reshape(shape)
 
 
+def describe(shape: Sequence[int]) -> str:
+    """``'data 2, fsdp 2, tensor 2'``: the axes' sizes, context only where it splits rows."""
+    sizes = zip(MESH_AXES, shape)
+    return ", ".join(f"{a} {n}" for a, n in sizes if a != "context" or n > 1)
+
+
 def abstract_mesh(shape: Sequence[int]) -> AbstractMesh:
-    """A mesh of the given ``(data, fsdp, tensor)`` sizes without devices: for plans."""
+    """A mesh of the given ``(data, fsdp, tensor, context)`` sizes without devices: for plans.
+    Axes left out at the end have size 1."""
+    shape = tuple(shape) + (1,) * (len(MESH_AXES) - len(shape))
     return AbstractMesh(tuple(shape), MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES))
 
 

@@ -138,6 +138,7 @@ def test_mesh_errors_name_the_problem():
         "data": 2,
         "fsdp": 4,
         "tensor": 1,
+        "context": 1,
     }
 
 

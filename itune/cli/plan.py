@@ -54,7 +54,7 @@ def format_plan(config, num_devices: int) -> str:
     mesh = sharding.abstract_mesh(shape)
     _, abstract = weights.abstract_params(model_config, rules)
     rows = sharding.plan(abstract, mesh, rules)
-    mesh_text = ", ".join(f"{a} {n}" for a, n in zip(sharding.MESH_AXES, shape))
+    mesh_text = sharding.describe(shape)
     strategy = "custom rules" if config.mesh.get("rules") else f"strategy {config.mesh.strategy}"
     lines = [
         f"Sharding plan: {model_config.num_params() / 1e6:,.1f}M parameters "

@@ -111,7 +111,7 @@ def _setup_lines(config, run, mesh_shape) -> list[str]:
     """The model (a `run_model.RunModel`), mesh and batch."""
     tokens = config.data.global_batch_size * config.data.seq_len
     strategy = "custom rules" if config.mesh.get("rules") else f"strategy {config.mesh.strategy}"
-    mesh_text = ", ".join(f"{a} {n}" for a, n in mesh_shape.items())
+    mesh_text = ", ".join(f"{a} {n}" for a, n in mesh_shape.items() if a != "context" or n > 1)
     model_config = run.config
     return [
         f"model: {run.architecture}, "

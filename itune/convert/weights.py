@@ -50,7 +50,9 @@ def place_params(
     """The model's graph and parameters, each parameter built shard by shard from ``read`` and
     cast to ``cfg.param_dtype``. Without a mesh, everything goes to the first device."""
     if mesh is None:
-        mesh = Mesh(np.array(jax.devices()[:1]).reshape(1, 1, 1), sharding.MESH_AXES)
+        mesh = Mesh(
+            np.array(jax.devices()[:1]).reshape((1,) * len(sharding.MESH_AXES)), sharding.MESH_AXES
+        )
     graphdef, abstract = abstract_params(cfg, rules)
     shardings = sharding.state_shardings(abstract, mesh, rules)
     flat_shardings = dict(nnx.to_flat_state(shardings))

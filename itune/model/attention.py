@@ -67,14 +67,20 @@ def attention_mask(segment_ids: jax.Array, sliding_window: int = 0) -> jax.Array
 
     Padding (segment 0) attends to padding only, which keeps every softmax row non-empty.
     """
-    length = segment_ids.shape[-1]
-    offset = jnp.arange(length)[:, None] - jnp.arange(length)[None, :]
+    positions = jnp.arange(segment_ids.shape[-1])
+    return row_mask(positions, positions, segment_ids, segment_ids, sliding_window)
+
+
+def row_mask(q_index, k_index, q_segments, k_segments, sliding_window: int = 0) -> jax.Array:
+    """`attention_mask` of queries and keys at the given indices in their row (``[q]``, ``[k]``)
+    with segment ids ``[batch, q]`` and ``[batch, k]``: ``[batch, q, k]`` booleans."""
+    offset = q_index[:, None] - k_index[None, :]
     allowed = offset >= 0
     if not isinstance(sliding_window, int):  # Traced (a layer's own, under scan); 0: none.
         allowed &= (offset < sliding_window) | (sliding_window == 0)
     elif sliding_window:
         allowed &= offset < sliding_window
-    same_segment = segment_ids[:, :, None] == segment_ids[:, None, :]
+    same_segment = q_segments[:, :, None] == k_segments[:, None, :]
     return same_segment & allowed[None]
 
 
@@ -133,6 +139,15 @@ def dot_product_attention(
     fuses one add of a plain array far better than the segment and position comparisons
     broadcast over the heads of every block.
     """
+    bias = mask_bias(segment_ids, sliding_window)
+    blocks = _query_blocks(q.shape[1], k.shape[1], block)
+    return biased_attention(q, k, v, bias, blocks, scale, softcap)
+
+
+def biased_attention(q, k, v, bias, blocks, scale: float | None = None, softcap: float = 0.0):
+    """`dot_product_attention` under a given mask ``bias [b, t, s]`` (`mask_bias`), in the
+    given query ``blocks``: ``(first query, end query, keys)`` each, a block's queries attending
+    to the first ``keys`` keys only (those after are masked for all of them)."""
     b, t, num_heads, head_dim = q.shape
     s, num_kv_heads = k.shape[1], k.shape[2]
     group = num_heads // num_kv_heads
@@ -141,8 +156,8 @@ def dot_product_attention(
     k = k.transpose(0, 2, 3, 1).reshape(b * num_kv_heads, head_dim, s)
     v = v.transpose(0, 2, 1, 3).reshape(b * num_kv_heads, s, head_dim)
     q = q * jnp.asarray(head_dim**-0.5 if scale is None else scale, q.dtype)
-    bias = mask_bias(segment_ids, sliding_window)
-    out = _blocked_attention(q, k, v, bias, group, block, float(softcap))
+    blocks = tuple((int(start), int(end), int(keys)) for start, end, keys in blocks)
+    out = _blocked_attention(q, k, v, bias, group, blocks, float(softcap))
     out = out.reshape(b, num_kv_heads, t, group, head_dim).transpose(0, 2, 1, 3, 4)
     return out.reshape(b, t, num_heads, head_dim)
 
@@ -170,11 +185,11 @@ def _transposed(x):
     return written_out(jnp.swapaxes(x, 1, 2))
 
 
-def _query_blocks(t: int, s: int, block: int) -> list[tuple[int, int, int]]:
+def _query_blocks(t: int, s: int, block: int) -> tuple[tuple[int, int, int], ...]:
     """``(first position, end position, keys)`` of each query block."""
     if t == s and t > block and t % block == 0:
-        return [(start, start + block, start + block) for start in range(0, t, block)]
-    return [(0, t, s)]
+        return tuple((start, start + block, start + block) for start in range(0, t, block))
+    return ((0, t, s),)
 
 
 def _block_scores(q, k_t, bias, group, start, end, keys, softcap=0.0):
@@ -192,11 +207,11 @@ def _block_scores(q, k_t, bias, group, start, end, keys, softcap=0.0):
     return scores + bias[:, None, start:end, None, :keys], squashed
 
 
-def _attention_forward(q, k_t, v, bias, group, block, softcap=0.0):
+def _attention_forward(q, k_t, v, bias, group, blocks, softcap=0.0):
     """Output ``[n, rows, d]`` and each row's log-sum-exp of scores ``[n, rows]``, both float32."""
     n, rows, head_dim = q.shape
     outputs, log_sum_exps = [], []
-    for start, end, keys in _query_blocks(rows // group, k_t.shape[2], block):
+    for start, end, keys in blocks:
         scores, _ = _block_scores(q, k_t, bias, group, start, end, keys, softcap)
         row_max = jnp.max(scores, axis=-1, keepdims=True)
         weights = jnp.exp(scores - row_max)  # Normalised after the product: one pass fewer.
@@ -209,7 +224,7 @@ def _attention_forward(q, k_t, v, bias, group, block, softcap=0.0):
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6))
-def _blocked_attention(q, k_t, v, bias, group, block, softcap=0.0):
+def _blocked_attention(q, k_t, v, bias, group, blocks, softcap=0.0):
     """Attention over the batched-matrix layout of `dot_product_attention`, with the backward
     of flash attention written out: it keeps only the output and the log-sum-exp of each row
     (named for remat, `ATTENTION_RESIDUALS`), recomputes each block's probabilities from them,
@@ -217,14 +232,14 @@ def _blocked_attention(q, k_t, v, bias, group, block, softcap=0.0):
     CPU backend runs the transposed forms far slower). Under plain autodiff the softmax's
     backward needs the probabilities kept, and a remat policy that saves no batched product
     recomputes the whole forward."""
-    return _attention_forward(q, k_t, v, bias, group, block, softcap)[0].astype(q.dtype)
+    return _attention_forward(q, k_t, v, bias, group, blocks, softcap)[0].astype(q.dtype)
 
 
 ATTENTION_RESIDUALS = ("attention_out", "attention_log_sum_exp")
 
 
-def _attention_fwd(q, k_t, v, bias, group, block, softcap):
-    out, log_sum_exp = _attention_forward(q, k_t, v, bias, group, block, softcap)
+def _attention_fwd(q, k_t, v, bias, group, blocks, softcap):
+    out, log_sum_exp = _attention_forward(q, k_t, v, bias, group, blocks, softcap)
     # Kept in float32, as the backward reads it: XLA:CPU updates a layer's slice of a stacked
     # bfloat16 residual through float32, rewriting the whole stack at every layer.
     out = checkpoint_name(out, ATTENTION_RESIDUALS[0])
@@ -232,7 +247,7 @@ def _attention_fwd(q, k_t, v, bias, group, block, softcap):
     return out.astype(q.dtype), (q, k_t, v, bias, out, log_sum_exp)
 
 
-def _attention_bwd(group, block, softcap, residuals, d_out):
+def _attention_bwd(group, blocks, softcap, residuals, d_out):
     q, k_t, v, bias, out, log_sum_exp = residuals
     n, rows, head_dim = q.shape
     s = k_t.shape[2]
@@ -245,7 +260,7 @@ def _attention_bwd(group, block, softcap, residuals, d_out):
     q_t, d_out_t = _transposed(q), _transposed(d_out)
     d_q_blocks = []
     d_k_t = d_v_t = jnp.zeros((n, head_dim, s), jnp.float32)
-    for start, end, keys in _query_blocks(rows // group, s, block):
+    for start, end, keys in blocks:
         first, last = start * group, end * group
         scores, squashed = _block_scores(q, k_t, bias, group, start, end, keys, softcap)
         per_row = scores.shape[:-1] + (1,)

@@ -30,7 +30,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from itune.model import attention, lora, moe
+from itune.model import attention, context, lora, moe
 from itune.model.config import MLP_ACTIVATION_NAMES, REMATS, ModelConfig
 from itune.model.matmul import PROJECTION, matmul
 from itune.sharding import LogicalRules, constrain
@@ -171,7 +171,22 @@ class Attention(nnx.Module):
             self.rules,
         )
 
+        # The sequence split over devices: the row's keys and values gathered (`context`).
+        parallel = bool(context.context_axes(self.rules))
+
         def attend(window):
+            if parallel:
+                return lambda: context.attend(
+                    q,
+                    k,
+                    v,
+                    segment_ids,
+                    self.rules,
+                    cfg.attention,
+                    window,
+                    _score_scale(cfg),
+                    cfg.attn_logit_softcap,
+                )
             return lambda: attention.attend(
                 q,
                 k,
@@ -185,7 +200,7 @@ class Attention(nnx.Module):
 
         if isinstance(sliding, bool):
             out = attend(cfg.sliding_window if sliding else 0)()
-        elif cfg.attention == "xla":  # Layers differ: the mask takes each layer's window.
+        elif cfg.attention == "xla" or parallel:  # Layers differ: the mask takes each window.
             out = attend(jnp.where(sliding, cfg.sliding_window, 0))()
         else:  # The kernels take a fixed mask: each kind is compiled once, and runs on its layers.
             out = jax.lax.cond(sliding, attend(cfg.sliding_window), attend(0))
@@ -375,6 +390,12 @@ class Decoder(nnx.Module):
         backward's stack of layer inputs stays float32, which XLA:CPU updates in place where
         it would rewrite a whole bfloat16 stack at every layer."""
         cfg = self.cfg
+        # Under context parallelism, rows in the load-balanced order (`context.balance`).
+        shards = context.context_size(self.rules)
+        if shards > 1:
+            tokens, positions, segment_ids = (
+                context.balance(a, shards) for a in (tokens, positions, segment_ids)
+            )
         x = self.embed_tokens(tokens).astype(jnp.float32)
         graphdef, block_state = nnx.split(self.blocks)
         keys = None
@@ -402,7 +423,14 @@ class Decoder(nnx.Module):
                     stats = (
                         layer_stats if stats is None else jax.tree.map(jnp.add, stats, layer_stats)
                     )
-        return self.final_norm(x).astype(cfg.dtype), stats
+        hidden = self.final_norm(x).astype(cfg.dtype)
+        if shards > 1:
+            hidden = constrain(
+                context.unbalance(hidden, shards),
+                ("activation_batch", "activation_length", "activation_embed"),
+                self.rules,
+            )
+        return hidden, stats
 
     def init_cache(self, batch: int, cache_len: int) -> LayerCache:
         """An empty key/value cache for ``batch`` rows of up to ``cache_len`` positions."""
