@@ -95,7 +95,7 @@ class Lines:
     def raw(self, index: int) -> Raw | None:
         """Line ``index`` of the file (which must be in the range) as a `Raw` record; None when
         it is blank. Safe to call from several threads."""
-        start, end = (int(x) for x in self.offsets[index - self.first : index - self.first + 2])
+        start, end = self.offsets[index - self.first : index - self.first + 2].tolist()
         if "://" not in self.path:
             if self._file is None:
                 with self._lock:
