@@ -203,6 +203,12 @@ def test_parquet_and_arrow_pools_hold_indices_and_match_the_records(tmp_path):
         parts = [next(s for s in loaded if s.name == name) for loaded in halves]
         pools = [source.pool(p) for p, source in enumerate(parts)]
         assert all(isinstance(pool, sources_lib.RecordPool) for pool in pools)
+        # Each process read, and holds, only the rows of its own block.
+        assert [len(pool.table) for pool in pools] == [
+            len(every) // 2,
+            len(every) - len(every) // 2,
+        ]
+        assert [p.stats.read for p in parts] == [len(pool.table) for pool in pools]
         # Each half's pool is its block of records, in order, less its part of the eval slice.
         held_out = {e["origin"] for e in parts[0].eval + parts[1].eval}
         assert len(held_out) == 5
