@@ -528,7 +528,7 @@ def test_old_and_new_config_forms_agree():
             "max_window_layers",
         ),
         (
-            dict(model_type="gemma3_text", rope_scaling=dict(rope_type="yarn", factor=4.0)),
+            dict(model_type="gemma3_text", rope_scaling=dict(rope_type="dynamic", factor=4.0)),
             "rope_scaling.rope_type",
         ),
         (

@@ -346,8 +346,8 @@ def test_legacy_and_new_config_forms_agree():
     [
         (dict(model_type="gpt2"), "model_type"),
         (dict(architectures=["LlamaForSequenceClassification"]), "architectures"),
-        (dict(rope_parameters=dict(rope_type="yarn", factor=4.0)), "rope_parameters.rope_type"),
-        (dict(rope_scaling=dict(type="linear", factor=2.0)), "rope_scaling.rope_type"),
+        (dict(rope_parameters=dict(rope_type="dynamic", factor=4.0)), "rope_parameters.rope_type"),
+        (dict(rope_scaling=dict(type="longrope", factor=2.0)), "rope_scaling.rope_type"),
         (dict(attention_bias=True), "attention_bias"),
         (dict(mlp_bias=True), "mlp_bias"),
         (dict(hidden_act="relu"), "hidden_act"),

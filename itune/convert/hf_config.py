@@ -11,8 +11,10 @@ are read; exports carry both.
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Any, Mapping, Sequence
 
+from itune.model import attention
 from itune.model.decoder import ModelConfig
 
 ARCHITECTURES = {
@@ -292,14 +294,19 @@ def _rope_fields(params: Mapping[str, Any], field: str, kinds: Sequence[str]) ->
         )
     if kind == "default":
         return dict(rope_theta=theta, rope_scaling="none")
-    needed = ("factor",) if kind == "linear" else ("factor", "low_freq_factor", "high_freq_factor")
+    needed = {
+        "linear": ("factor",),
+        "yarn": ("factor", "original_max_position_embeddings"),
+    }.get(kind, ("factor", "low_freq_factor", "high_freq_factor"))
     for key in needed:
-        if key not in params:
+        if params.get(key) is None:
             raise ValueError(f"config.json: {field}.{key} is missing (rope_type {kind!r})")
     if kind == "linear":
         return dict(
             rope_theta=theta, rope_scaling="linear", rope_scaling_factor=float(params["factor"])
         )
+    if kind == "yarn":
+        return _yarn_fields(params, theta)
     return dict(
         rope_theta=theta,
         rope_scaling="llama3",
@@ -307,6 +314,30 @@ def _rope_fields(params: Mapping[str, Any], field: str, kinds: Sequence[str]) ->
         rope_low_freq_factor=float(params["low_freq_factor"]),
         rope_high_freq_factor=float(params["high_freq_factor"]),
         rope_original_max_len=int(params["original_max_position_embeddings"]),
+    )
+
+
+def _yarn_fields(params: Mapping[str, Any], theta: float) -> dict[str, Any]:
+    """ModelConfig's YaRN fields, the attention factor worked out as transformers does when
+    ``config.json`` gives ``mscale`` and ``mscale_all_dim`` instead."""
+    factor = float(params["factor"])
+    attention_factor = params.get("attention_factor")
+    mscale, mscale_all_dim = params.get("mscale"), params.get("mscale_all_dim")
+    if attention_factor is None and mscale and mscale_all_dim:
+
+        def get_mscale(scale, m):
+            return 1.0 if scale <= 1 else 0.1 * m * math.log(scale) + 1.0
+
+        attention_factor = get_mscale(factor, mscale) / get_mscale(factor, mscale_all_dim)
+    return dict(
+        rope_theta=theta,
+        rope_scaling="yarn",
+        rope_scaling_factor=factor,
+        rope_original_max_len=int(params["original_max_position_embeddings"]),
+        rope_yarn_beta_fast=float(params.get("beta_fast") or 32.0),
+        rope_yarn_beta_slow=float(params.get("beta_slow") or 1.0),
+        rope_yarn_truncate=bool(params.get("truncate", True)),
+        rope_attention_factor=float(attention_factor or 0.0),
     )
 
 
@@ -322,9 +353,9 @@ def _rope(hf: Mapping[str, Any]) -> dict[str, Any]:
         params = dict(kinds[0])
     params.setdefault("rope_theta", hf.get("rope_theta", 10_000.0))
     params.setdefault("partial_rotary_factor", hf.get("partial_rotary_factor", 1.0))
-    if params.get("rope_type", params.get("type")) == "llama3":
+    if params.get("rope_type", params.get("type")) in ("llama3", "yarn"):
         params.setdefault("original_max_position_embeddings", hf.get("max_position_embeddings"))
-    return _rope_fields(params, field, ("default", "llama3"))
+    return _rope_fields(params, field, ("default", "linear", "llama3", "yarn"))
 
 
 def _gemma3_rope(hf: Mapping[str, Any]) -> dict[str, Any]:
@@ -351,7 +382,7 @@ def _gemma3_rope(hf: Mapping[str, Any]) -> dict[str, Any]:
     full.setdefault("original_max_position_embeddings", hf.get("max_position_embeddings"))
     sliding.setdefault("rope_theta", hf["rope_local_base_freq"])
     field = "rope_parameters" if params else "rope_scaling"
-    kinds = ("default", "linear", "llama3")
+    kinds = ("default", "linear", "llama3", "yarn")
     fields = _rope_fields(full, f"{field}.full_attention" if params else field, kinds)
     if _rope_fields(sliding, "rope_parameters.sliding_attention", kinds) == fields:
         return fields  # rope_local_theta 0: the sliding layers rotate as the global ones.
@@ -444,11 +475,6 @@ def family_of(cfg: ModelConfig) -> str:
     family = _choose_family(cfg)
     if family == "gemma" and cfg.mlp_activation == "gelu":
         raise ValueError("model.mlp_activation='gelu': Gemma reads 'gelu' as tanh GELU")
-    if cfg.rope_scaling not in ("none", "llama3") and family != "gemma3_text":
-        raise ValueError(
-            f"model.rope_scaling={cfg.rope_scaling!r} has no {family} equivalent (only Gemma 3's "
-            "global layers scale RoPE linearly)"
-        )
     back = ModelConfig(**_fields_from_hf(_to_hf(cfg, family, None)))
     ours, theirs = _semantics(cfg), _semantics(back)
     for key, value in ours.items():
@@ -485,6 +511,14 @@ def _semantics(cfg: ModelConfig) -> dict[str, Any]:
             cfg.rope_high_freq_factor,
             cfg.rope_original_max_len,
         ),
+        "yarn": (
+            cfg.rope_scaling_factor,
+            cfg.rope_original_max_len,
+            cfg.rope_yarn_beta_fast,
+            cfg.rope_yarn_beta_slow,
+            cfg.rope_yarn_truncate,
+            attention.rope_attention_factor(cfg),
+        ),
     }[cfg.rope_scaling]
     global_rope = (cfg.rope_theta, cfg.rope_scaling, *scaled)
     local_rope = (cfg.rope_local_theta, "none") if cfg.rope_local_theta else global_rope
@@ -515,6 +549,17 @@ def _rope_dict(theta: float, cfg: ModelConfig, scaled: bool) -> dict[str, Any]:
             high_freq_factor=float(cfg.rope_high_freq_factor),
             original_max_position_embeddings=int(cfg.rope_original_max_len),
         )
+    if scaled and cfg.rope_scaling == "yarn":
+        rope.update(
+            rope_type="yarn",
+            factor=float(cfg.rope_scaling_factor),
+            original_max_position_embeddings=int(cfg.rope_original_max_len),
+            beta_fast=float(cfg.rope_yarn_beta_fast),
+            beta_slow=float(cfg.rope_yarn_beta_slow),
+            truncate=bool(cfg.rope_yarn_truncate),
+        )
+        if cfg.rope_attention_factor:  # Otherwise transformers derives it from the factor.
+            rope["attention_factor"] = float(cfg.rope_attention_factor)
     return rope
 
 

@@ -9,6 +9,7 @@ splash attention kernel of TPUs (elsewhere only in Pallas's interpreter, for tes
 from __future__ import annotations
 
 import functools
+import math
 from typing import Any
 
 import jax
@@ -45,17 +46,57 @@ def rope_frequencies(cfg: Any, local: bool = False) -> np.ndarray:
         smoothed = (1 - smooth) * scaled / factor + smooth * scaled
         medium = (wavelen >= old_len / high) & (wavelen <= old_len / low)
         inv_freq = np.where(medium, smoothed, scaled).astype(np.float32)
+    if cfg.rope_scaling == "yarn":
+        inv_freq = _yarn_frequencies(cfg, inv_freq)
     return inv_freq
 
 
-def apply_rope(x: jax.Array, positions: jax.Array, inv_freq: np.ndarray) -> jax.Array:
-    """Rotates ``x [batch, length, heads, head_dim]`` by ``positions [batch, length]``.
+def _yarn_frequencies(cfg: Any, inv_freq: np.ndarray) -> np.ndarray:
+    """YaRN's frequencies (transformers' ``_compute_yarn_parameters``): dimension ``i`` keeps its
+    frequency above the ramp (many turns over the original length), takes it divided by the
+    factor below it (few turns), and a linear mix on it."""
+    dim, theta = cfg.head_dim, cfg.rope_theta
+
+    def dimension(turns):  # The dimension whose wavelength fits `turns` times in the length.
+        return (
+            dim
+            * math.log(cfg.rope_original_max_len / (turns * 2 * math.pi))
+            / (2 * math.log(theta))
+        )
+
+    low, high = dimension(cfg.rope_yarn_beta_fast), dimension(cfg.rope_yarn_beta_slow)
+    if cfg.rope_yarn_truncate:
+        low, high = math.floor(low), math.ceil(high)
+    low, high = max(low, 0), min(high, dim - 1)
+    if low == high:
+        high += 0.001
+    ramp = np.clip((np.arange(dim // 2, dtype=np.float32) - low) / (high - low), 0, 1)
+    kept = (1 - ramp).astype(np.float32)
+    scaled = inv_freq / np.float32(cfg.rope_scaling_factor)
+    return (scaled * (1 - kept) + inv_freq * kept).astype(np.float32)
+
+
+def rope_attention_factor(cfg: Any) -> float:
+    """What cos and sin are multiplied by (YaRN's attention factor; 1 otherwise)."""
+    if cfg.rope_scaling != "yarn":
+        return 1.0
+    if cfg.rope_attention_factor:
+        return float(cfg.rope_attention_factor)
+    factor = cfg.rope_scaling_factor
+    return 1.0 if factor <= 1 else 0.1 * math.log(factor) + 1.0
+
+
+def apply_rope(x: jax.Array, positions: jax.Array, inv_freq: np.ndarray, scale=1.0) -> jax.Array:
+    """Rotates ``x [batch, length, heads, head_dim]`` by ``positions [batch, length]``; cos and
+    sin multiplied by ``scale`` (`rope_attention_factor`).
 
     Rotate-half convention (as in Hugging Face LLaMA): dimension i pairs with i + head_dim / 2.
     """
     angles = positions.astype(jnp.float32)[..., None] * jnp.asarray(inv_freq)  # [b, t, d / 2]
     sin = jnp.sin(angles)[:, :, None, :]
     cos = jnp.cos(angles)[:, :, None, :]
+    if not isinstance(scale, (int, float)) or scale != 1.0:
+        sin, cos = sin * scale, cos * scale
     x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
     rotated = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
     return rotated.astype(x.dtype)

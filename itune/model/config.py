@@ -13,7 +13,7 @@ from itune.model import attention, lora, moe
 
 MLP_ACTIVATION_NAMES = ("silu", "gelu_tanh", "gelu")  # See decoder.MLP_ACTIVATIONS.
 REMATS = ("none", "full", "save_dots")  # See decoder.REMAT_POLICIES.
-ROPE_SCALINGS = ("none", "llama3", "linear")
+ROPE_SCALINGS = ("none", "llama3", "linear", "yarn")
 # Metadata of the `ModelConfig` fields that decide the parameters' shapes: a checkpoint only
 # restores into a model whose shape fields are all equal (`shape_fields`).
 SHAPE = {"shape": True}
@@ -34,13 +34,20 @@ class ModelConfig:
     # Llama-3 frequency scaling: frequencies of wavelengths above original_max_len /
     # low_freq_factor are divided by the factor, those below original_max_len / high_freq_factor
     # kept, and those between interpolated.
-    # "linear" divides every frequency by the factor (Gemma 3's global layers). The scaling
+    # "linear" divides every frequency by the factor (Gemma 3's global layers). "yarn" (YaRN,
+    # as transformers computes it) divides the frequencies of fewer than rope_yarn_beta_slow
+    # turns over original_max_len by the factor, keeps those of more than rope_yarn_beta_fast,
+    # ramps linearly between, and multiplies cos and sin by rope_attention_factor. The scaling
     # applies to the global layers, and to all layers when rope_local_theta is 0.
     rope_scaling: str = "none"  # One of ROPE_SCALINGS.
     rope_scaling_factor: float = 8.0
     rope_low_freq_factor: float = 1.0
     rope_high_freq_factor: float = 4.0
     rope_original_max_len: int = 8192
+    rope_yarn_beta_fast: float = 32.0
+    rope_yarn_beta_slow: float = 1.0
+    rope_yarn_truncate: bool = True  # The ramp's ends rounded to whole dimensions.
+    rope_attention_factor: float = 0.0  # YaRN's; 0: 0.1 * ln(factor) + 1.
     max_seq_len: int = 8192  # The longest sequence the model was made for (exported as such).
     norm_eps: float = 1e-5
     norm_plus_one: bool = False  # RMSNorm scales by (1 + w) (Gemma) rather than w.

@@ -153,11 +153,13 @@ class Attention(nnx.Module):
         cfg = self.cfg
         q, k, v = self.project(x, dropout_rng)
         frequencies = attention.rope_frequencies(cfg)
+        scale = attention.rope_attention_factor(cfg)
         if cfg.rope_local_theta and cfg.sliding_window:
             local = attention.rope_frequencies(cfg, local=True)
             frequencies = jnp.where(sliding, local, frequencies)
-        q = attention.apply_rope(q, positions, frequencies)
-        k = attention.apply_rope(k, positions, frequencies)
+            scale = jnp.where(sliding, 1.0, scale) if scale != 1.0 else scale
+        q = attention.apply_rope(q, positions, frequencies, scale)
+        k = attention.apply_rope(k, positions, frequencies, scale)
         return q, k, v
 
     def __call__(self, x, positions, segment_ids, sliding=False, dropout_rng=None):
