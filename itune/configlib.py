@@ -62,7 +62,15 @@ def base_config() -> ml_collections.ConfigDict:
     c.data.max_dropped_share = 0.01  # Warn when more examples than this share are dropped.
     c.data.eval_examples_per_source = 64  # Held out from each file source for the eval loss.
     c.data.seed = 0  # Picks the examples, and with them the tokenizer trained on them.
-    c.data.chat_format = "chatml"
+    # 'auto': the Jinja chat template of the model the run starts from (init_from), default
+    # system turn and all, else chatml. Or a built-in format (chatml, llama3, gemma, mistral,
+    # alpaca), a dict of one's own, a .jinja file, or a Jinja template's text.
+    c.data.chat_format = "auto"
+    # Variables a Jinja template reads besides the chat (enable_thinking, date_string...).
+    c.data.chat_template_kwargs = ml_collections.ConfigDict()
+    # Whether the reasoning text an assistant turn renders (reasoning_content, <think>...) is
+    # trained; the tags around it and the answer are either way.
+    c.data.train_on_reasoning = True
     c.data.seq_len = 256  # Tokens per packed row.
     c.data.global_batch_size = 32  # Rows per step, over all processes.
     c.data.pack_open_rows = 8  # Rows the first-fit packer keeps open at once.

@@ -242,6 +242,31 @@ def test_chatml_renders_as_the_gguf_chat_template(tokenizer, hf_tokenizer, quest
     assert ids.tolist() == list(expected)
 
 
+def test_the_files_own_template_is_rendered_as_transformers_renders_it(
+    tokenizer, hf_tokenizer, questions
+):
+    """With no system turn SmolLM2's template adds its own: itune's prompts and training chats
+    are transformers' token for token, and the answer and end of turn are what is trained."""
+    tok, template = tokenizer
+    assert isinstance(template, chat.ChatTemplate)
+    for question in questions:
+        chat_ = [{"role": "user", "content": question}]
+        expected = hf_tokenizer.apply_chat_template(
+            chat_, add_generation_prompt=True, tokenize=True, return_dict=False
+        )
+        assert chat.prompt_ids(chat_, tok, template).tolist() == list(expected)
+        assert "You are a helpful AI assistant named SmolLM" in tok.decode(expected)
+    conversation = [
+        {"role": "user", "content": "What is 2+2?"},
+        {"role": "assistant", "content": "4"},
+    ]
+    ids, mask = chat.tokenize(chat.render(conversation, template), tok, template)
+    expected = hf_tokenizer.apply_chat_template(conversation, tokenize=True, return_dict=False)
+    assert ids.tolist() == list(expected)
+    assert tok.decode(ids[mask == 1]) == "4<|im_end|>"
+    assert template.stop_ids(tok) == (2,)  # <|im_end|>, also the file's EOS.
+
+
 # --- Small files written here ------------------------------------------------------------------
 
 TINY = dict(vocab=256, d=64, layers=2, heads=4, kv_heads=2, head_dim=16, mlp=128)
@@ -848,8 +873,8 @@ def test_family_file_matches_transformers(tmp_path, shared_dir, arch):
     print(f"\n{arch}: max relative logit error vs transformers on the same file: {error:.3g}")
     assert error < 1e-4
 
-    tokenizer, chat_format = gguf_import.load_gguf_tokenizer(path)
-    assert chat_format == ("gemma" if gemma else "chatml")
+    tokenizer, chat_template = gguf_import.load_gguf_tokenizer(path)
+    assert chat_template.source == template.read_text()
     their_tokenizer = AutoTokenizer.from_pretrained(tmp_path, gguf_file=path.name)
     strings = FAMILY_STRINGS + texts[:20]
     ours = [tokenizer.encode(s) for s in strings]

@@ -471,9 +471,9 @@ def test_tokenizer_export_and_import(built, shared_dir, tmp_path):
     with open(tmp_path / "config.json") as f:
         config = json.load(f)
     assert (config["bos_token_id"], config["eos_token_id"]) == (1, 2)
-    tok, fmt_name = tokenizer_files.load_hf_tokenizer(str(tmp_path))
-    assert fmt_name == "chatml"
-    fmt = chat.get_format(fmt_name)
+    tok, fmt = tokenizer_files.load_hf_tokenizer(str(tmp_path))
+    # The folder's own template (chatml's), read back as the Jinja template it is.
+    assert fmt.source == tokenizer_files.chat_template("chatml")
     ids, _ = chat.tokenize(chat.render(CONVERSATIONS[0], fmt), tok, fmt)
     hf_tok = transformers.AutoTokenizer.from_pretrained(str(tmp_path))
     hf_ids = hf_tok.apply_chat_template(CONVERSATIONS[0], tokenize=True, return_dict=False)
@@ -481,7 +481,7 @@ def test_tokenizer_export_and_import(built, shared_dir, tmp_path):
     assert hf_tok.decode(hf_ids) == chat.to_text(chat.render(CONVERSATIONS[0], fmt))
     # transformers 5 saves the template as chat_template.jinja: found there too.
     hf_tok.save_pretrained(str(tmp_path / "resaved"))
-    assert tokenizer_files.load_hf_tokenizer(str(tmp_path / "resaved"))[1] == "chatml"
+    assert tokenizer_files.load_hf_tokenizer(str(tmp_path / "resaved"))[1].source == fmt.source
     # Without a chat format, the folder's own (GGUF metadata) template is kept.
     hf.save_hf(
         str(tmp_path / "own"),
@@ -501,7 +501,8 @@ def test_tokenizer_export_and_import(built, shared_dir, tmp_path):
         tokenizer=str(tmp_path),
         chat_format="gemma",
     )
-    assert tokenizer_files.load_hf_tokenizer(str(tmp_path / "again"))[1] == "gemma"
+    again = tokenizer_files.load_hf_tokenizer(str(tmp_path / "again"))[1]
+    assert again.source == tokenizer_files.chat_template("gemma")
     assert (tmp_path / "again" / "tokenizer.json").read_bytes() == (
         tmp_path / "tokenizer.json"
     ).read_bytes()
@@ -520,8 +521,9 @@ def test_sentencepiece_tokenizer_export(built, shared_dir, tmp_path):
     assert (tmp_path / "tokenizer.model").read_bytes() == model_file.read_bytes()
     config = json.loads((tmp_path / "config.json").read_text())
     assert (config["bos_token_id"], config["eos_token_id"]) == (tok.bos_id, tok.eos_id)
-    back, fmt_name = tokenizer_files.load_hf_tokenizer(str(tmp_path))
-    assert isinstance(back, SentencePieceTokenizer) and fmt_name == "mistral"
+    back, template = tokenizer_files.load_hf_tokenizer(str(tmp_path))
+    assert isinstance(back, SentencePieceTokenizer)
+    assert template.source == tokenizer_files.chat_template("mistral")
     hf_tok = transformers.AutoTokenizer.from_pretrained(str(tmp_path))
     for text in (
         "Natalia sold clips to 48 of her friends in April, and then she sold half as many.",

@@ -127,7 +127,8 @@ def test_a_workdir_is_read_without_its_optimizer(request, tmp_path):
     assert got.keys() == expected.keys()
     for path, value in expected.items():
         np.testing.assert_array_equal(got[path].get_value(), value.get_value(), err_msg=str(path))
-    assert loaded.chat_format == config.data.chat_format
+    # 'auto' with no model to start from is chatml.
+    assert config.data.chat_format == "auto" and loaded.chat_format == "chatml"
 
 
 def _slice(config) -> tuple[str, int]:

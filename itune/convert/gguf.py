@@ -23,8 +23,9 @@ Qwen3-MoE's renormalised top-k weights. Where transformers' loader ignores a key
 reads (a qwen3 file's head dimension, the experts' width, Gemma 3's RoPE scaling), itune reads it.
 
 `load_gguf_tokenizer` builds an `HFTokenizer` from the tokenizer in the metadata (byte-level BPE,
-``tokenizer.ggml.model == 'gpt2'``, or Gemma's SentencePiece vocabulary, ``'llama'``) and names the
-itune chat format that the file's ``tokenizer.chat_template`` writes.
+``tokenizer.ggml.model == 'gpt2'``, or Gemma's SentencePiece vocabulary, ``'llama'``) and reads
+the file's own chat template (``tokenizer.chat_template``) as a
+`itune.data.jinja_template.ChatTemplate`.
 """
 
 from __future__ import annotations

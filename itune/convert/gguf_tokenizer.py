@@ -24,7 +24,7 @@ import tokenizers
 from tokenizers import AddedToken, Regex, decoders, models, normalizers, pre_tokenizers
 
 from itune.convert.gguf import GGUFError, _File, _open
-from itune.data import chat
+from itune.data.jinja_template import ChatTemplate, special_tokens_of
 from itune.data.hf_tokenizer import _PRE_TOKENIZERS, HFTokenizer, _byte_decoder
 
 # GGUF token types (llama.cpp's llama_token_type).
@@ -50,8 +50,9 @@ _SPLITS = {
 _SENTENCEPIECE_ARCHITECTURES = ("gemma2", "gemma3")
 
 
-def load_gguf_tokenizer(path: str | os.PathLike) -> tuple[HFTokenizer, str | None]:
-    """``(HFTokenizer, chat format name or None)`` from a GGUF file's tokenizer metadata.
+def load_gguf_tokenizer(path: str | os.PathLike) -> tuple[HFTokenizer, ChatTemplate | None]:
+    """``(HFTokenizer, the file's chat template or None)`` from a GGUF file's tokenizer metadata
+    (``tokenizer.chat_template``, rendered with the tokenizer's named tokens).
 
     A vocabulary of another kind, or a pre-tokenizer not listed above, is a `GGUFError`.
     """
@@ -75,7 +76,11 @@ def load_gguf_tokenizer(path: str | os.PathLike) -> tuple[HFTokenizer, str | Non
             f"{len(tokens)} tokens"
         )
     tokenizer = build(file, tokens, types)
-    return tokenizer, chat.format_for_template(file.get("tokenizer.chat_template"))
+    source = file.get("tokenizer.chat_template")
+    if not source:
+        return tokenizer, None
+    name = f"{os.path.basename(file.path)} (tokenizer.chat_template)"
+    return tokenizer, ChatTemplate(source, name=name, special_tokens=special_tokens_of(tokenizer))
 
 
 def _ids(file: _File) -> dict:

@@ -4,7 +4,12 @@ An itune model folder::
 
     model.json      {"format": "itune-model", "model": ModelConfig fields, "chat_format": ...}
     params/         an orbax checkpoint of the parameters
-    tokenizer/      the tokenizer, in Hugging Face layout (or a SentencePiece tokenizer.model)
+    tokenizer/      the tokenizer, in Hugging Face layout (or a SentencePiece tokenizer.model),
+                    with the chat template
+
+``chat_format`` names a built-in format (or holds one's config); it is null for a model that
+keeps its own Jinja template, which ``tokenizer/`` holds and loading returns as a
+`itune.data.jinja_template.ChatTemplate`.
 
 `load_model` also reads a Hugging Face folder (``config.json`` + safetensors), a GGUF file, and a
 training workdir (its ``config.json``, ``tokenizer/`` and newest checkpoint); parameters are
@@ -38,7 +43,7 @@ class LoadedModel:
     graphdef: nnx.GraphDef
     params: nnx.State
     tokenizer: Any
-    chat_format: str | dict | None
+    chat_format: Any  # A built-in format's name or config, a ChatTemplate, or None.
 
     @property
     def model(self) -> nnx.Module:
@@ -94,10 +99,25 @@ def save_model(
         meta = {
             "format": "itune-model",
             "model": dataclasses.asdict(config),
-            "chat_format": chat_format,
+            "chat_format": _format_json(chat_format),
         }
         with open(os.path.join(partial, MODEL_JSON), "w", encoding="utf-8") as f:
             json.dump(meta, f, indent=2)
+
+
+def _format_json(chat_format: Any) -> str | dict | None:
+    """``model.json``'s ``chat_format``: a built-in format's name or config, or None for a Jinja
+    template (kept in ``tokenizer/``)."""
+    from itune.data import chat  # noqa: PLC0415
+
+    if isinstance(chat_format, chat.ChatFormat):
+        built_in = chat.FORMATS.get(chat_format.name) == chat_format
+        return chat_format.name if built_in else dataclasses.asdict(chat_format)
+    if isinstance(chat_format, (str, dict)) or chat_format is None:
+        return chat_format
+    if hasattr(chat_format, "to_dict"):  # A ConfigDict from a run's config.
+        return chat_format.to_dict()
+    return None
 
 
 def load_model(
@@ -164,7 +184,7 @@ def _load_itune(path: str, mesh, rules, **overrides) -> LoadedModel:
     return LoadedModel(config, graphdef, params, tokenizer, meta.get("chat_format") or guessed)
 
 
-def describe(path: str, kind: str | None = None) -> tuple[ModelConfig, Any, str | dict | None]:
+def describe(path: str, kind: str | None = None) -> tuple[ModelConfig, Any, Any]:
     """``(config, tokenizer, chat format)`` of the model at ``path``, without its parameters."""
     kind = kind or kind_of(path)
     if kind == "gguf":
@@ -192,8 +212,11 @@ def _workdir_run(path: str):
 
     with open(os.path.join(path, "config.json"), encoding="utf-8") as f:
         run_config = ml_collections.ConfigDict(json.load(f))
+    from itune.data import chat  # noqa: PLC0415
+
     run = run_model.resolve(run_config, path)
-    return run_config, run.config, run.tokenizer, run_config.data.chat_format
+    chat_format = chat.format_choice(run_config.data, run.chat_format)
+    return run_config, run.config, run.tokenizer, chat_format
 
 
 def _load_workdir(path: str, mesh, rules, **overrides) -> LoadedModel:

@@ -38,7 +38,8 @@ class RunModel:
     config: ModelConfig
     # The run's tokenizer; None only without a workdir, where the model's size needs none.
     tokenizer: Any
-    chat_format: str | dict | None  # ``init_from``'s own chat format, when it names one.
+    # ``init_from``'s own chat template (or format), which ``data.chat_format='auto'`` uses.
+    chat_format: Any
     architecture: str  # Where the shapes come from: "init_from=<path>", "config.model"...
     vocabulary: str  # Where ``config.vocab_size`` comes from, and whether it is exact.
 
@@ -106,12 +107,13 @@ def _pretrained(config: Any, workdir: str | None) -> RunModel:
     base, tokenizer, chat_format = model_dir.describe(init_from)
     if config.data.tokenizer.path:
         tokenizer = _vocabulary().load_tokenizer(config.data, workdir)
-    if chat_format and chat_format != config.data.chat_format:
+    configured = config.data.get("chat_format", "auto")
+    if chat_format and configured not in ("auto", None, "") and chat_format != configured:
         logging.warning(
-            "%s was tuned for the chat format %r; this run uses data.chat_format=%r.",
+            "%s comes with its own chat %s; this run uses data.chat_format=%r instead.",
             init_from,
-            chat_format,
-            config.data.chat_format,
+            f"format {chat_format!r}" if isinstance(chat_format, str) else "template",
+            configured,
         )
     return RunModel(
         with_run_fields(config.model, base, init_from),

@@ -1,9 +1,9 @@
 """Tokenizer files of a Hugging Face model folder, and the chat template of a chat format.
 
 `save_tokenizer` writes any itune tokenizer (a folder of files, an `HFTokenizer`, a
-`SentencePieceTokenizer`) as transformers reads it, with a Jinja ``chat_template`` that renders
-as `itune.data.chat.render` does; `load_hf_tokenizer` reads a folder back with the chat format
-its template writes.
+`SentencePieceTokenizer`) as transformers reads it, with a model's own Jinja template or one
+that renders as `itune.data.chat.render` does for a built-in format; `load_hf_tokenizer` reads a
+folder back with its template.
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ import shutil
 from typing import Any, Mapping
 
 from itune.data.hf_tokenizer import HFTokenizer, load_tokenizer_path
+from itune.data.jinja_template import ChatTemplate, special_tokens_of
 from itune.data.tokenizer import SentencePieceTokenizer
 
 # Tokenizer files of a Hugging Face model folder, copied as they are.
@@ -113,7 +114,8 @@ def save_tokenizer(path: str, tokenizer: Any, chat_format: Any = None) -> dict[s
     if chat_format is None and meta_template:
         config["chat_template"] = meta_template
     if chat_format is not None:
-        config["chat_template"] = chat_template(chat_format)
+        own = isinstance(chat_format, ChatTemplate)
+        config["chat_template"] = chat_format.source if own else chat_template(chat_format)
         # transformers 5 prefers a chat_template.jinja file over tokenizer_config.json's.
         jinja = os.path.join(path, "chat_template.jinja")
         if os.path.exists(jinja):
@@ -148,11 +150,23 @@ def _template_of(path: str) -> str | None:
 
 
 def load_hf_tokenizer(path: str):
-    """``(tokenizer, chat format name or None)`` of a Hugging Face model or tokenizer folder,
-    the format guessed from its chat template (see `itune.data.chat.format_for_template`)."""
-    from itune.data import chat  # noqa: PLC0415
-
-    return _load_tokenizer(path), chat.format_for_template(_template_of(path))
+    """``(tokenizer, its chat template or None)`` of a Hugging Face model or tokenizer folder:
+    ``chat_template.jinja``, else ``tokenizer_config.json``'s (the default of named ones),
+    rendered with the folder's named tokens (``bos_token``...)."""
+    tokenizer = _load_tokenizer(path)
+    source = _template_of(path)
+    if not source:
+        return tokenizer, None
+    special = special_tokens_of(tokenizer)
+    config_file = os.path.join(path, "tokenizer_config.json")
+    config = read_json(config_file) if os.path.exists(config_file) else {}
+    for key in ("bos_token", "eos_token", "pad_token", "unk_token"):
+        value = config.get(key)
+        value = value.get("content") if isinstance(value, Mapping) else value
+        if isinstance(value, str) and value:
+            special[key] = value
+    name = f"{os.path.basename(os.path.normpath(path))} chat template"
+    return tokenizer, ChatTemplate(source, name=name, special_tokens=special)
 
 
 def chat_template(chat_format: Any) -> str:

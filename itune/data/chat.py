@@ -20,7 +20,7 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
-from itune.data.jinja_template import ChatTemplate
+from itune.data.jinja_template import ChatTemplate, special_tokens_of
 from itune.data.tokenizer import Tokenizer
 
 ROLES = ("system", "user", "assistant", "tool")
@@ -244,6 +244,41 @@ def get_format(name_or_config: Any) -> ChatFormat | ChatTemplate:
             "(or a config of one's own)"
         )
     return FORMATS[name_or_config]
+
+
+AUTO = "auto"
+
+
+def format_choice(data_config: Any, model_format: Any = None) -> Any:
+    """What ``data.chat_format`` picks: with ``'auto'``, the model's own template (or format) when
+    the run starts from a model that has one, else chatml; any other value as it is.
+
+    >>> format_choice({"chat_format": "auto"}), format_choice({"chat_format": "gemma"}, "x")
+    ('chatml', 'gemma')
+    """
+    configured = data_config.get("chat_format", AUTO)
+    if configured in (AUTO, None, ""):
+        return model_format or "chatml"
+    return configured
+
+
+def resolve_format(
+    data_config: Any, model_format: Any = None, tokenizer: Tokenizer | None = None
+) -> ChatFormat | ChatTemplate:
+    """The run's chat format (`format_choice`); a Jinja template gets ``data.chat_template_kwargs``,
+    ``data.train_on_reasoning``, and the tokenizer's named tokens when it has none yet."""
+    fmt = get_format(format_choice(data_config, model_format))
+    if isinstance(fmt, ChatTemplate):
+        kwargs = data_config.get("chat_template_kwargs") or {}
+        kwargs = kwargs.to_dict() if hasattr(kwargs, "to_dict") else dict(kwargs)
+        changes: dict[str, Any] = dict(
+            kwargs={**fmt.kwargs, **kwargs},
+            train_on_reasoning=bool(data_config.get("train_on_reasoning", True)),
+        )
+        if not fmt.special_tokens and tokenizer is not None:
+            changes["special_tokens"] = special_tokens_of(tokenizer)
+        fmt = fmt.replace(**changes)
+    return fmt
 
 
 @dataclasses.dataclass(frozen=True)

@@ -124,7 +124,12 @@ def encode_example(
     chat that cannot be rendered raises `DataError` naming where it came from.
     """
     try:
-        pieces = chat.render(example["messages"], spec.chat_format, train_on=spec.train_on)
+        pieces = chat.render(
+            example["messages"],
+            spec.chat_format,
+            train_on=spec.train_on,
+            tools=example.get("tools"),
+        )
     except ValueError as e:
         raise DataError(
             example.get("origin", example.get("source", "?")), str(e), reason="bad chat"

@@ -111,7 +111,7 @@ def html_page(
             segs.append(f'<div class="seg">{spans}</div>')
         padding = int((row["segment_ids"] == 0).sum())
         pad = f'<div class="pad">{padding} padding</div>' if padding else ""
-        blocks.append(f"<h3>row {r}</h3><div class=\"row\">{''.join(segs)}{pad}</div>")
+        blocks.append(f'<h3>row {r}</h3><div class="row">{"".join(segs)}{pad}</div>')
     style = (
         "body{font-family:sans-serif;margin:2em}"
         ".row{display:flex;flex-wrap:wrap;gap:6px;font-family:monospace}"
@@ -125,4 +125,54 @@ def html_page(
         "<p>Each box is one packed example (segment); "
         "<span class='t'>highlighted</span> tokens are trained on.</p>"
         f"<pre>{html.escape(stats_text)}</pre>{''.join(blocks)}</body></html>"
+    )
+
+
+def chat_view(
+    tokenizer: Tokenizer,
+    fmt,
+    messages: Sequence[dict],
+    tools=None,
+    train_on: str = "all_assistant",
+    color: bool = False,
+) -> str:
+    """One chat as its chat format renders it for training: the text with the trained spans in
+    ``[...]`` (or green), then its tokens the same way, and the counts.
+
+    >>> from itune.data import chat
+    >>> class Chars:  # A tokenizer that spells each character as a token.
+    ...     def encode_with_offsets(self, text):
+    ...         return list(map(ord, text)), [(i, i + 1) for i in range(len(text))]
+    ...     def token_text(self, token_id):
+    ...         return chr(token_id)
+    ...     bos_id, add_bos_token = -1, False
+    >>> fmt = chat.get_format("{% for m in messages %}{{ m.role[0] }}: {{ m.content }}\\n"
+    ...                       "{% endfor %}{% if add_generation_prompt %}a: {% endif %}")
+    >>> print(chat_view(Chars(), fmt, [{"role": "user", "content": "hi"},
+    ...                                {"role": "assistant", "content": "yo"}]))
+    u: hi\\na: [yo]\\n
+    tokens: u: hi\\na: [y][o]\\n
+    12 tokens, 2 trained
+    """
+    from itune.data import chat  # noqa: PLC0415
+
+    pieces = chat.render(messages, fmt, train_on=train_on, tools=tools)
+    text = []
+    for piece in pieces:
+        shown = _visible(piece.text)
+        if piece.trained:
+            shown = f"{_TRAINED}{shown}{_RESET}" if color else f"[{shown}]"
+        text.append(shown)
+    ids, mask = chat.tokenize(pieces, tokenizer, fmt)
+    tokens = []
+    for token_id, trained in zip(ids, mask):
+        shown = _visible(tokenizer.token_text(int(token_id)))
+        if trained:
+            shown = f"{_TRAINED}{shown}{_RESET}" if color else f"[{shown}]"
+        tokens.append(shown)
+    return (
+        "".join(text)
+        + "\ntokens: "
+        + "".join(tokens)
+        + f"\n{len(ids)} tokens, {int(np.sum(mask))} trained"
     )

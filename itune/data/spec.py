@@ -20,7 +20,7 @@ class DataSpec:
     """Everything the rest of itune needs to know about the data of a run."""
 
     tokenizer: Tokenizer
-    chat_format: chat.ChatFormat
+    chat_format: chat.ChatFormat | chat.ChatTemplate
     seq_len: int
     global_batch_size: int
     sources: list[mixture.Source]
@@ -42,14 +42,19 @@ class DataSpec:
     @property
     def stop_id(self) -> int:
         fmt = self.chat_format
+        if isinstance(fmt, chat.ChatTemplate):
+            return fmt.stop_ids(self.tokenizer)[0]
         return self.tokenizer.special_id(fmt.end_of_turn, fmt.special_tokens.get(fmt.end_of_turn))
 
 
-def make_spec(data_config: Any, workdir: str, tokenizer: Tokenizer | None = None) -> DataSpec:
-    """The run's data: its sources, and ``tokenizer`` or else ``data.tokenizer``'s."""
+def make_spec(
+    data_config: Any, workdir: str, tokenizer: Tokenizer | None = None, model_format: Any = None
+) -> DataSpec:
+    """The run's data: its sources, and ``tokenizer`` or else ``data.tokenizer``'s;
+    ``model_format`` is the chat template (or format) of the model the run starts from."""
     sources = mixture.load_sources(data_config)
     tokenizer = tokenizer or load_tokenizer(data_config, workdir, sources)
-    fmt = chat.get_format(data_config.chat_format)
+    fmt = chat.resolve_format(data_config, model_format, tokenizer)
     if data_config.global_batch_size % jax.process_count():
         raise ConfigError(
             f"data.global_batch_size={data_config.global_batch_size} must divide by the "

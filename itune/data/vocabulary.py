@@ -23,7 +23,7 @@ def load_tokenizer(
     tok_config = data_config.tokenizer
     if tok_config.path:
         return load_tokenizer_path(tok_config.path)
-    fmt = chat.get_format(data_config.chat_format)
+    fmt = chat.resolve_format(data_config)
     seed, n = data_config.seed, tok_config.num_corpus_examples
     builtin = not data_config.sources
     num_shards, _ = mixture.data_shards(data_config)
@@ -56,7 +56,7 @@ def load_tokenizer(
             key=key,
             lines_fn=corpus,
             vocab_size=tok_config.vocab_size,
-            special_tokens=list(fmt.special_tokens),
+            special_tokens=list(fmt.special_tokens) if isinstance(fmt, chat.ChatFormat) else [],
             # Real text has characters the training sample may miss.
             byte_fallback=not builtin,
             corpus_name="the built-in tasks" if builtin else f"data.sources (up to {n} examples)",
@@ -71,7 +71,7 @@ def load_tokenizer(
 
 
 def _rendered_lines(
-    chats: Iterator[dict], fmt: chat.ChatFormat, data_config: Any
+    chats: Iterator[dict], fmt: chat.ChatFormat | chat.ChatTemplate, data_config: Any
 ) -> Iterator[str]:
     """The lines of each chat as rendered, so that the chat markup's words become pieces too;
     each only as far as a row's tokens can reach into it, so that a huge record is not all of
@@ -79,5 +79,6 @@ def _rendered_lines(
     keep_end = data_config.truncation == "truncate_prompt_left"
     max_chars = (data_config.seq_len + 1) * MAX_PIECE_CHARS
     for example in chats:
-        pieces, _ = cut_pieces(chat.render(example["messages"], fmt), max_chars, keep_end)
+        rendered = chat.render(example["messages"], fmt, tools=example.get("tools"))
+        pieces, _ = cut_pieces(rendered, max_chars, keep_end)
         yield from filter(None, chat.to_text(pieces).split("\n"))

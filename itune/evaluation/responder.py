@@ -17,8 +17,10 @@ from itune.data import chat
 from itune.evaluation import sampler
 
 
-def stop_ids(tokenizer: Any, fmt: chat.ChatFormat) -> tuple[int, ...]:
+def stop_ids(tokenizer: Any, fmt: chat.ChatFormat | chat.ChatTemplate) -> tuple[int, ...]:
     """The end-of-turn token of ``fmt`` and the tokenizer's end of sequence (when it has one)."""
+    if isinstance(fmt, chat.ChatTemplate):
+        return fmt.stop_ids(tokenizer)
     ids = {tokenizer.special_id(fmt.end_of_turn, fmt.special_tokens.get(fmt.end_of_turn))}
     if getattr(tokenizer, "eos_id", -1) is not None and tokenizer.eos_id >= 0:
         ids.add(tokenizer.eos_id)
@@ -34,7 +36,7 @@ class Responder:
     graphdef: nnx.GraphDef
     params: nnx.State
     tokenizer: Any
-    chat_format: chat.ChatFormat
+    chat_format: chat.ChatFormat | chat.ChatTemplate
     sampling: sampler.SamplingConfig
     batch_size: int = 64
     mesh: Mesh | None = None

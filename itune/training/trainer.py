@@ -44,7 +44,8 @@ def train_and_evaluate(config: Any, workdir: str) -> dict:
     rules = sharding.rules_from_config(config.mesh)
     try:
         run = run_model.resolve(config, workdir)
-        spec, model_config = data_spec.make_spec(config.data, workdir, run.tokenizer), run.config
+        spec = data_spec.make_spec(config.data, workdir, run.tokenizer, run.chat_format)
+        model_config = run.config
     except BaseException:
         if new_workdir:
             workdir_lib.remove_if_empty(workdir)
