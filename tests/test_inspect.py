@@ -96,3 +96,41 @@ def test_itune_inspect_writes_no_colour_codes_into_a_file(tmp_path):
     text = (tmp_path / "out.txt").read_text(encoding="utf-8")
     assert "--- row 1 ---" in text and "[<|im_end|>]" in text
     assert "\x1b" not in text
+
+
+def test_inspect_shows_a_models_template_with_its_trained_spans(shared_dir, tmp_path, capsys):
+    """A tokenizer folder with Qwen3's template: a reasoning chat, its earlier turn stripped of
+    its reasoning by the template, the last one trained with it (or without, on request)."""
+    import json
+
+    import tokenizers
+    from tokenizers import AddedToken
+
+    from itune.data.hf_tokenizer import HFTokenizer
+
+    base = HFTokenizer.from_directory(str(shared_dir / "tokenizers" / "smollm2_bpe"))
+    backend = tokenizers.Tokenizer.from_str(base.backend.to_str())
+    controls = ["<|im_start|>", "<|im_end|>", "<think>", "</think>"]
+    backend.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in controls])
+    folder = tmp_path / "qwen3"
+    folder.mkdir()
+    backend.save(str(folder / "tokenizer.json"))
+    template = (shared_dir / "chat_templates" / "qwen3.jinja").read_text()
+    config = {"eos_token": "<|im_end|>", "chat_template": template}
+    (folder / "tokenizer_config.json").write_text(json.dumps(config))
+    chats = tmp_path / "chats.jsonl"
+    messages = [
+        {"role": "user", "content": "What is 17 * 3?"},
+        {"role": "assistant", "reasoning_content": "17 * 3 = 51.", "content": "51"},
+        {"role": "user", "content": "And half of that?"},
+        {"role": "assistant", "reasoning_content": "51 / 2 = 25.5.", "content": "25.5"},
+    ]
+    chats.write_text(json.dumps({"messages": messages}) + "\n")
+    inspect_cli.inspect_chats(str(folder), str(chats), None, "all_assistant", True, {}, False)
+    out = capsys.readouterr().out
+    assert "qwen3 chat template" in out
+    assert "assistant\\n[51<|im_end|>]\\n" in out and "17 * 3 = 51." not in out
+    assert "assistant\\n[<think>\\n51 / 2 = 25.5.\\n</think>\\n\\n25.5<|im_end|>]\\n" in out
+    assert "[<think>][\\n][5][1]" in out  # Its tokens: <think> is one.
+    inspect_cli.inspect_chats(str(folder), str(chats), None, "all_assistant", False, {}, False)
+    assert "[<think>\\n]51 / 2 = 25.5.[\\n</think>\\n\\n25.5<|im_end|>]" in capsys.readouterr().out

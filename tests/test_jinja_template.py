@@ -463,3 +463,47 @@ def test_end_of_turn_and_stop_ids(shared_dir, base_tokenizer):
     assert ends["qwen3"] == "<|im_end|>" and ends["llama3_1"] == "<|eot_id|>"
     assert ends["gemma3"] == "<end_of_turn>" and ends["gptoss"] == "<|return|>"
     assert ends["phi3_5"] == "<|end|>"
+
+
+def test_builtin_formats_match_the_templates_they_derive_from(shared_dir, base_tokenizer):
+    """chatml is Qwen2.5's template given a system turn and SmolLM2's (tests/test_gguf.py), gemma
+    is Gemma's and Gemma 3's, llama3's turns are Llama 3.1's after its system block: the same
+    text, and the same trained text."""
+    plain = [m for m in CHATS["multi_turn"][0] if m["role"] != "system"]
+    cases = [
+        ("chatml", "qwen2_5", CHATS["multi_turn"][0], 0),
+        ("chatml", "qwen2_5", CHATS["system"][0], 0),
+        ("gemma", "gemma", plain, 0),
+        ("gemma", "gemma3", CHATS["multi_turn"][0], 0),
+        ("gemma", "gemma3", [{"role": "user", "content": " padded "}, _assistant(" 4 ")], 0),
+    ]
+    # Llama 3.1 always writes its own system block (knowledge and today's dates) first.
+    system_block = "Today Date: 26 Jul 2024\n\n<|eot_id|>"
+    cases.append(("llama3", "llama3_1", plain, system_block))
+    for builtin, name, messages, cut in cases:
+        fmt = chat.get_format(builtin)
+        template, _, _ = _setup(shared_dir, base_tokenizer, name)
+        ours = chat.render(messages, fmt)
+        text, spans = template.trained_spans(messages)
+        theirs_text = text
+        if cut:
+            head = text.index(cut) + len(cut)
+            theirs_text = "<|begin_of_text|>" + text[head:]
+            spans = [
+                (a - head + len("<|begin_of_text|>"), b - head + len("<|begin_of_text|>"))
+                for a, b in spans
+            ]
+        assert chat.to_text(ours) == theirs_text, (builtin, name)
+        joined = []  # Adjacent trained pieces (answer, end of turn) make one span.
+        for piece in ours:
+            if piece.trained and joined and joined[-1][1]:
+                joined[-1][0] += piece.text
+            else:
+                joined.append([piece.text, piece.trained])
+        trained = [t for t, is_trained in joined if is_trained]
+        assert trained == [theirs_text[a:b] for a, b in spans], (builtin, name)
+        prompt = chat.to_text(chat.render(messages[:-1], fmt, add_generation_prompt=True))
+        theirs_prompt = template.render_text(messages[:-1], add_generation_prompt=True)
+        if cut:
+            theirs_prompt = "<|begin_of_text|>" + theirs_prompt.split(cut, 1)[1]
+        assert prompt == theirs_prompt, (builtin, name)
