@@ -177,3 +177,63 @@ def test_peft_adapters_of_experts_are_refused_with_the_way_out(tmp_path):
     with pytest.raises(ValueError, match=r"expert projections \['up'\].*--to=hf"):
         peft.save_adapters(str(tmp_path / "adapters"), cfg, params)
     assert not (tmp_path / "adapters").exists()
+
+
+EP_CASES = {
+    # Experts over fsdp, which also splits the tokens (gathered, then scattered back); hidden
+    # units over tensor (partial outputs summed).
+    "experts_fsdp_mlp_tensor": ((2, 2, 2), (("expert", "fsdp"), ("mlp", "tensor"))),
+    # Experts over tensor, which does not split the tokens: each device runs its experts on the
+    # same tokens and the outputs are summed.
+    "experts_tensor": ((2, 2, 2), (("expert", "tensor"),)),
+    # Experts over two axes at once, one of them splitting the tokens.
+    "experts_fsdp_and_tensor": ((1, 4, 2), (("expert", ("fsdp", "tensor")),)),
+}
+
+
+@pytest.mark.parametrize("case", list(EP_CASES))
+def test_expert_parallel_layer_equals_one_device(case):
+    """The layer under ``jax.shard_map`` (whole experts per device, LoRA on every expert
+    projection, uneven routing) gives the output and gradients of the unsharded layer."""
+    from itune import sharding
+
+    mesh_shape, expert_rules = EP_CASES[case]
+    rules = expert_rules + tuple(r for r in sharding.DEFAULT_RULES if r[0] not in ("expert", "mlp"))
+    cfg = moe_config(num_experts=8, experts_per_token=3, lora_rank=2, lora_targets="gate,up,down")
+    layer = moe.MoE(cfg, rngs=nnx.Rngs(3))
+    lora.add_adapters(layer, cfg, lora.MLP_TARGETS, nnx.Rngs(4))
+    params = jax.tree.map(lambda v: v + 0.05, nnx.state(layer))  # Non-zero B: adapters count.
+    rng = np.random.default_rng(0)
+    x = jnp.asarray(rng.normal(size=(4, 16, cfg.d_model)), jnp.float32)
+    segment_ids = jnp.asarray(np.repeat([[1] * 12 + [0] * 4], 4, axis=0), jnp.int32)
+
+    def loss_and_grads(graphdef):
+        def loss(params, x):
+            out, stats = nnx.merge(graphdef, params)(x, segment_ids)
+            return jnp.sum(jnp.sin(out)) + stats.z, out
+
+        return jax.jit(jax.value_and_grad(loss, argnums=(0, 1), has_aux=True))
+
+    (ref_loss, ref_out), ref_grads = loss_and_grads(nnx.graphdef(layer))(params, x)
+    mesh = sharding.make_mesh(dict(zip(sharding.MESH_AXES, mesh_shape)))
+    sharded = moe.MoE(cfg, rules, rngs=nnx.Rngs(3))
+    lora.add_adapters(sharded, cfg, lora.MLP_TARGETS, nnx.Rngs(4))
+    with jax.set_mesh(mesh):
+        shardings = sharding.state_shardings(nnx.state(sharded), mesh, rules)
+        placed = jax.device_put(params, shardings)
+        expert_axes = moe.expert_layout(
+            cfg, rules, 4, 16, {"gate": nnx.state(sharded)["gate"]}
+        ).expert_axes
+        (out_loss, out), grads = loss_and_grads(nnx.graphdef(sharded))(placed, x)
+    wanted = dict(expert_rules)["expert"]
+    assert expert_axes == ((wanted,) if isinstance(wanted, str) else wanted)
+    assert placed["gate"].get_value().addressable_shards[0].data.shape[0] < cfg.num_experts
+    np.testing.assert_allclose(out, ref_out, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(out_loss, ref_loss, rtol=1e-5)
+    for (path, g), (_, ref) in zip(
+        nnx.to_flat_state(grads[0]), nnx.to_flat_state(ref_grads[0]), strict=True
+    ):
+        np.testing.assert_allclose(
+            g.get_value(), ref.get_value(), rtol=1e-4, atol=1e-6, err_msg=str(path)
+        )
+    np.testing.assert_allclose(grads[1], ref_grads[1], rtol=1e-4, atol=1e-6)

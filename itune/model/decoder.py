@@ -284,7 +284,7 @@ class Block(nnx.Module):
             self.attn_post_norm = _norm(cfg, rngs)
         self.mlp_norm = _norm(cfg, rngs)
         if cfg.num_experts:
-            self.moe = moe.MoE(cfg, rngs=rngs)
+            self.moe = moe.MoE(cfg, rules, rngs=rngs)
         else:
             self.mlp = MLP(cfg, rngs=rngs)
         if cfg.post_norms:

@@ -193,16 +193,14 @@ def _dropout(cfg: ModelConfig, target: str, x: jax.Array, dropout_rng) -> jax.Ar
     return jnp.where(keep, x / jnp.asarray(1.0 - rate, dt), jnp.zeros((), dt))
 
 
-def apply_grouped(module, target, x, y, group_sizes, grouped_matmul, dropout_rng=None):
+def apply_grouped(cfg, target, a, b, x, y, group_sizes, grouped_matmul, dropout_rng=None):
     """`apply` for the experts' projections: rows ``x [rows, in]`` grouped by expert
-    (``group_sizes``), each group through its expert's own pair by ``grouped_matmul(x, w,
-    group_sizes)``."""
-    a = getattr(module, f"{target}_lora_a", None)
+    (``group_sizes``), each group through its expert's own pair ``a [experts, in, r]``, ``b
+    [experts, r, out]`` (None: no adapters) by ``grouped_matmul(x, w, group_sizes)``."""
     if a is None:
         return y
-    cfg = module.cfg
     dt = jnp.dtype(cfg.dtype)
-    a, b = a[...].astype(dt), getattr(module, f"{target}_lora_b")[...].astype(dt)
+    a, b = a.astype(dt), b.astype(dt)
     x = _dropout(cfg, target, x.astype(dt), dropout_rng)
     low = (grouped_matmul(x, a, group_sizes) * scale(cfg)).astype(dt)
     return y + grouped_matmul(low, b, group_sizes).astype(y.dtype)

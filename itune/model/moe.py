@@ -15,12 +15,16 @@ z-loss of ST-MoE (``router_z_loss_coef``).
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, NamedTuple
+import functools
+import math
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from jax.sharding import PartitionSpec
 
+from itune import sharding
 from itune.model import lora
 
 if TYPE_CHECKING:
@@ -29,6 +33,10 @@ if TYPE_CHECKING:
 MATMULS = ("auto", "ragged", "tiled", "dense")
 # Rows of one tile of `tiled_matmul`: each expert's group is padded to a multiple of it.
 TILE = 64
+# The experts' parameters: the gated MLP's projections and their adapters when LoRA is on.
+EXPERT_PARAMS = tuple(
+    f"{target}{part}" for target in ("gate", "up", "down") for part in ("", "_lora_a", "_lora_b")
+)
 
 
 class RouterStats(NamedTuple):
@@ -63,11 +71,21 @@ def router_losses(cfg: ModelConfig, stats: RouterStats) -> dict[str, jax.Array]:
 def grouped_matmul(x, w, group_sizes, implementation: str):
     """``x [rows, in]`` sorted by group, ``w [groups, in, out]``, ``group_sizes [groups]``
     (summing to at most ``rows``) -> ``[rows, out]``: row ``i`` of group ``g`` times ``w[g]``.
-    Rows past the groups' total come out as zeros."""
+    Rows past the groups' total come out as zeros. ``'auto'`` picks by the platform the program
+    is compiled for (not the host's: an ahead-of-time TPU compile on a CPU host gets ragged):
+    `tiled_matmul` on CPU, ``jax.lax.ragged_dot`` elsewhere."""
     if implementation == "ragged":
         return jax.lax.ragged_dot(x, w, group_sizes, preferred_element_type=jnp.float32)
     if implementation == "tiled":
         return tiled_matmul(x, w, group_sizes)
+    if implementation == "auto":
+        return jax.lax.platform_dependent(
+            x,
+            w,
+            group_sizes,
+            cpu=tiled_matmul,
+            default=functools.partial(grouped_matmul, implementation="ragged"),
+        )
     raise ValueError(f"grouped_matmul: implementation {implementation!r}")
 
 
@@ -121,19 +139,148 @@ def _take_bwd(residuals, g):
 _take.defvjp(_take_fwd, _take_bwd)
 
 
-def _implementation(cfg: ModelConfig) -> str:
-    if cfg.moe_matmul != "auto":
-        return cfg.moe_matmul
-    return "tiled" if jax.default_backend() == "cpu" else "ragged"
+def _activation(cfg: ModelConfig):
+    from itune.model.decoder import MLP_ACTIVATIONS  # noqa: PLC0415
+
+    return MLP_ACTIVATIONS[cfg.mlp_activation]
+
+
+class ExpertLayout(NamedTuple):
+    """How `expert_outputs` runs under ``jax.shard_map`` when the experts are split over mesh
+    axes (expert parallelism): each device holds ``experts / expert_shards`` whole experts."""
+
+    token_specs: tuple[
+        PartitionSpec, ...
+    ]  # Of the tokens [b, t, d], weights and experts [b, t, k].
+    param_specs: dict[str, PartitionSpec]
+    expert_axes: tuple[str, ...]  # The mesh axes the experts are split over.
+    expert_shards: int
+    gather_axes: tuple[
+        str, ...
+    ]  # Expert axes that also split the tokens: gathered, then scattered.
+    sum_axes: tuple[str, ...]  # Axes whose devices hold partial outputs of the same tokens.
+
+
+def _axes(entry) -> tuple[str, ...]:
+    return () if entry is None else (entry,) if isinstance(entry, str) else tuple(entry)
+
+
+def expert_layout(
+    cfg: ModelConfig, rules: sharding.LogicalRules, batch: int, length: int, variables: dict
+) -> ExpertLayout | None:
+    """The `ExpertLayout` of the ambient mesh and ``rules``, or None where the rules keep each
+    expert on every device (the experts then run under the compiler's own partitioning)."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if not rules or mesh.empty:
+        return None
+    expert_axes = _axes(sharding.logical_to_spec(("expert",), rules, (cfg.num_experts,), mesh)[0])
+    if not expert_axes:
+        return None
+    token_spec = sharding.logical_to_spec(
+        ("activation_batch", "activation_length"), rules, (batch, length), mesh
+    )
+    token_axes = {a for entry in token_spec for a in _axes(entry)}
+    # A mesh axis that splits the tokens cannot also split an expert's hidden units.
+    mlp_axes = tuple(
+        a
+        for a in _axes(sharding.logical_to_spec(("mlp",), rules, (cfg.mlp_dim,), mesh)[0])
+        if a not in token_axes and a not in expert_axes
+    )
+    by_name = {"expert": expert_axes or None, "mlp": mlp_axes or None}
+
+    def param_spec(variable):
+        names = tuple(variable.get_metadata().get("out_sharding") or ())
+        names = names[len(names) - variable.ndim :] if names else (None,) * variable.ndim
+        return PartitionSpec(*(by_name.get(name) for name in names))
+
+    return ExpertLayout(
+        token_specs=(
+            PartitionSpec(*token_spec, None),
+            PartitionSpec(*token_spec, None),
+            PartitionSpec(*token_spec, None),
+        ),
+        param_specs={name: param_spec(v) for name, v in variables.items()},
+        expert_axes=expert_axes,
+        expert_shards=math.prod(mesh.shape[a] for a in expert_axes),
+        gather_axes=tuple(a for a in expert_axes if a in token_axes),
+        sum_axes=tuple(a for a in expert_axes if a not in token_axes) + mlp_axes,
+    )
+
+
+def expert_outputs(
+    cfg: ModelConfig,
+    implementation: str,
+    x,
+    weights,
+    experts,
+    params: dict[str, Any],
+    *,
+    dropout_rng=None,
+    layout: ExpertLayout | None = None,
+):
+    """The weighted sum of each token's chosen experts, ``[b, t, d]`` in float32, from tokens
+    ``x [b, t, d]`` and their router ``weights`` and ``experts [b, t, k]``.
+
+    The token-expert assignments are sorted by expert and each expert's rows run as one group of
+    `grouped_matmul`. Under a ``layout`` (inside ``jax.shard_map``), a device gathers the tokens
+    of the devices that share its experts' axes, runs the assignments to its own experts (the
+    others sort last and come out as zeros: no token is dropped, whatever the routing), and the
+    partial outputs are summed back onto the devices the tokens came from.
+    """
+    dt = jnp.dtype(cfg.dtype)
+    b, t, d = x.shape
+    k = cfg.experts_per_token
+    tokens, weights, experts = x.reshape(b * t, d), weights.reshape(-1, k), experts.reshape(-1, k)
+    num_local, first = cfg.num_experts, 0
+    if layout is not None:
+        if layout.gather_axes:
+            tokens, weights, experts = (
+                jax.lax.all_gather(a, layout.gather_axes, tiled=True)
+                for a in (tokens, weights, experts)
+            )
+        num_local = cfg.num_experts // layout.expert_shards
+        first = jax.lax.axis_index(layout.expert_axes) * num_local
+        # Each device's rows differ along every axis that splits its experts' weights: typed so,
+        # the transposes (`_take`'s own included) sum the tokens' gradients over those axes.
+        missing = tuple(
+            a for a in layout.sum_axes if a not in jax.typeof(tokens).manual_axis_type.varying
+        )
+        if missing:
+            tokens = jax.lax.pcast(tokens, missing, to="varying")
+    local = experts.reshape(-1) - first
+    group = jnp.where((local >= 0) & (local < num_local), local, num_local)
+    order = jnp.argsort(group, stable=True)
+    sizes = jnp.bincount(group, length=num_local + 1)[:num_local].astype(jnp.int32)
+    rows = tokens.astype(dt)[order // k]  # [n * k, d], grouped by expert
+
+    def matmul(inputs, w, group_sizes):
+        return grouped_matmul(inputs, w, group_sizes, implementation)
+
+    def project(name, inputs):
+        y = matmul(inputs, params[name].astype(dt), sizes).astype(dt)
+        a, b = params.get(f"{name}_lora_a"), params.get(f"{name}_lora_b")
+        return lora.apply_grouped(cfg, name, a, b, inputs, y, sizes, matmul, dropout_rng)
+
+    hidden = _activation(cfg)(project("gate", rows)) * project("up", rows)
+    out_rows = project("down", hidden)
+    inverse = jnp.zeros_like(order).at[order].set(jnp.arange(order.shape[0]))
+    per_choice = out_rows[inverse].reshape(-1, k, d).astype(jnp.float32)
+    out = jnp.einsum("nkd,nk->nd", per_choice, weights)
+    if layout is not None:
+        if layout.gather_axes:
+            out = jax.lax.psum_scatter(out, layout.gather_axes, scatter_dimension=0, tiled=True)
+        if layout.sum_axes:
+            out = jax.lax.psum(out, layout.sum_axes)
+    return out.reshape(b, t, d)
 
 
 class MoE(nnx.Module):
     """The experts' gated MLPs and their router (parameters stacked over experts)."""
 
-    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+    def __init__(self, cfg: ModelConfig, rules: sharding.LogicalRules = (), *, rngs: nnx.Rngs):
         from itune.model.decoder import _param  # noqa: PLC0415  (decoder imports this module)
 
-        self.cfg = cfg
+        self.cfg, self.rules = cfg, rules
         p = jnp.dtype(cfg.param_dtype)
         d, m, e = cfg.d_model, cfg.mlp_dim, cfg.num_experts
         normal = nnx.initializers.normal
@@ -169,37 +316,31 @@ class MoE(nnx.Module):
 
     def __call__(self, x, segment_ids, dropout_rng=None):
         """``(output [b, t, d], RouterStats)``."""
-        from itune.model.decoder import MLP_ACTIVATIONS  # noqa: PLC0415
-
         cfg = self.cfg
         dt = jnp.dtype(cfg.dtype)
         b, t, d = x.shape
         tokens = x.reshape(b * t, d)
         weights, experts, stats = self.route(tokens, segment_ids)
-        act = MLP_ACTIVATIONS[cfg.mlp_activation]
-        implementation = _implementation(cfg)
+        implementation = cfg.moe_matmul
         if implementation == "dense":
-            out = self._dense(tokens.astype(dt), weights, experts, act)
+            out = self._dense(tokens.astype(dt), weights, experts, _activation(cfg))
             return out.reshape(b, t, d), stats
-        k = cfg.experts_per_token
-        flat_experts = experts.reshape(-1)
-        order = jnp.argsort(flat_experts, stable=True)
-        rows = tokens.astype(dt)[order // k]  # [n * k, d], grouped by expert
-        sizes = jnp.bincount(flat_experts, length=cfg.num_experts).astype(jnp.int32)
-
-        def matmul(inputs, w, group_sizes):
-            return grouped_matmul(inputs, w, group_sizes, implementation)
-
-        def project(name, inputs):
-            y = matmul(inputs, getattr(self, name)[...].astype(dt), sizes).astype(dt)
-            return lora.apply_grouped(self, name, inputs, y, sizes, matmul, dropout_rng)
-
-        hidden = act(project("gate", rows)) * project("up", rows)
-        out_rows = project("down", hidden)
-        inverse = jnp.zeros_like(order).at[order].set(jnp.arange(order.shape[0]))
-        per_choice = out_rows[inverse].reshape(b * t, k, d).astype(jnp.float32)
-        out = jnp.einsum("nkd,nk->nd", per_choice, weights).astype(dt)
-        return out.reshape(b, t, d), stats
+        names = [n for n in EXPERT_PARAMS if hasattr(self, n)]
+        params = {n: getattr(self, n)[...] for n in names}
+        layout = expert_layout(cfg, self.rules, b, t, {n: getattr(self, n) for n in names})
+        compute = functools.partial(
+            expert_outputs, cfg, implementation, dropout_rng=dropout_rng, layout=layout
+        )
+        shaped = (x.astype(dt), weights.reshape(b, t, -1), experts.reshape(b, t, -1))
+        if layout is None:
+            out = compute(*shaped, params)
+        else:
+            out = jax.shard_map(
+                compute,
+                in_specs=(*layout.token_specs, layout.param_specs),
+                out_specs=layout.token_specs[0],
+            )(*shaped, params)
+        return out.astype(dt), stats
 
     def _dense(self, tokens, weights, experts, act):
         """Every expert on every token, weighted by the router (zero for experts not chosen):
