@@ -47,7 +47,10 @@ def test_gguf_to_itune_to_hugging_face_keeps_the_logits(converted):
     from itune.convert import model_dir
 
     itune_dir, hf_dir = converted
-    assert json.loads((itune_dir / "model.json").read_text())["chat_format"] == "chatml"
+    # The model keeps SmolLM2's own chat template (in tokenizer/), not a built-in format.
+    assert json.loads((itune_dir / "model.json").read_text())["chat_format"] is None
+    hf_template = json.loads((hf_dir / "tokenizer_config.json").read_text())["chat_template"]
+    assert "You are a helpful AI assistant named SmolLM" in hf_template
     assert (hf_dir / "config.json").exists() and (hf_dir / "model.safetensors").exists()
     loaded = model_dir.load_model(str(itune_dir))
     ids = loaded.tokenizer.encode("The capital of France is Paris, and the capital of Italy is")

@@ -310,7 +310,12 @@ def define_model_flags() -> None:
         "The model: an itune model folder, a Hugging Face folder, a GGUF file or a training "
         "workdir (its last checkpoint).",
     )
-    flags.DEFINE_string("chat_format", None, "Override the model's chat format.")
+    flags.DEFINE_string(
+        "chat_format",
+        None,
+        "Instead of the model's own chat template: a built-in format (chatml, llama3, gemma, "
+        "mistral, alpaca) or a .jinja file.",
+    )
     flags.DEFINE_string(
         "dtype", None, "Computation dtype (float32, bfloat16); default: the model's."
     )
@@ -346,6 +351,8 @@ def responder_from_flags():
     overrides = {"dtype": f.dtype} if f.dtype else {}
     loaded = model_dir.load_model(f.checkpoint, mesh, rules, **overrides)
     fmt = chat.get_format(f.chat_format or loaded.chat_format or "chatml")
+    if isinstance(fmt, chat.ChatTemplate) and not fmt.special_tokens:  # A --chat_format file.
+        fmt = fmt.replace(special_tokens=chat.special_tokens_of(loaded.tokenizer))
     respond = responder.Responder(
         loaded.graphdef,
         loaded.params,
