@@ -5,6 +5,7 @@ reasoning and tool-call chats, tokenization equal to the tokenizer's own encode.
 """
 
 import doctest
+import json
 import functools
 
 import pytest
@@ -507,3 +508,36 @@ def test_builtin_formats_match_the_templates_they_derive_from(shared_dir, base_t
         if cut:
             theirs_prompt = "<|begin_of_text|>" + theirs_prompt.split(cut, 1)[1]
         assert prompt == theirs_prompt, (builtin, name)
+
+
+def test_a_run_encodes_records_with_the_named_template(shared_dir, base_tokenizer):
+    """data.chat_format naming a .jinja file: a record's tools and tool calls reach the template,
+    the ids are transformers', the config's kwargs and reasoning switch apply."""
+    import ml_collections
+    import numpy as np
+
+    from itune.data import encode
+    from itune.data import spec as data_spec
+
+    _, ours, theirs = _setup(shared_dir, base_tokenizer, "qwen3")
+    data = ml_collections.ConfigDict(
+        dict(
+            chat_format=str(shared_dir / "chat_templates" / "qwen3.jinja"),
+            chat_template_kwargs={"enable_thinking": False},
+            train_on_reasoning=False,
+        )
+    )
+    fmt = chat.resolve_format(data, tokenizer=ours)
+    assert fmt.kwargs == {"enable_thinking": False} and not fmt.train_on_reasoning
+    assert fmt.special_tokens["eos_token"] == "<|im_end|>"
+    assert chat.format_choice({"chat_format": "auto"}, fmt) is fmt
+    messages, tools, _ = CHATS["tool_calls"]
+    spec = data_spec.DataSpec(ours, fmt, 512, 1, [])
+    example = {"messages": messages, "tools": json.dumps(TOOLS), "source": "chats"}
+    tokens = encode.encode_example(example, spec)
+    expected = theirs.apply_chat_template(messages, tools=TOOLS, tokenize=True, return_dict=False)
+    ids = np.concatenate([tokens["inputs"][:1], tokens["targets"]])
+    assert ids.tolist() == list(expected)
+    trained = ours.decode(tokens["targets"][tokens["loss_mask"] == 1])
+    assert trained.startswith('<tool_call>\n{"name": "get_weather"') and "It is sunny." in trained
+    assert spec.stop_id == ours.encode("<|im_end|>")[0]
