@@ -77,7 +77,9 @@ print(
     f"{config.head_dim}, MLP {config.mlp_dim}, vocabulary {config.vocab_size:,}, "
     f"RoPE theta {config.rope_theta:,.0f}, tied embeddings {config.tie_embeddings}"
 )
-print(f"chat format: {loaded.chat_format}; tokenizer: {loaded.tokenizer.name}")
+print(
+    f"chat format: {chat.get_format(loaded.chat_format).name}; tokenizer: {loaded.tokenizer.name}"
+)
 # The layers are stacked (scanned over), so each weight has a leading layer dimension.
 for path, variable in nnx.to_flat_state(loaded.params):
     print(f"  {'/'.join(map(str, path)):<24} {str(variable.shape):<20} {variable.dtype}")
@@ -85,7 +87,8 @@ assert config.num_layers == 30 and config.d_model == 576 and config.vocab_size =
 assert abs(config.num_params() - 134.5e6) < 0.1e6
 
 # %% [markdown]
-# The prompt the model sees, in its own chat format (ChatML), ending with an open assistant turn:
+# The prompt the model sees, in its own chat template (the GGUF's: ChatML), ending with an open
+# assistant turn:
 
 # %%
 fmt = chat.get_format(loaded.chat_format)
