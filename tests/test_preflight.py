@@ -71,6 +71,26 @@ def test_program_flops_count_every_scan_iteration_where_xla_counts_one():
     assert 2 * 8 * 64 * 64 <= xla < 2 * 2 * 8 * 64 * 64  # One layer, and the tanh and sum.
 
 
+def test_program_flops_count_grouped_products_on_every_device():
+    """A ``ragged_dot`` inside ``jax.shard_map`` (the experts' products under expert
+    parallelism), and its two transposes: each row times its own group's matrix, on every
+    device of the mesh."""
+    from jax.sharding import PartitionSpec
+
+    mesh = jax.make_mesh((4,), ("fsdp",), axis_types=(jax.sharding.AxisType.Auto,))
+    per_device = jax.shard_map(
+        lambda x, w, sizes: jax.lax.ragged_dot(x, w, sizes),
+        mesh=mesh,
+        in_specs=(PartitionSpec("fsdp"), PartitionSpec(), PartitionSpec()),
+        out_specs=PartitionSpec("fsdp"),
+    )
+    x, w, sizes = jnp.ones((32, 16)), jnp.ones((3, 16, 24)), jnp.array([2, 5, 1], jnp.int32)
+    product = 2 * 32 * 16 * 24  # Every row meets one matrix, not three.
+    assert flops.program_flops(jax.jit(per_device).trace(x, w, sizes).jaxpr) == product
+    loss = jax.grad(lambda x, w: jnp.sum(per_device(x, w, sizes) ** 2), argnums=(0, 1))
+    assert flops.program_flops(jax.jit(loss).trace(x, w).jaxpr) == 3 * product
+
+
 def _smoke(**overrides):
     spec = importlib.util.spec_from_file_location("smoke", REPO / "configs/smoke.py")
     module = importlib.util.module_from_spec(spec)

@@ -91,10 +91,20 @@ def _dot_flops(eqn) -> float:
     return 2.0 * math.prod(lhs) * math.prod(rhs_free)
 
 
+def _ragged_dot_flops(eqn) -> float:
+    """2 x the multiply-adds of a ``ragged_dot_general`` (each row meets its own group's matrix
+    only), in all three forms (the product and its two transposes): the three operands' sizes
+    multiply to the square of the multiply-adds times the number of groups."""
+    lhs, rhs, groups = (math.prod(v.aval.shape) for v in eqn.invars[:3])
+    out = math.prod(eqn.outvars[0].aval.shape)
+    return 2.0 * math.sqrt(lhs * rhs * out / groups)
+
+
 def program_flops(jaxpr) -> float:
     """Matmul FLOPs of a traced program (``jax.jit(f).trace(...).jaxpr``) over all devices: every
-    ``dot_general``, a loop's body as many times as the loop runs (`lax.scan`'s length), the
-    costlier branch of a ``cond``, and what rematerialisation recomputes, as jax emitted it.
+    ``dot_general`` and ``ragged_dot_general``, a loop's body as many times as the loop runs
+    (`lax.scan`'s length), the costlier branch of a ``cond``, a ``shard_map`` body once per
+    device, and what rematerialisation recomputes, as jax emitted it.
 
     XLA's own cost analysis counts a loop body once: the layers' scan, gradient accumulation's
     scan, and the loops XLA itself makes of matmuls with gathered FSDP weights on TPU.
@@ -105,12 +115,18 @@ def program_flops(jaxpr) -> float:
         name = eqn.primitive.name
         if name == "dot_general":
             total += _dot_flops(eqn)
+        elif name == "ragged_dot_general":
+            total += _ragged_dot_flops(eqn)
         elif name == "cond":
             total += max(program_flops(b) for b in eqn.params["branches"])
         else:
             inner = sum(program_flops(j) for v in eqn.params.values() for j in _jaxprs(v))
             if name == "scan":
                 inner *= eqn.params["length"]
+            elif name == "shard_map":  # The body's shapes are one device's.
+                inner *= math.prod(
+                    eqn.params["mesh"].shape[a] for a in eqn.params["newly_manual_axes"]
+                )
             elif name == "pallas_call":
                 inner *= math.prod(eqn.params["grid_mapping"].grid)
             total += inner
