@@ -15,7 +15,6 @@ import json
 import os
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
@@ -641,12 +640,16 @@ def test_lora_on_attention_and_experts_exports_merged(built, tmp_path, family):
     logits that itune computes with the adapters."""
     run = built(family)
     cfg = dataclasses.replace(run["cfg"], lora_rank=4, lora_targets="q,v,o,gate,up,down")
-    adapters = lora.init_adapters(cfg, seed=3)
-    adapters = jax.tree.map(
-        lambda a: a + 0.02 * jnp.cos(jnp.arange(a.size).reshape(a.shape)), adapters
-    )
+    abstract = nnx.eval_shape(lambda: Decoder(cfg, rngs=nnx.Rngs(0)))
+    graphdef = nnx.graphdef(abstract)
+    rng = np.random.default_rng(3)
+
+    def draw(path, a):  # A of PEFT's scale; B, zero when made, non-zero as after training.
+        bound = 0.2 if "_lora_a" in jax.tree_util.keystr(path) else 0.02
+        return rng.uniform(-bound, bound, a.shape).astype(a.dtype)
+
+    adapters = jax.tree.map_with_path(draw, lora.adapters_only(nnx.state(abstract)))
     params = lora.with_adapters(run["params"], adapters)
-    graphdef = nnx.graphdef(nnx.eval_shape(lambda: Decoder(cfg, rngs=nnx.Rngs(0))))
     tokens = np.stack(token_rows(4, [SEQ, SEQ]))
     adapted = itune_logits(graphdef, params, tokens)
     assert max_relative_error(adapted, itune_logits(run["graphdef"], run["params"], tokens)) > 1e-3

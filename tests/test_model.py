@@ -1,6 +1,7 @@
 """The decoder: packed segments are independent, positions restart per segment."""
 
 import dataclasses
+import functools
 import re
 
 import jax
@@ -11,17 +12,22 @@ from flax import nnx
 
 from itune import configlib
 from itune.model.decoder import Decoder
-from tests.util import packed_batch, tiny_model_config
+from tests.util import QUICK_COMPILE, packed_batch, tiny_model_config
+
+
+quick_jit = functools.partial(jax.jit, compiler_options=QUICK_COMPILE)
 
 
 def _logits(model, batch):
+    graphdef, state = nnx.split(model)
     return np.asarray(
-        model(
-            jnp.asarray(batch["inputs"]),
-            jnp.asarray(batch["positions"]),
-            jnp.asarray(batch["segment_ids"]),
-        )
+        _jitted_logits(graphdef, state, batch["inputs"], batch["positions"], batch["segment_ids"])
     )
+
+
+@functools.partial(quick_jit, static_argnums=0)
+def _jitted_logits(graphdef, state, *inputs):
+    return nnx.merge(graphdef, state)(*inputs)
 
 
 def test_packed_segments_never_attend_to_each_other():
@@ -73,15 +79,20 @@ def test_scan_over_layers_matches_running_them_one_by_one():
 
 
 def _loss_and_grads(model, batch):
-    tokens, pos, seg = (jnp.asarray(batch[k]) for k in ("inputs", "positions", "segment_ids"))
-    targets = jnp.asarray(batch["targets"])
+    graphdef, params = nnx.split(model)
+    return _jitted_loss_and_grads(graphdef, params, batch)
 
-    def loss_fn(model):
-        logits = model(tokens, pos, seg)
+
+@functools.partial(quick_jit, static_argnums=0)
+def _jitted_loss_and_grads(graphdef, params, batch):
+    def loss_fn(params):
+        logits = nnx.merge(graphdef, params)(
+            batch["inputs"], batch["positions"], batch["segment_ids"]
+        )
         logp = jax.nn.log_softmax(logits)
-        return -jnp.take_along_axis(logp, targets[..., None], -1).mean()
+        return -jnp.take_along_axis(logp, batch["targets"][..., None], -1).mean()
 
-    return nnx.value_and_grad(loss_fn)(model)
+    return jax.value_and_grad(loss_fn)(params)
 
 
 def _same_params(cfg_a, cfg_b, seed=0):
@@ -242,7 +253,7 @@ def test_attention_in_query_blocks_equals_one_block(sliding_window):
                 out = jax.nn.dot_product_attention(q, k, v, mask=mask)
             return jnp.sum(jnp.sin(out)), out
 
-        return jax.grad(f, argnums=(0, 1, 2), has_aux=True)(q, k, v)
+        return quick_jit(jax.grad(f, argnums=(0, 1, 2), has_aux=True))(q, k, v)
 
     (grads, out), (one_block_grads, one_block_out) = run(8), run(32)
     np.testing.assert_allclose(out, one_block_out, rtol=1e-5, atol=1e-6)
@@ -283,10 +294,11 @@ def test_soft_capped_scaled_attention_and_its_backward_against_autodiff():
     def loss(f):
         return lambda *a: jnp.sum(jnp.sin(f(*a)))
 
-    np.testing.assert_allclose(blocked(q, k, v), reference(q, k, v), atol=1e-5)
+    np.testing.assert_allclose(quick_jit(blocked)(q, k, v), reference(q, k, v), atol=1e-5)
     assert np.abs(jnp.einsum("bthd,bshd->bhts", q, jnp.repeat(k, 2, 2)) * scale).max() > 2 * cap
     for got, want in zip(
-        jax.grad(loss(blocked), (0, 1, 2))(q, k, v), jax.grad(loss(reference), (0, 1, 2))(q, k, v)
+        quick_jit(jax.grad(loss(blocked), (0, 1, 2)))(q, k, v),
+        quick_jit(jax.grad(loss(reference), (0, 1, 2)))(q, k, v),
     ):
         np.testing.assert_allclose(got, want, atol=2e-5)
     positions = jnp.broadcast_to(jnp.arange(32), (2, 32))
@@ -343,7 +355,9 @@ def test_local_and_global_layers_scanned_equal_them_unrolled():
     )
 
     def program_lines(num_layers):
-        deep = Decoder(_gemma3_like(num_layers=num_layers), rngs=nnx.Rngs(0))
+        deep = nnx.eval_shape(
+            lambda: Decoder(_gemma3_like(num_layers=num_layers), rngs=nnx.Rngs(0))
+        )
         tokens = jnp.zeros((1, 8), jnp.int32)
         lowered = jax.jit(lambda m: m(tokens, tokens, tokens + 1)).lower(deep)
         return len(lowered.as_text().splitlines())

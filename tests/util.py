@@ -1,11 +1,24 @@
 """Small builders shared by the tests."""
 
+import functools
 import logging
 
 import ml_collections
 import numpy as np
 
 from itune.model.decoder import ModelConfig
+
+# XLA options for the tests' programs. They are tiny, so compiling is nearly all of their time,
+# and half of that is LLVM optimising the machine code: they compile without it. XLA's own passes
+# (fusion, SPMD partitioning) run as in training; sums may round differently in the last bit.
+QUICK_COMPILE = {"xla_backend_optimization_level": 0}
+
+
+def quick_jit(fun, **jit_kwargs):
+    """`jax.jit` of a test's program, with `QUICK_COMPILE`."""
+    import jax
+
+    return jax.jit(fun, compiler_options=QUICK_COMPILE, **jit_kwargs)
 
 
 def tiny_model_config(**overrides) -> ModelConfig:
@@ -69,8 +82,6 @@ def jitted_train_step(
     mesh of the first devices: ``run(state, host_batch) -> (state, metrics)`` is the jitted,
     donating `train_step` with ``step_kwargs``. With ``params`` (an imported model's, say), the
     state starts from them rather than from a random initialisation."""
-    import functools
-
     import jax
     from jax.sharding import NamedSharding, PartitionSpec
 
@@ -93,7 +104,7 @@ def jitted_train_step(
         )
         state = jax.device_put(state, layout.shardings)
     batch_sharding = sharding.batch_sharding(mesh, rules)
-    train_step = jax.jit(
+    train_step = quick_jit(
         functools.partial(
             step.train_step, graphdef=layout.graphdef, tx=tx, schedule=schedule, **step_kwargs
         ),
@@ -139,18 +150,22 @@ def itune_logits(graphdef, params, tokens, mesh=None, positions=None, segment_id
         positions = np.broadcast_to(np.arange(tokens.shape[1], dtype=np.int32), tokens.shape)
     if segment_ids is None:
         segment_ids = np.ones(tokens.shape, np.int32)
-    forward = _forward(graphdef)
     if mesh is None:
-        return np.asarray(forward(params, tokens, positions, segment_ids))
+        return np.asarray(_forward()(graphdef, params, tokens, positions, segment_ids))
     with jax.set_mesh(mesh):
-        return np.asarray(forward(params, tokens, positions, segment_ids))
+        return np.asarray(_forward()(graphdef, params, tokens, positions, segment_ids))
 
 
-def _forward(graphdef):
-    import jax
+@functools.cache
+def _forward():
+    """A model's logits under one `jax.jit` for all tests, the graph static: a graph (a config)
+    and shapes seen before run their compiled program again."""
     from flax import nnx
 
-    return jax.jit(lambda params, *inputs: nnx.merge(graphdef, params)(*inputs))
+    def forward(graphdef, params, *inputs):
+        return nnx.merge(graphdef, params)(*inputs)
+
+    return quick_jit(forward, static_argnums=0)
 
 
 class WarningLog(logging.Handler):
