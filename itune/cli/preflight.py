@@ -75,6 +75,8 @@ def hints(config, topology) -> list[str]:
     if remat == "none":
         out.append("rematerialise each layer: --config.model.remat=save_dots (or full)")
     elif remat == "save_dots":
+        out.append("keep the saved activations in host memory: --config.model.remat=offload_dots")
+    if remat in ("save_dots", "offload_dots"):
         out.append("keep only each layer's input for the backward pass: --config.model.remat=full")
     # Each microbatch must still give every batch shard whole rows.
     shape = sharding.mesh_shape(mesh, topology.num_chips)

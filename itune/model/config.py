@@ -12,7 +12,7 @@ from typing import Any
 from itune.model import attention, lora, moe
 
 MLP_ACTIVATION_NAMES = ("silu", "gelu_tanh", "gelu")  # See decoder.MLP_ACTIVATIONS.
-REMATS = ("none", "full", "save_dots")  # See decoder.REMAT_POLICIES.
+REMATS = ("none", "full", "save_dots", "offload_dots")  # See decoder.REMAT_POLICIES.
 ROPE_SCALINGS = ("none", "llama3", "linear", "yarn")
 # Metadata of the `ModelConfig` fields that decide the parameters' shapes: a checkpoint only
 # restores into a model whose shape fields are all equal (`shape_fields`).
@@ -87,7 +87,7 @@ class ModelConfig:
     scan_layers: bool = True  # False: the layers are unrolled (same parameters).
     param_dtype: str = "float32"
     dtype: str = "float32"  # Computation dtype; softmax and the loss always run in float32.
-    remat: str = "none"  # 'none' | 'full' | 'save_dots'
+    remat: str = "none"  # 'none' | 'full' | 'save_dots' | 'offload_dots'
     # The train and eval loss compute the logits this many vocabulary entries at a time
     # (`itune.training.chunked_loss`), never those of the whole vocabulary at once; 0: at once.
     loss_vocab_chunk: int = 1024

@@ -59,8 +59,42 @@ REMAT_POLICIES = {
     "save_dots": jax.checkpoint_policies.save_only_these_names(
         PROJECTION, *attention.ATTENTION_RESIDUALS
     ),
+    # The same values as save_dots, kept in the host's memory between the forward and the
+    # backward (copied out and back by the compiler, overlapping the layers' compute): the
+    # chip holds only a layer's worth of them. On CPU the host memory is the device's own,
+    # so it compiles and computes as save_dots does.
+    "offload_dots": jax.checkpoint_policies.save_and_offload_only_these_names(
+        names_which_can_be_saved=[],
+        names_which_can_be_offloaded=[PROJECTION, *attention.ATTENTION_RESIDUALS],
+        offload_src="device",
+        offload_dst="pinned_host",
+    ),
 }
 assert tuple(REMAT_POLICIES) == REMATS
+# The remat values that move saved activations to `HOST_MEMORY`.
+OFFLOADING_REMATS = ("offload_dots",)
+HOST_MEMORY = "pinned_host"
+
+
+def check_host_memory(remat: str, device: jax.Device | None = None) -> None:
+    """Raises a ValueError when ``remat`` offloads to the host and ``device`` (default: the
+    ambient mesh's first, else the default backend's) has no `HOST_MEMORY` space. Called while
+    tracing, so a preflight for a TPU topology asks that topology's devices."""
+    if remat not in OFFLOADING_REMATS:
+        return
+    if device is None:
+        # The mesh of `jax.set_mesh` (its devices: `jax.sharding.get_mesh` refuses under jit).
+        from jax._src.mesh import get_concrete_mesh
+
+        mesh = get_concrete_mesh()
+        device = mesh.devices.flat[0] if not mesh.empty else jax.devices()[0]
+    kinds = [m.kind for m in device.addressable_memories()]
+    if HOST_MEMORY not in kinds:
+        raise ValueError(
+            f"model.remat={remat!r} offloads activations to {HOST_MEMORY!r} memory, which "
+            f"{device.platform} devices do not have (their memories: {kinds}); use "
+            "model.remat='save_dots' or 'full'"
+        )
 
 
 def _param(rngs: nnx.Rngs, init, shape: Sequence[int], dtype, axes: tuple[str | None, ...]):
@@ -411,6 +445,7 @@ class Decoder(nnx.Module):
             return block(carry, positions, segment_ids, _sliding(cfg, flag), key)
 
         policy = REMAT_POLICIES[cfg.remat]
+        check_host_memory(cfg.remat)
         if cfg.remat != "none":
             layer = jax.checkpoint(layer, policy=policy, prevent_cse=False)
         if cfg.scan_layers:
