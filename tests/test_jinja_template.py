@@ -12,7 +12,7 @@ import pytest
 import tokenizers
 from tokenizers import AddedToken
 
-from itune.data import chat, jinja_template
+from itune.data import chat, jinja_template, sources
 from itune.data.hf_tokenizer import HFTokenizer
 from itune.data.jinja_template import ChatTemplate, TemplateError
 
@@ -541,3 +541,75 @@ def test_a_run_encodes_records_with_the_named_template(shared_dir, base_tokenize
     trained = ours.decode(tokens["targets"][tokens["loss_mask"] == 1])
     assert trained.startswith('<tool_call>\n{"name": "get_weather"') and "It is sunny." in trained
     assert spec.stop_id == ours.encode("<|im_end|>")[0]
+
+
+def _tool_chat_records():
+    """One tool-call chat in the forms a data file holds it: OpenAI messages with ids (and its
+    arguments as JSON text) and ShareGPT turns, each with a record-level ``tools``."""
+    call = {"id": "call_1", **CALL}
+    openai = [
+        {"role": "user", "content": "Weather in Paris?"},
+        {"role": "assistant", "content": None, "tool_calls": [call]},
+        {"role": "tool", "tool_call_id": "call_1", "name": "get_weather", "content": "sunny, 21 C"},
+        {"role": "assistant", "content": "It is sunny."},
+    ]
+    as_text = json.loads(json.dumps(openai))
+    as_text[1]["tool_calls"][0]["function"]["arguments"] = '{"city": "Paris"}'
+    sharegpt = [
+        {"from": "human", "value": "Weather in Paris?"},
+        {"from": "function_call", "value": json.dumps(CALL["function"])},
+        {"from": "observation", "value": "sunny, 21 C"},
+        {"from": "gpt", "value": "It is sunny."},
+    ]
+    return [
+        {"messages": openai, "tools": TOOLS},
+        {"messages": as_text, "tools": TOOLS},
+        {"conversations": sharegpt, "tools": json.dumps(TOOLS)},
+    ]
+
+
+@pytest.mark.parametrize("name", ["llama3_1", "qwen3"])
+def test_a_tool_call_data_file_encodes_as_transformers_renders_it(
+    shared_dir, base_tokenizer, tmp_path, name
+):
+    """Records of a JSONL file, read and encoded as a run does, give transformers' ids for the
+    same messages and tools; the trained tokens are the assistant turns, tool calls included."""
+    import numpy as np
+
+    from itune.data import encode, sources
+    from itune.data import spec as data_spec
+
+    template, ours, theirs = _setup(shared_dir, base_tokenizer, name)
+    records = _tool_chat_records()
+    examples, origins = [], []
+    # A source holds one format: the OpenAI records in one file, the ShareGPT one in another.
+    for file, held in (("openai.jsonl", records[:2]), ("sharegpt.jsonl", records[2:])):
+        path = tmp_path / file
+        path.write_text("".join(json.dumps(r) + "\n" for r in held))
+        examples += sources.read_source(sources.SourceSpec(file, str(path)))
+        origins += [f"{path}:{line}" for line in range(1, len(held) + 1)]
+    spec = data_spec.DataSpec(ours, template, 512, 1, [])
+    # The messages as the file holds them (content null left out, as transformers drops it).
+    messages = [{k: v for k, v in m.items() if v is not None} for m in records[0]["messages"]]
+    text = theirs.apply_chat_template(messages, tools=TOOLS, tokenize=False)
+    expected = theirs.apply_chat_template(messages, tools=TOOLS, tokenize=True, return_dict=False)
+    encoding = ours.backend.encode(text, add_special_tokens=False)
+    assert encoding.ids == list(expected)
+    spans, at = [], 0
+    for trained in GOLDEN[name][0]:
+        start = text.index(trained, at)
+        spans.append((start, start + len(trained)))
+        at = start + len(trained)
+    mask = [int(any(b < y and e > x for x, y in spans)) for b, e in encoding.offsets]
+    assert [e["origin"] for e in examples] == origins
+    for example, origin in zip(examples, origins):
+        tokens = encode.encode_example(example, spec)
+        ids = np.concatenate([tokens["inputs"][:1], tokens["targets"]])
+        assert ids.tolist() == list(expected), origin
+        assert tokens["loss_mask"].tolist() == mask[1:], origin
+
+
+def test_builtin_formats_write_tool_calls_as_text():
+    example = sources.convert_record(_tool_chat_records()[0], "messages")
+    text = chat.to_text(chat.render(example["messages"], chat.CHATML))
+    assert '<|im_start|>assistant\n{"name": "get_weather", "arguments": {"city": "Paris"}}' in text

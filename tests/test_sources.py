@@ -80,16 +80,82 @@ def test_messages_multi_turn_with_tools():
         "tools": [{"type": "function", "function": {"name": "weather"}}],
     }
     example = convert_record(record, "messages")
-    assert example["messages"] == _msgs(
-        ("system", "Be terse."),
-        ("user", "Weather in Oslo?"),
-        ("assistant", '{"name": "weather", "arguments": {"city": "Oslo"}}'),
-        ("tool", "-3C"),
-        ("assistant", "Cold: -3C."),
-        ("user", "Thanks"),
-        ("assistant", "You're welcome."),
-    )
+    call = {"function": {"name": "weather", "arguments": {"city": "Oslo"}}, "type": "function"}
+    assert example["messages"] == [
+        *_msgs(("system", "Be terse."), ("user", "Weather in Oslo?")),
+        {"role": "assistant", "content": "", "tool_calls": [call]},
+        *_msgs(
+            ("tool", "-3C"),
+            ("assistant", "Cold: -3C."),
+            ("user", "Thanks"),
+            ("assistant", "You're welcome."),
+        ),
+    ]
     assert json.loads(example["tools"]) == record["tools"]
+
+
+def test_tool_calls_and_results_keep_their_fields():
+    call = {"id": "c1", "type": "function", "function": {"name": "f", "arguments": {"x": 1}}}
+    record = {
+        "messages": [
+            {"role": "user", "content": "Go."},
+            {"role": "assistant", "content": "Calling.", "tool_calls": [call, call]},
+            {"role": "tool", "content": "ok", "tool_call_id": "c1", "name": "f"},
+            {"role": "assistant", "content": "Done."},
+        ]
+    }
+    messages = convert_record(record, "messages")["messages"]
+    assert messages[1] == {"role": "assistant", "content": "Calling.", "tool_calls": [call, call]}
+    assert messages[2] == {"role": "tool", "content": "ok", "tool_call_id": "c1", "name": "f"}
+
+
+BAD_TOOL_RECORDS = [
+    (
+        {"role": "assistant", "tool_calls": [{"function": {"name": "f", "arguments": 3}}]},
+        r"f.jsonl:7: field 'messages.1.tool_calls.0.function.arguments': expected a JSON object",
+    ),
+    (
+        {"role": "assistant", "tool_calls": [{"function": {"name": "f", "arguments": "{x"}}]},
+        r"f.jsonl:7: field 'messages.1.tool_calls.0.function.arguments': arguments are not JSON",
+    ),
+    (
+        {"role": "assistant", "tool_calls": [{"function": {"arguments": {}}}]},
+        r"f.jsonl:7: field 'messages.1.tool_calls.0.function.name': expected the function's name",
+    ),
+    (
+        {"role": "assistant", "tool_calls": "f()"},
+        r"f.jsonl:7: field 'messages.1.tool_calls': expected a list of calls, got str",
+    ),
+    ({"role": "tool"}, r"f.jsonl:7: field 'messages.1.content': missing"),
+    ({"role": "tool", "content": None}, r"f.jsonl:7: field 'messages.1.content': missing"),
+    (
+        {"role": "tool", "content": "ok", "tool_call_id": 5},
+        r"f.jsonl:7: field 'messages.1.tool_call_id': expected a string, got int",
+    ),
+]
+
+
+@pytest.mark.parametrize("turn, message", BAD_TOOL_RECORDS)
+def test_bad_tool_call_records_name_file_line_and_field(turn, message):
+    record = {"messages": [{"role": "user", "content": "Go."}, turn, _msgs(("assistant", "A"))[0]]}
+    with pytest.raises(DataError, match=message) as error:
+        convert_record(record, "messages", origin="f.jsonl:7")
+    assert "\n" not in str(error.value)
+
+
+@pytest.mark.parametrize(
+    "value, message",
+    [
+        ("weather()", r"'conversations.1.value': a function_call that is not JSON"),
+        ('"weather"', r"'conversations.1.value': expected a \{name, arguments\} object"),
+        ('{"name": "f", "arguments": [1]}', r"'conversations.1.value.0.function.arguments'"),
+    ],
+)
+def test_bad_sharegpt_function_calls(value, message):
+    turns = [{"from": "human", "value": "Q"}, {"from": "function_call", "value": value}]
+    record = {"conversations": turns + [{"from": "gpt", "value": "A"}]}
+    with pytest.raises(DataError, match=r"g.json:2: field " + message):
+        convert_record(record, "sharegpt", origin="g.json:2")
 
 
 def test_sharegpt_roles_system_and_tools():
@@ -105,16 +171,13 @@ def test_sharegpt_roles_system_and_tools():
             {"from": "assistant", "value": "4."},
         ],
     }
+    call = {"type": "function", "function": {"name": "add", "arguments": {}}}
     assert convert_record(record, "sharegpt", origin="g.json:2") == {
-        "messages": _msgs(
-            ("system", "Use tools."),
-            ("user", "1+2?"),
-            ("assistant", '{"name": "add"}'),
-            ("tool", "3"),
-            ("assistant", "3."),
-            ("user", "And 2+2?"),
-            ("assistant", "4."),
-        ),
+        "messages": [
+            *_msgs(("system", "Use tools."), ("user", "1+2?")),
+            {"role": "assistant", "content": "", "tool_calls": [call]},
+            *_msgs(("tool", "3"), ("assistant", "3."), ("user", "And 2+2?"), ("assistant", "4.")),
+        ],
         "source": "",
         "tools": '[{"name": "add"}]',
         "origin": "g.json:2",

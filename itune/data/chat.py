@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import json
 import re
 from typing import Any, Mapping, Sequence
 
@@ -348,6 +349,29 @@ def validate(
         )
 
 
+def calls_as_text(message: Mapping) -> Mapping:
+    """An assistant turn's OpenAI ``tool_calls`` written into its content, for a built-in format:
+    after the content and a newline, ``{"name": ..., "arguments": ...}`` as JSON, or a list of
+    them for several calls (ShareGPT's ``function_call`` text).
+
+    >>> call = {"type": "function", "function": {"name": "add", "arguments": {"a": 1}}}
+    >>> calls_as_text({"role": "assistant", "content": "", "tool_calls": [call]})
+    {'role': 'assistant', 'content': '{"name": "add", "arguments": {"a": 1}}'}
+    """
+    calls, content = message.get("tool_calls"), message.get("content") or ""
+    if message.get("role") != "assistant" or not isinstance(calls, list) or not calls:
+        return message
+    if not isinstance(content, str):
+        return message
+    named = []
+    for call in calls:
+        function = call.get("function", call) if isinstance(call, Mapping) else {}
+        named.append({"name": function.get("name"), "arguments": function.get("arguments")})
+    text = json.dumps(named[0] if len(named) == 1 else named, ensure_ascii=False)
+    rest = {k: v for k, v in message.items() if k not in ("content", "tool_calls")}
+    return {**rest, "content": f"{content}\n{text}" if content.strip() else text}
+
+
 def render(
     messages: Sequence[Mapping],
     fmt: ChatFormat | ChatTemplate,
@@ -366,12 +390,15 @@ def render(
     >>> [(p.text, p.trained) for p in render(chat, CHATML)][-4:]
     [('assistant\\n', False), ('4', True), ('<|im_end|>', True), ('\\n', False)]
 
-    A `ChatTemplate` renders the chat with ``tools`` (built-in formats have no place for them).
+    A `ChatTemplate` renders the chat with ``tools`` and each assistant turn's ``tool_calls``.
+    Built-in formats have no place for ``tools``, and write an assistant turn's tool calls as
+    JSON text after its content (`calls_as_text`).
     """
     if train_on not in TRAIN_ON:
         raise ValueError(f"train_on={train_on!r}; expected one of {TRAIN_ON}")
     if isinstance(fmt, ChatTemplate):
         return fmt.render(messages, add_generation_prompt, train_on, tools)
+    messages = [calls_as_text(m) if isinstance(m, Mapping) else m for m in messages]
     validate(messages, fmt, add_generation_prompt)
     everything = train_on == "all"
     last = max((i for i, m in enumerate(messages) if m["role"] == "assistant"), default=-1)

@@ -6,6 +6,13 @@ One example in normal form::
     {"messages": [{"role": "system" | "user" | "assistant" | "tool", "content": str}, ...],
      "source": str, "tools": str | None, "origin": "path:line"}
 
+Tool-call chats keep the OpenAI form that chat templates read: an assistant turn may hold
+``tool_calls``, ``[{"type": "function", "function": {"name": str, "arguments": dict}}]`` (with an
+``id`` when the record has one; ``arguments`` given as JSON text are parsed into their object, as
+templates expect), and a tool turn its ``tool_call_id`` and ``name``. ShareGPT's
+``function_call`` turn (``{"name", "arguments"}`` JSON, or a list of them) becomes such an
+assistant turn and its ``observation`` turn a tool turn (`itune.data.jinja_template.openai_messages`).
+
 ``auto`` picks a format from the keys of a source's first record. A field map renames a format's
 fields, ``{"instruction": "question", "output": "answer"}``, and its values may be dotted paths
 into nested records, ``{"output": "instances.0.output"}``. A role map adds role names to
@@ -18,6 +25,7 @@ from __future__ import annotations
 import json
 from typing import Any, Mapping
 
+from itune.data.jinja_template import TemplateError, openai_messages
 from itune.errors import ConfigError, UserError
 
 ROLES = ("system", "user", "assistant", "tool")
@@ -212,16 +220,17 @@ def _conversation(
     ``keys`` names the list and each turn's role and content: ``("messages", "role", "content")``
     or ``("conversations", "from", "value")``. Turns after the last assistant turn are dropped,
     since nothing after it is trained. ``tools`` is kept as a string (a list is dumped to JSON);
-    an OpenAI assistant turn with ``tool_calls`` and no content gets the calls as JSON content.
+    tool calls and results as the module docstring says.
 
     >>> record = {"system": "Use tools.", "tools": "[]", "conversations": [
     ...     {"from": "human", "value": "Weather?"},
-    ...     {"from": "function_call", "value": '{"name": "weather"}'},
+    ...     {"from": "function_call", "value": '{"name": "weather", "arguments": {}}'},
     ...     {"from": "observation", "value": "sunny"}, {"from": "gpt", "value": "Sunny."}]}
     >>> example = convert_record(record, "sharegpt")
     >>> example["tools"], example["messages"]  # doctest: +NORMALIZE_WHITESPACE
     ('[]', [{'role': 'system', 'content': 'Use tools.'}, {'role': 'user', 'content': 'Weather?'},
-            {'role': 'assistant', 'content': '{"name": "weather"}'},
+            {'role': 'assistant', 'content': '', 'tool_calls': [{'type': 'function',
+             'function': {'name': 'weather', 'arguments': {}}}]},
             {'role': 'tool', 'content': 'sunny'}, {'role': 'assistant', 'content': 'Sunny.'}])
     """
     list_key, role_key, content_key = (fields.path(k) for k in keys)
@@ -240,16 +249,26 @@ def _conversation(
             problem = f"unknown role {name!r}; known: {sorted(roles)} (add to role_map)"
             raise fields.error(f"{field}.{role_key}", problem, "unknown role")
         content = _lookup(turn, content_key)
-        if (
-            roles[name] == "assistant"
-            and content in (_MISSING, None, "")
-            and turn.get("tool_calls")
-        ):
-            content = _tool_calls(turn["tool_calls"])
-        if content is _MISSING:
-            raise fields.error(f"{field}.{content_key}", "missing", "missing field")
-        content = fields.check_string(content, f"{field}.{content_key}")
-        messages.append(fields.turn(roles[name], content, f"{field}.{content_key}"))
+        content_field = f"{field}.{content_key}"
+        if name == "function_call":
+            if content is _MISSING:
+                raise fields.error(content_field, "missing", "missing field")
+            text = fields.check_string(content, content_field)
+            messages.append(_function_call(fields, text, content_field))
+        elif roles[name] == "assistant" and turn.get("tool_calls") is not None:
+            calls = _checked_calls(fields, turn["tool_calls"], f"{field}.tool_calls")
+            if content in (_MISSING, None):
+                content = ""
+            content = fields.check_string(content, content_field)
+            messages.append({"role": "assistant", "content": content, "tool_calls": calls})
+        else:
+            if content is _MISSING or (content is None and roles[name] == "tool"):
+                raise fields.error(content_field, "missing", "missing field")
+            content = fields.check_string(content, content_field)
+            message = fields.turn(roles[name], content, content_field)
+            if roles[name] == "tool":
+                message.update(_tool_result_fields(fields, turn, field))
+            messages.append(message)
     while messages and messages[-1]["role"] != "assistant":
         messages.pop()
     if not messages:
@@ -273,21 +292,68 @@ def _tools(fields: _Fields) -> str | None:
     return tools or None
 
 
-def _tool_calls(calls: Any) -> Any:
-    """OpenAI ``tool_calls`` as sharegpt's ``function_call`` text: ``{"name", "arguments"}``."""
-    if not isinstance(calls, list) or not all(isinstance(c, dict) for c in calls):
-        return calls  # Left for the string check to report.
-    out = []
-    for call in calls:
+def _function_call(fields: _Fields, text: str, field: str) -> dict:
+    """A ShareGPT ``function_call`` turn as an OpenAI assistant turn with ``tool_calls``."""
+    try:
+        message = openai_messages([{"role": "function_call", "content": text}])[0]
+    except TemplateError as e:
+        problem = str(e).partition(": ")[2] or str(e)
+        raise fields.error(field, problem, "bad tool call") from None
+    except AttributeError:  # A list holding something other than objects.
+        raise fields.error(
+            field, "expected a {name, arguments} object or a list of them", "bad tool call"
+        ) from None
+    message["tool_calls"] = _checked_calls(fields, message["tool_calls"], field)
+    return message
+
+
+def _checked_calls(fields: _Fields, calls: Any, field: str) -> list[dict]:
+    """OpenAI ``tool_calls`` checked: each a function with a string name and an object of
+    arguments (JSON text of one is parsed); a bare ``{name, arguments}`` is put in the form."""
+    if not isinstance(calls, list) or not calls:
+        raise fields.error(field, f"expected a list of calls, got {_type(calls)}", "bad tool call")
+    checked = []
+    for j, call in enumerate(calls):
+        where = f"{field}.{j}"
+        if not isinstance(call, dict):
+            raise fields.error(where, f"expected an object, got {_type(call)}", "bad tool call")
         function = call.get("function", call)
-        arguments = function.get("arguments")
+        if not isinstance(function, dict):
+            problem = f"expected an object, got {_type(function)}"
+            raise fields.error(f"{where}.function", problem, "bad tool call")
+        name = function.get("name")
+        if not isinstance(name, str) or not name:
+            problem = f"expected the function's name, got {_type(name)}"
+            raise fields.error(f"{where}.function.name", problem, "bad tool call")
+        arguments = function.get("arguments", {})
         if isinstance(arguments, str):
             try:
-                arguments = json.loads(arguments)
-            except json.JSONDecodeError:
-                pass
-        out.append({"name": function.get("name"), "arguments": arguments})
-    return json.dumps(out[0] if len(out) == 1 else out, ensure_ascii=False)
+                arguments = json.loads(arguments) if arguments.strip() else {}
+            except json.JSONDecodeError as e:
+                problem = f"arguments are not JSON ({e})"
+                raise fields.error(
+                    f"{where}.function.arguments", problem, "bad tool call"
+                ) from None
+        if not isinstance(arguments, dict):
+            problem = f"expected a JSON object (or its text), got {_type(arguments)}"
+            raise fields.error(f"{where}.function.arguments", problem, "bad tool call")
+        if call.get("id") is not None:
+            fields.check_string(call["id"], f"{where}.id")
+        # The record's own keys, in its order: some templates dump a call whole.
+        out = dict(call) if "function" in call else {"type": "function", "function": call}
+        out.setdefault("type", "function")
+        out["function"] = {**function, "arguments": arguments}
+        checked.append(out)
+    return checked
+
+
+def _tool_result_fields(fields: _Fields, turn: dict, field: str) -> dict:
+    """A tool turn's ``tool_call_id`` and ``name``, when it has them."""
+    out = {}
+    for key in ("tool_call_id", "name"):
+        if turn.get(key) is not None:
+            out[key] = fields.check_string(turn[key], f"{field}.{key}")
+    return out
 
 
 def _lookup(record: Any, path: str) -> Any:
