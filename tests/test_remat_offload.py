@@ -76,3 +76,22 @@ def test_offloading_needs_a_host_memory_space():
         decoder.check_host_memory("offload_dots", no_host)
     decoder.check_host_memory("save_dots", no_host)  # Nothing to offload: nothing to check.
     decoder.check_host_memory("offload_dots")  # This host's CPU devices have a pinned_host.
+
+
+def test_preflight_memory_counts_offloaded_bytes_on_the_host_not_the_device():
+    from itune.training import aot
+
+    analysis = types.SimpleNamespace(
+        argument_size_in_bytes=100,
+        output_size_in_bytes=60,
+        alias_size_in_bytes=50,
+        temp_size_in_bytes=0,
+        peak_memory_in_bytes=400,
+        generated_code_size_in_bytes=10,
+        host_temp_size_in_bytes=1000,
+        host_argument_size_in_bytes=0,
+        host_output_size_in_bytes=0,
+        host_alias_size_in_bytes=0,
+    )
+    memory = aot.Memory.of(types.SimpleNamespace(memory_analysis=lambda: analysis))
+    assert (memory.temporaries, memory.host, memory.total) == (290, 1000, 410)

@@ -150,6 +150,11 @@ def report(config, config_name: str, topology, compiled, run) -> str:
         f"| program | {_bytes(memory.code)} |",
         f"| **total** | **{_bytes(memory.total)} of {_bytes(hbm)} HBM "
         f"({memory.total / hbm:.0%})** |",
+        *(
+            [f"| host memory beside it (offloaded activations) | {_bytes(memory.host)} |"]
+            if memory.host
+            else []
+        ),
         "",
         "| FLOPs per step (all devices) | |",
         "|---|---|",

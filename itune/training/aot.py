@@ -67,6 +67,9 @@ class Memory:
     aliased: int  # Outputs written over donated inputs (the old train state).
     temporaries: int  # Activations, gradients and everything else the step allocates.
     code: int  # The compiled program itself.
+    # Host memory the step uses beside each device: activations offloaded there
+    # (``model.remat='offload_dots'``), not counted in `total`.
+    host: int = 0
 
     @property
     def total(self) -> int:
@@ -88,6 +91,10 @@ class Memory:
             aliased=m.alias_size_in_bytes,
             temporaries=temporaries,
             code=m.generated_code_size_in_bytes,
+            host=getattr(m, "host_temp_size_in_bytes", 0)
+            + getattr(m, "host_argument_size_in_bytes", 0)
+            + getattr(m, "host_output_size_in_bytes", 0)
+            - getattr(m, "host_alias_size_in_bytes", 0),
         )
 
 
