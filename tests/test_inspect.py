@@ -44,6 +44,7 @@ def test_inspect_prints_rows_statistics_and_writes_html(tmp_path, capsys):
         "examples read",
         "examples dropped",
         "examples truncated",
+        "longest example",
         "trained tokens",
         "packing efficiency",
         "source builtin",

@@ -33,6 +33,7 @@ def test_long_examples_are_truncated_and_untrainable_ones_dropped_and_counted():
     assert len(rows) == 1 and rows[0]["segment_ids"].tolist() == [1] * 8
     stats = packer.stats
     assert stats.truncated == 1 and stats.packed == 1 and stats.examples == 3
+    assert stats.longest == 12
     assert stats.dropped == {"no trained token": 1, "empty": 1}
     assert "dropped: 1 empty, 1 no trained token" in stats.summary(8)
 

@@ -81,6 +81,7 @@ def statistics(stats: PackingStats, seq_len: int, per_source: dict[str, int] | N
             ),
         ),
         ("examples truncated", f"{stats.truncated}"),
+        ("longest example", f"{stats.longest} tokens (rows of {seq_len})"),
         ("rows", f"{stats.rows}"),
         ("tokens", f"{stats.tokens}"),
         (

@@ -25,6 +25,9 @@ class PackingStats:
     examples: int = 0
     packed: int = 0
     truncated: int = 0
+    # The longest example in tokens before any truncation here (a chat cut to a window before
+    # tokenizing, `itune.data.encode`, counts at its window's length, over the row's).
+    longest: int = 0
     dropped: collections.Counter = dataclasses.field(default_factory=collections.Counter)
     rows: int = 0
     tokens: int = 0
@@ -89,6 +92,7 @@ class Packer:
         """Adds one next-token example; returns the rows it completed (possibly none)."""
         self.stats.examples += 1
         n = len(example["inputs"])
+        self.stats.longest = max(self.stats.longest, n)
         if n == 0:
             self.stats.dropped["empty"] += 1
             return []
