@@ -613,3 +613,55 @@ def test_builtin_formats_write_tool_calls_as_text():
     example = sources.convert_record(_tool_chat_records()[0], "messages")
     text = chat.to_text(chat.render(example["messages"], chat.CHATML))
     assert '<|im_start|>assistant\n{"name": "get_weather", "arguments": {"city": "Paris"}}' in text
+
+
+def test_auto_takes_the_template_that_the_tokenizer_path_ships(shared_dir, tmp_path):
+    """data.chat_format='auto' with data.tokenizer.path a tokenizer folder (tokenizer_config.json
+    or chat_template.jinja) or a GGUF file: that template, unless init_from brings one."""
+    import shutil
+
+    from configs import smoke  # noqa: PLC0415  (configs/ is importable from the repo root)
+
+    from itune.convert import run_model
+    from itune.data import spec as data_spec
+
+    bpe = shared_dir / "tokenizers" / "smollm2_bpe"
+    qwen = (shared_dir / "chat_templates" / "qwen2_5.jinja").read_text()
+    llama = (shared_dir / "chat_templates" / "llama3_1.jinja").read_text()
+    folders = {}
+    for name, files in {
+        "config": {"tokenizer_config.json": json.dumps({"chat_template": qwen})},
+        "jinja": {"chat_template.jinja": llama, "tokenizer_config.json": "{}"},
+        "none": {},
+    }.items():
+        folders[name] = tmp_path / name
+        shutil.copytree(bpe, folders[name])
+        for file, text in files.items():
+            (folders[name] / file).write_text(text)
+
+    def spec_of(folder, chat_format="auto", model_format=None):
+        config = smoke.get_config("runlocal")
+        with config.unlocked():
+            config.data.tokenizer.path = str(folder)
+            config.data.chat_format = chat_format
+        return data_spec.make_spec(config.data, str(tmp_path / "run"), None, model_format), config
+
+    spec, config = spec_of(folders["config"])
+    assert isinstance(spec.chat_format, ChatTemplate) and spec.chat_format.source == qwen
+    assert spec.chat_format.special_tokens["eos_token"] == "<|im_end|>"
+    assert run_model.resolve(config).chat_format.source == qwen
+    assert spec_of(folders["jinja"])[0].chat_format.source == llama
+    assert spec_of(folders["none"])[0].chat_format is chat.CHATML
+    assert spec_of(folders["config"], "gemma")[0].chat_format is chat.GEMMA
+    own = ChatTemplate(llama, name="init_from's")
+    assert spec_of(folders["config"], model_format=own)[0].chat_format.name == "init_from's"
+
+    gguf = shared_dir / "models" / "smollm2-135m-instruct" / "SmolLM2-135M-Instruct.Q4_1.gguf"
+    spec = spec_of(gguf)[0]
+    template = spec.chat_format
+    assert (
+        spec.tokenizer.vocab_size == 49152 and template.special_tokens["eos_token"] == "<|im_end|>"
+    )
+    assert "You are a helpful AI assistant named SmolLM" in template.source
+    chat_ = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}]
+    assert template.render_text(chat_).startswith("<|im_start|>system\nYou are a helpful")

@@ -64,8 +64,9 @@ def resolve(config: Any, workdir: str | None = None) -> RunModel:
     else:
         tokenizer, vocabulary = _planned_tokenizer(config.data)
     size = tokenizer.vocab_size if tokenizer else config.data.tokenizer.vocab_size
+    template = _tokenizer_template(config.data, tokenizer)
     return RunModel(
-        ModelConfig.from_config(section, size), tokenizer, None, architecture, vocabulary
+        ModelConfig.from_config(section, size), tokenizer, template, architecture, vocabulary
     )
 
 
@@ -107,6 +108,7 @@ def _pretrained(config: Any, workdir: str | None) -> RunModel:
     base, tokenizer, chat_format = model_dir.describe(init_from)
     if config.data.tokenizer.path:
         tokenizer = _vocabulary().load_tokenizer(config.data, workdir)
+        chat_format = chat_format or _tokenizer_template(config.data, tokenizer)
     configured = config.data.get("chat_format", "auto")
     if chat_format and configured not in ("auto", None, "") and chat_format != configured:
         logging.warning(
@@ -165,6 +167,16 @@ def _planned_tokenizer(data_config: Any) -> tuple[Any, str]:
         "trained on the built-in tasks here, as the run trains it (at most "
         f"data.tokenizer.vocab_size={data_config.tokenizer.vocab_size})"
     )
+
+
+def _tokenizer_template(data_config: Any, tokenizer: Any) -> Any:
+    """The template ``data.tokenizer.path`` ships (used when ``init_from`` brings none), or None
+    where the tokenizer is not loaded or not on this host."""
+    if tokenizer is None or not os.path.exists(data_config.tokenizer.path or ""):
+        return None
+    from itune.data.spec import tokenizer_template  # noqa: PLC0415
+
+    return tokenizer_template(data_config, tokenizer)
 
 
 def _vocabulary():

@@ -154,9 +154,14 @@ def load_hf_tokenizer(path: str):
     ``chat_template.jinja``, else ``tokenizer_config.json``'s (the default of named ones),
     rendered with the folder's named tokens (``bos_token``...)."""
     tokenizer = _load_tokenizer(path)
+    return tokenizer, folder_template(path, tokenizer)
+
+
+def folder_template(path: str, tokenizer: Any) -> ChatTemplate | None:
+    """The chat template of the tokenizer folder ``path`` (`load_hf_tokenizer`), or None."""
     source = _template_of(path)
     if not source:
-        return tokenizer, None
+        return None
     special = special_tokens_of(tokenizer)
     config_file = os.path.join(path, "tokenizer_config.json")
     config = read_json(config_file) if os.path.exists(config_file) else {}
@@ -166,7 +171,22 @@ def load_hf_tokenizer(path: str):
         if isinstance(value, str) and value:
             special[key] = value
     name = f"{os.path.basename(os.path.normpath(path))} chat template"
-    return tokenizer, ChatTemplate(source, name=name, special_tokens=special)
+    return ChatTemplate(source, name=name, special_tokens=special)
+
+
+def tokenizer_path_template(path: str, tokenizer: Any = None) -> ChatTemplate | None:
+    """The chat template that ``data.tokenizer.path`` ships, or None: a Hugging Face tokenizer
+    folder's (`folder_template`) or a GGUF file's ``tokenizer.chat_template``; ``tokenizer`` is
+    the one loaded from ``path``, whose named tokens the template is rendered with."""
+    if not path:
+        return None
+    if path.endswith(".gguf") and os.path.isfile(path):
+        from itune.convert import gguf_tokenizer  # noqa: PLC0415  (reads the file's metadata)
+
+        return gguf_tokenizer.load_gguf_tokenizer(path)[1]
+    if not os.path.isdir(path) or not _template_of(path):
+        return None
+    return folder_template(path, tokenizer if tokenizer is not None else _load_tokenizer(path))
 
 
 def chat_template(chat_format: Any) -> str:

@@ -364,8 +364,12 @@ class HFTokenizer:
 
 
 def load_tokenizer_path(path: str) -> SentencePieceTokenizer | HFTokenizer:
-    """A SentencePiece ``.model`` file, a ``tokenizer.json`` file, or a directory of either
-    Hugging Face layout (see `HFTokenizer.from_directory`)."""
+    """A SentencePiece ``.model`` file, a ``tokenizer.json`` file, a GGUF file's tokenizer, or a
+    directory of either Hugging Face layout (see `HFTokenizer.from_directory`)."""
+    if path.endswith(".gguf") and gfile().exists(path):
+        from itune.convert.gguf_tokenizer import load_gguf_tokenizer  # noqa: PLC0415
+
+        return load_gguf_tokenizer(path)[0]
     if gfile().isdir(path):
         return HFTokenizer.from_directory(path)
     if path.endswith(".json"):
