@@ -71,7 +71,8 @@ def inspect(config, workdir: str, num_rows: int, num_batches: int, color: bool) 
 
     pipeline.configure_tensorflow()
     os.makedirs(workdir, exist_ok=True)
-    spec = data_spec.make_spec(config.data, workdir, run_model.resolve(config, workdir).tokenizer)
+    run = run_model.resolve(config, workdir)
+    spec = data_spec.make_spec(config.data, workdir, run.tokenizer, run.chat_format)
     stats = packing.PackingStats()
     rows = list(
         itertools.islice(
