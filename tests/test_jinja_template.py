@@ -564,7 +564,8 @@ def _tool_chat_records():
     return [
         {"messages": openai, "tools": TOOLS},
         {"messages": as_text, "tools": TOOLS},
-        {"conversations": sharegpt, "tools": json.dumps(TOOLS)},
+        # ShareGPT's tools are bare function schemas.
+        {"conversations": sharegpt, "tools": json.dumps([t["function"] for t in TOOLS])},
     ]
 
 

@@ -25,6 +25,7 @@ def _write(path, lines):
 
 def test_docstring_examples():
     assert doctest.testmod(sources).failed == 0
+    assert doctest.testmod(sources.formats).failed == 0
 
 
 # Converters on hand-written records.
@@ -179,7 +180,7 @@ def test_sharegpt_roles_system_and_tools():
             *_msgs(("tool", "3"), ("assistant", "3."), ("user", "And 2+2?"), ("assistant", "4.")),
         ],
         "source": "",
-        "tools": '[{"name": "add"}]',
+        "tools": '[{"type": "function", "function": {"name": "add"}}]',
         "origin": "g.json:2",
     }
 

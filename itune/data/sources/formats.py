@@ -11,7 +11,9 @@ Tool-call chats keep the OpenAI form that chat templates read: an assistant turn
 ``id`` when the record has one; ``arguments`` given as JSON text are parsed into their object, as
 templates expect), and a tool turn its ``tool_call_id`` and ``name``. ShareGPT's
 ``function_call`` turn (``{"name", "arguments"}`` JSON, or a list of them) becomes such an
-assistant turn and its ``observation`` turn a tool turn (`itune.data.jinja_template.openai_messages`).
+assistant turn and its ``observation`` turn a tool turn
+(`itune.data.jinja_template.openai_messages`); its ``tools``, bare function schemas, are put in
+the OpenAI form too (`_openai_tools`).
 
 ``auto`` picks a format from the keys of a source's first record. A field map renames a format's
 fields, ``{"instruction": "question", "output": "answer"}``, and its values may be dotted paths
@@ -129,6 +131,8 @@ def convert(record, fmt, field_map, role_map, source, origin, location) -> dict:
     else:
         roles = {**DEFAULT_ROLES, **role_map}
         messages, tools = _conversation(fields, FIELDS[fmt][:3], roles)
+        if fmt == "sharegpt":
+            tools = _openai_tools(tools)
     return {"messages": messages, "source": source, "tools": tools, "origin": origin}
 
 
@@ -290,6 +294,29 @@ def _tools(fields: _Fields) -> str | None:
         problem = f"expected a string or a list, got {_type(tools)}"
         raise fields.error(fields.path("tools"), problem, "wrong type")
     return tools or None
+
+
+def _openai_tools(tools: str | None) -> str | None:
+    """ShareGPT's ``tools``, bare function schemas ``{"name", "parameters"...}``, in the OpenAI
+    form that templates read, ``{"type": "function", "function": schema}``.
+
+    >>> _openai_tools('[{"name": "add"}]')
+    '[{"type": "function", "function": {"name": "add"}}]'
+    """
+    try:
+        parsed = json.loads(tools) if tools else None
+    except json.JSONDecodeError:
+        return tools  # Left for the template to report, naming the record.
+    parsed = [parsed] if isinstance(parsed, dict) else parsed
+    if not isinstance(parsed, list) or not all(isinstance(t, dict) for t in parsed):
+        return tools
+    if not any("name" in t and "function" not in t for t in parsed):
+        return tools
+    wrapped = [
+        {"type": "function", "function": t} if "name" in t and "function" not in t else t
+        for t in parsed
+    ]
+    return json.dumps(wrapped, ensure_ascii=False)
 
 
 def _function_call(fields: _Fields, text: str, field: str) -> dict:
