@@ -1,12 +1,12 @@
-"""Mixture-of-experts speed on CPU: itune's MoE train step against transformers + PyTorch, the
-grouped expert products against the dense loop over experts, and the dense train step across a
-change of the code.
+"""Mixture-of-experts speed on CPU: itune's MoE train step against transformers + PyTorch, and
+the grouped expert products against the dense loop over experts.
 
   PYTHONPATH=. python bench/moe.py                      # the step and layer tables
   PYTHONPATH=. python bench/moe.py --quick              # a smoke run of both
   PYTHONPATH=. python bench/moe.py step                 # the MoE train step only
   PYTHONPATH=. python bench/moe.py layer                # the MoE layer only
-  PYTHONPATH=. python bench/moe.py dense-step --before /tmp/before --after .
+
+(`bench/compare_checkouts.py` times the dense train step of two checkouts of the code.)
 
 ``step``: a small Qwen3-MoE (`SHAPE`: 4 layers, d_model 256, 32 experts of width 128, top-4
 renormalised, q/k norm, vocabulary 8192) is built by transformers with random weights and saved;
@@ -34,17 +34,6 @@ and 64 experts; seconds per call as the median of interleaved rounds, and each g
 speed as a ratio against "dense" in the same round. "dense" computes ``experts / top-k`` times
 the expert FLOPs of the grouped products.
 
-``dense-step``: the dense train-step benchmark (`bench/train_step.py`'s `ItuneSteps`, the
-SmolLM2-135M shape, packed rows of batch 4 x 512 by default (both workers are alive at once, and
-two at batch 8 did not fit in this machine's free memory), float32 and bfloat16, remat save_dots,
-freed host memory kept as ``itune-train`` keeps it) of two checkouts of the code, each in
-a process of its own that imports only its checkout, alternating a step of each (ABBA order over
-rounds), and the ratio of each round's pair: before / after seconds (above 1: the change made the
-step faster). Since this machine's load moves a step's time by more than a few percent, each
-worker also reports XLA's cost analysis of its compiled step (FLOPs, transcendentals, bytes
-accessed) and a digest of the optimised program (`program_digest`): the same digest before and
-after means the change compiles to the same program, and any difference in time is the load's.
-
 ``--quick`` shortens each part (fewer rounds, smaller batch): a smoke run, not figures to quote.
 """
 
@@ -56,20 +45,15 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 import argparse
 import gc
-import hashlib
 import multiprocessing
-import re
 import statistics
-import subprocess
-import sys
 import tempfile
 import time
 import traceback
-from multiprocessing import connection as mp_connection
 
 import numpy as np
 
-HERE = os.path.dirname(os.path.abspath(__file__))
+from bench import report
 
 # The step's model: Qwen3-30B-A3B's layout scaled down (q/k norm, 4 query heads per key/value
 # head, many narrow experts), as transformers' Qwen3MoeConfig fields.
@@ -93,8 +77,6 @@ SHAPE = dict(
     rms_norm_eps=1e-6,
 )
 LAYER_EXPERTS = (8, 32, 64)
-# XLA's cost analysis of a compiled step, compared across checkouts (dense-step).
-COST_KEYS = ("flops", "transcendentals", "bytes accessed")
 LAYER_MATMULS = ("tiled", "ragged", "dense")
 
 
@@ -102,16 +84,10 @@ def ratio_text(pairs: list[float]) -> str:
     return f"{statistics.median(pairs):.2f}x ({min(pairs):.2f}-{max(pairs):.2f})"
 
 
-def spread(times: list[float], scale: float = 1e3, digits: int = 0) -> str:
-    """Median (min-max) of ``times`` (seconds) x ``scale``: milliseconds by default."""
-    median, low, high = (scale * x for x in (statistics.median(times), min(times), max(times)))
-    return f"{median:.{digits}f} ({low:.{digits}f}-{high:.{digits}f})"
-
-
-def table(title: str, header: list[str], rows: list[list]) -> None:
-    from bench import report  # noqa: PLC0415  (a checkout's worker imports no bench module)
-
-    report.table(title, header, rows)
+def spread(times: list[float]) -> str:
+    """Median (min-max) of ``times`` (seconds) in milliseconds."""
+    median, low, high = (1e3 * x for x in (statistics.median(times), min(times), max(times)))
+    return f"{median:.0f} ({low:.0f}-{high:.0f})"
 
 
 def token_batch(batch_size: int, seq_len: int, vocab_size: int, seed: int = 0) -> dict:
@@ -149,15 +125,12 @@ class ItuneMoeSteps:
     state (built as `itune.training.trainer` builds it, from the imported weights)."""
 
     def __init__(self, path: str, batch: dict, matmuls: list[str], num_steps: int = 1000):
-        import functools  # noqa: PLC0415
-
         import jax  # noqa: PLC0415
         import jax.numpy as jnp  # noqa: PLC0415
-        from jax.sharding import NamedSharding, PartitionSpec  # noqa: PLC0415
 
         from itune import configlib, sharding  # noqa: PLC0415
         from itune.convert import hf  # noqa: PLC0415
-        from itune.training import optimizer, step  # noqa: PLC0415
+        from itune.training import optimizer, program  # noqa: PLC0415
         from itune.training import state as state_lib
 
         self.jax = jax
@@ -167,7 +140,6 @@ class ItuneMoeSteps:
         tx = optimizer.make_optimizer(config.optim, num_steps)
         schedule = optimizer.learning_rate_schedule(config.optim, num_steps)
         batch_sharding = sharding.batch_sharding(self.mesh, rules)
-        replicated = NamedSharding(self.mesh, PartitionSpec())
         self.steps, self.model_configs = {}, {}
         params = None
         for matmul in matmuls:
@@ -175,14 +147,7 @@ class ItuneMoeSteps:
             params = loaded if params is None else params
             layout = state_lib.state_layout(model_config, tx, self.mesh, rules, config.seed)
             self.model_configs[matmul] = model_config
-            self.steps[matmul] = jax.jit(
-                functools.partial(
-                    step.train_step, graphdef=layout.graphdef, tx=tx, schedule=schedule
-                ),
-                in_shardings=(layout.shardings, batch_sharding),
-                out_shardings=(layout.shardings, replicated),
-                donate_argnums=0,
-            )
+            self.steps[matmul] = program.jit_step(layout, tx, schedule, self.mesh, rules)
         self.state = jax.device_put(
             state_lib.TrainState(
                 step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params)
@@ -385,7 +350,7 @@ def bench_step(args) -> None:
         else:
             row.append("(fastest)" if label == reference else "-")
         rows.append(row)
-    table(
+    report.table(
         "moe step",
         ["config", "ms/step", "tokens/s", "itune / fastest PyTorch throughput"],
         rows,
@@ -471,7 +436,7 @@ def bench_layer(args) -> None:
                 speedup = ratio_text([b / a for a, b in zip(t, times[experts, "dense"])])
                 diff = f"{error(experts, matmul):.1e}"
             rows.append([experts, f"{experts / k:g}", matmul, spread(t), speedup, diff])
-    table(
+    report.table(
         "moe layer",
         ["experts", "dense / grouped FLOPs", "moe_matmul", "ms/call", "speed-up over dense",
          "max gradient difference to dense"],
@@ -479,164 +444,10 @@ def bench_layer(args) -> None:
     )  # fmt: skip
 
 
-# ----------------------------------------------------------------------------------------------
-# The dense train step across a change
-
-
-def program_digest(hlo: str) -> str:
-    """A digest of an optimised HLO module's computations, without what changes when only the
-    Python source does: source locations, stack frames and the numbers of instruction names."""
-    lines = hlo.splitlines()
-    start = next(i for i, line in enumerate(lines) if re.match(r"^(ENTRY )?%\S+ .*\{$", line))
-    text = "\n".join(lines[start:])
-    text = re.sub(r", metadata=\{[^}]*\}", "", text)
-    text = re.sub(r",? ?stack_frame_id=\d+", "", text)
-    text = re.sub(r"%([\w\-]+?)(\.\d+)+\b", r"%\1", text)
-    text = re.sub(r"region_\d+", "region", text)
-    return hashlib.sha256(text.encode()).hexdigest()[:12]
-
-
-def _serve_dense_step(address: str, name: str, variants: list, batch_size: int, seq_len: int):
-    """A checkout's worker: run with that checkout first on the path; builds `bench/train_step.py`'s
-    `ItuneSteps` of that checkout and answers ``(variant, n)`` with ``run(variant, n)``."""
-    from itune import runtime  # noqa: PLC0415
-
-    runtime.keep_freed_host_memory()
-    import jax  # noqa: PLC0415
-
-    import itune  # noqa: PLC0415
-    from bench import train_step  # noqa: PLC0415
-
-    host, port = address.rsplit(":", 1)
-    client = mp_connection.Client(
-        (host, int(port)), authkey=bytes.fromhex(os.environ["ITUNE_BENCH_KEY"])
-    )
-    try:
-        model_config = train_step.ModelConfig.from_config(
-            train_step.configlib.model_section(train_step.PRESET)
-        )
-        batch = train_step.packed_batch(batch_size, seq_len, model_config.vocab_size)
-        steps = train_step.ItuneSteps([tuple(v) for v in variants], batch)
-        costs = {}
-        for variant in steps.steps:  # The compiled step again: from jit's cache.
-            with jax.set_mesh(steps.mesh):
-                compiled = steps.steps[variant].lower(steps.state, steps.batch).compile()
-            cost = compiled.cost_analysis()
-            cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-            costs[variant[0]] = {k: float(cost.get(k, 0.0)) for k in COST_KEYS}
-            costs[variant[0]]["program"] = program_digest(compiled.as_text())
-        where = os.path.dirname(os.path.dirname(itune.__file__))
-        client.send(("ok", name, (where, costs)))
-        while (request := client.recv()) is not None:
-            client.send(("ok", steps.run(*request)))
-    except Exception:  # noqa: BLE001 - the parent re-raises it with the worker's traceback.
-        client.send(("error", name, traceback.format_exc()))
-
-
-def bench_dense_step(args) -> None:
-    trees = {"before": os.path.abspath(args.before), "after": os.path.abspath(args.after)}
-    dtypes = args.dtypes.split(",")
-    variants = [(dtype, "save_dots") for dtype in dtypes]
-    key = os.urandom(16)
-    listener = mp_connection.Listener(("127.0.0.1", 0), authkey=key)
-    address = f"{listener.address[0]}:{listener.address[1]}"
-    processes, connections, places, costs = [], {}, {}, {}
-    start = time.perf_counter()
-    for name, tree in trees.items():
-        revision = subprocess.run(
-            ["git", "-C", tree, "rev-parse", "--short", "HEAD"],
-            capture_output=True,
-            text=True,
-            check=True,
-        ).stdout.strip()
-        places[name] = (tree, revision)
-        env = dict(os.environ, PYTHONPATH=tree, ITUNE_BENCH_KEY=key.hex())
-        command = [sys.executable, os.path.abspath(__file__), "serve-dense-step",
-                   "--address", address, "--name", name, "--dtypes", args.dtypes,
-                   "--batch", str(args.batch), "--seq-len", str(args.seq_len)]  # fmt: skip
-        # One at a time: two compilations at once on 2 cores only slow each other.
-        processes.append(subprocess.Popen(command, cwd=tree, env=env))
-        conn = listener.accept()
-        status, got, value = conn.recv()
-        if status == "error":
-            raise RuntimeError(f"{name} worker failed:\n{value}")
-        where, costs[got] = value
-        if os.path.realpath(where) != os.path.realpath(tree):
-            raise RuntimeError(f"{name} worker imported itune from {where}, not {tree}")
-        connections[got] = conn
-    setup_s = time.perf_counter() - start
-
-    def run(name, variant, n):
-        connections[name].send((variant, n))
-        status, value = connections[name].recv()
-        if status == "error":
-            raise RuntimeError(value)
-        return value
-
-    for name in trees:  # Warm-up
-        for variant in variants:
-            run(name, variant, 1)
-    times = {(name, v): [] for name in trees for v in variants}
-    for i in range(args.rounds):
-        order = list(trees) if i % 2 == 0 else list(reversed(trees))
-        for variant in variants:
-            for name in order:
-                seconds, _ = run(name, variant, args.steps)
-                times[name, variant].append(seconds / args.steps)
-    for conn in connections.values():
-        conn.send(None)
-    for process in processes:
-        process.wait()
-
-    print(
-        f"# Dense train step before / after, SmolLM2-135M shape, batch {args.batch} x "
-        f"{args.seq_len}, remat save_dots\n"
-    )
-    print(
-        "; ".join(f"{name}: {tree} at {rev}" for name, (tree, rev) in places.items())
-        + f". Setup (two compilations) {setup_s:.0f} s. {args.rounds} rounds, in each a step of "
-        f"each checkout per dtype (ABBA order); median (min-max) over rounds.\n"
-    )
-    rows = []
-    for variant in variants:
-        before, after = times["before", variant], times["after", variant]
-        dtype = variant[0]
-        rows.append(
-            [
-                dtype,
-                spread(before, 1, 2),
-                spread(after, 1, 2),
-                ratio_text([b / a for b, a in zip(before, after)]),
-                *(f"{costs['after'][dtype][k] / costs['before'][dtype][k]:.4f}" for k in COST_KEYS),
-                "yes"
-                if costs["after"][dtype]["program"] == costs["before"][dtype]["program"]
-                else "no",
-            ]
-        )
-    table(
-        "dense step before after",
-        ["dtype", "before s/step", "after s/step", "before / after time (above 1: faster after)",
-         *(f"compiled {k}, after / before" for k in COST_KEYS), "same compiled program"],
-        rows,
-    )  # fmt: skip
-    print(
-        "The compiled columns are XLA's cost analysis of each checkout's compiled step "
-        "(independent of the machine's load), and whether the optimised programs' texts "
-        "without source locations are equal: "
-        + "; ".join(
-            f"{name} {dtype} " + ", ".join(f"{c[k] / 1e9:.2f} G {k}" for k in COST_KEYS)
-            for name in costs
-            for dtype, c in costs[name].items()
-        )
-        + ".\n"
-    )
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument(
-        "what", nargs="?", default="all",
-        choices=("all", "step", "layer", "dense-step", "serve-dense-step"),
+        "what", nargs="?", default="all", choices=("all", "step", "layer"),
         help="all: the step and layer tables",
     )  # fmt: skip
     parser.add_argument("--quick", action="store_true", help="fewer rounds, smaller batch")
@@ -660,27 +471,7 @@ def main() -> None:
     parser.add_argument("--layer-tokens", type=int, default=1024)
     parser.add_argument("--layer-calls", type=int, default=3, help="calls per round (layer)")
     parser.add_argument("--layer-experts", default=",".join(map(str, LAYER_EXPERTS)))
-    parser.add_argument("--before", help="the checkout before the change (dense-step)")
-    parser.add_argument("--after", default=".", help="the checkout after it (dense-step)")
-    parser.add_argument("--dtypes", default="float32,bfloat16", help="(dense-step)")
-    parser.add_argument("--address", help=argparse.SUPPRESS)
-    parser.add_argument("--name", help=argparse.SUPPRESS)
     args = parser.parse_args()
-
-    if args.what == "serve-dense-step":
-        variants = [(d, "save_dots") for d in args.dtypes.split(",")]
-        _serve_dense_step(args.address, args.name, variants, args.batch, args.seq_len)
-        return
-    if args.what == "dense-step":
-        if not args.before:
-            parser.error("dense-step needs --before (a checkout, e.g. git worktree add ...)")
-        # Two workers live at once: at batch 8 each held 7.8 GB, more than this shared machine
-        # had free for both.
-        args.batch = args.batch or (2 if args.quick else 4)
-        args.seq_len = args.seq_len or 512
-        args.rounds = args.rounds or (2 if args.quick else 4)
-        bench_dense_step(args)
-        return
     args.batch = args.batch or (2 if args.quick else 4)
     args.seq_len = args.seq_len or (128 if args.quick else 256)
     args.rounds = args.rounds or (2 if args.quick else 3)

@@ -1,14 +1,16 @@
 """Every benchmark of the project, one after the other, summarised in one table.
 
-  PYTHONPATH=. python bench/run.py            # each benchmark's full run (about 30 minutes)
+  PYTHONPATH=. python bench/run.py            # each benchmark's full run (about 35 minutes)
   PYTHONPATH=. python bench/run.py --quick    # under 10 minutes on a 2-core CPU
 
 Runs `bench/pipeline.py` (packing efficiency on real data, pipeline throughput against the
 train step's consumption), `bench/train_step.py` (MFU, and throughput against Hugging Face +
-PyTorch) and `bench/decode.py` (decode throughput against transformers ``generate``), each in
-its own process with its own output shown as it goes, then prints the figures that matter from
-all of them in one table. ``--quick`` uses each benchmark's short settings: fewer rounds and
-smaller batches, figures for a smoke check rather than for quoting.
+PyTorch), `bench/decode.py` (decode throughput against transformers ``generate``) and
+`bench/moe.py` (a mixture-of-experts train step against transformers + PyTorch, grouped expert
+products against the dense loop), each in its own process with its own output shown as it goes,
+then prints the figures that matter from all of them in one table. ``--quick`` uses each
+benchmark's short settings: fewer rounds and smaller batches, figures for a smoke check rather
+than for quoting.
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ BENCHMARKS = (
                          "--stage-batches", "3", "--pack-examples", "3000"]),
     ("train_step.py", [], ["--quick"]),
     ("decode.py", [], ["--quick"]),
+    ("moe.py", [], ["--quick"]),
 )  # fmt: skip
 # The columns of each table that go into the summary.
 SUMMARY_COLUMNS = {
@@ -39,9 +42,11 @@ SUMMARY_COLUMNS = {
     "train step": ("s/step", "MFU (same-dtype peak)", "itune / PyTorch throughput"),
     "decode": ("itune decode tokens/s", "transformers decode tokens/s",
                "decode itune / transformers"),
+    "moe step": ("ms/step", "itune / fastest PyTorch throughput"),
+    "moe layer": ("speed-up over dense",),
 }  # fmt: skip
 # Leading cells that name a row.
-LABEL_CELLS = {"packing": 2}
+LABEL_CELLS = {"packing": 2, "moe layer": 3}
 
 
 def summary_rows(tables: list[dict]) -> list[list[str]]:

@@ -63,13 +63,12 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.sharding import NamedSharding, PartitionSpec
 
 from bench import report
 from itune import configlib, runtime, sharding
 from itune.model import matmul
 from itune.model.decoder import ModelConfig
-from itune.training import chunked_loss, flops, optimizer, state as state_lib, step
+from itune.training import chunked_loss, flops, optimizer, program, state as state_lib
 
 PRESET = "smollm2-135m"
 # The label of PyTorch rows run with itune's malloc settings (`_serve`).
@@ -164,7 +163,6 @@ class ItuneSteps:
         tx = optimizer.make_optimizer(config.optim, num_steps)
         schedule = optimizer.learning_rate_schedule(config.optim, num_steps)
         batch_sharding = sharding.batch_sharding(self.mesh, rules)
-        replicated = NamedSharding(self.mesh, PartitionSpec())
         self.model_configs, self.steps = {}, {}
         layout = None
         for variant in variants:
@@ -173,14 +171,7 @@ class ItuneSteps:
             model_config = ModelConfig.from_config(section)
             layout = state_lib.state_layout(model_config, tx, self.mesh, rules, config.seed)
             self.model_configs[variant] = model_config
-            self.steps[variant] = jax.jit(
-                functools.partial(
-                    step.train_step, graphdef=layout.graphdef, tx=tx, schedule=schedule
-                ),
-                in_shardings=(layout.shardings, batch_sharding),
-                out_shardings=(layout.shardings, replicated),
-                donate_argnums=0,
-            )
+            self.steps[variant] = program.jit_step(layout, tx, schedule, self.mesh, rules)
         self.state = state_lib.init_train_state(
             layout, self.model_configs[variants[-1]], tx, self.mesh, rules, config.seed
         )

@@ -80,13 +80,13 @@ def jitted_train_step(
 ):
     """``(layout, state, run)`` built as the trainer builds them, on a ``(data, fsdp, tensor)``
     mesh of the first devices: ``run(state, host_batch) -> (state, metrics)`` is the jitted,
-    donating `train_step` with ``step_kwargs``. With ``params`` (an imported model's, say), the
-    state starts from them rather than from a random initialisation."""
+    donating `train_step` with ``step_kwargs`` (`itune.training.program.jit_step`). With
+    ``params`` (an imported model's, say), the state starts from them rather than from a random
+    initialisation."""
     import jax
-    from jax.sharding import NamedSharding, PartitionSpec
 
     from itune import sharding
-    from itune.training import optimizer, state as state_lib, step
+    from itune.training import optimizer, program, state as state_lib
 
     rules = sharding.DEFAULT_RULES
     devices = jax.devices()[: int(np.prod(mesh_shape))]
@@ -104,13 +104,8 @@ def jitted_train_step(
         )
         state = jax.device_put(state, layout.shardings)
     batch_sharding = sharding.batch_sharding(mesh, rules)
-    train_step = quick_jit(
-        functools.partial(
-            step.train_step, graphdef=layout.graphdef, tx=tx, schedule=schedule, **step_kwargs
-        ),
-        in_shardings=(layout.shardings, batch_sharding),
-        out_shardings=(layout.shardings, NamedSharding(mesh, PartitionSpec())),
-        donate_argnums=0,
+    train_step = program.jit_step(
+        layout, tx, schedule, mesh, rules, compiler_options=QUICK_COMPILE, **step_kwargs
     )
 
     def run(state, batch):

@@ -3,6 +3,7 @@
 `itune.training.trainer` runs the function `jit_train_step` returns; `itune.preflight` lowers
 the very same function against abstract inputs (`abstract_state`, `abstract_batch`) on a mesh of
 TPU devices that are not there, and compiles it, so that what it reports is what training runs.
+The benchmarks and the tests build their steps with `jit_step`, the builder under it.
 """
 
 from __future__ import annotations
@@ -30,25 +31,45 @@ def jit_train_step(
     rules: sharding.LogicalRules,
     source_names: Sequence[str],
 ):
-    """`step.train_step` under `jax.jit` with the state's shardings in and out, the batch split
-    along its rows, replicated metrics, and the old state donated. Call (and lower) it under
-    ``jax.set_mesh(mesh)``: the model's activation constraints read the ambient mesh."""
+    """`jit_step` with the options ``config`` gives the step: the mixture's ``source_names``,
+    ``train.microbatches``, ``train.loss_normalization``, and LoRA dropout drawn from
+    ``config.seed``."""
+    return jit_step(
+        layout,
+        tx,
+        schedule,
+        mesh,
+        rules,
+        source_names=tuple(source_names),
+        microbatches=config.train.microbatches,
+        loss_normalization=config.train.loss_normalization,
+        dropout_seed=config.seed if model_config.lora_dropout else None,
+    )
+
+
+def jit_step(
+    layout: state_lib.StateLayout,
+    tx: optax.GradientTransformation,
+    schedule: optax.Schedule,
+    mesh: Mesh,
+    rules: sharding.LogicalRules,
+    compiler_options: dict[str, Any] | None = None,
+    **step_options: Any,
+):
+    """`step.train_step` with ``step_options`` (its keyword arguments) under `jax.jit`, with
+    the state's shardings in and out, the batch split along its rows, replicated metrics, and
+    the old state donated; ``compiler_options`` are XLA's (`jax.jit`'s). Call (and lower) it
+    under ``jax.set_mesh(mesh)``: the model's activation constraints read the ambient mesh."""
     batch_sharding = sharding.batch_sharding(mesh, rules)
     replicated = NamedSharding(mesh, PartitionSpec())
     return jax.jit(
         functools.partial(
-            step.train_step,
-            graphdef=layout.graphdef,
-            tx=tx,
-            schedule=schedule,
-            source_names=tuple(source_names),
-            microbatches=config.train.microbatches,
-            loss_normalization=config.train.loss_normalization,
-            dropout_seed=config.seed if model_config.lora_dropout else None,
+            step.train_step, graphdef=layout.graphdef, tx=tx, schedule=schedule, **step_options
         ),
         in_shardings=(layout.shardings, batch_sharding),
         out_shardings=(layout.shardings, replicated),
         donate_argnums=0,
+        compiler_options=compiler_options,
     )
 
 
