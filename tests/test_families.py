@@ -601,7 +601,6 @@ def test_export_refuses_what_no_family_computes():
     gemma3 = ModelConfig(**presets.preset("gemma3-1b"))
     mixtral = ModelConfig(**presets.preset("mixtral-8x7b"))
     for cfg, field in (
-        (dataclasses.replace(qwen3, rope_scaling="linear"), "rope_scaling"),
         (dataclasses.replace(qwen3, final_logit_softcap=30.0), "final_logit_softcap"),
         (dataclasses.replace(gemma3, attn_logit_softcap=50.0), "attn_logit_softcap"),
         (dataclasses.replace(mixtral, router_renormalize=False), "router_renormalize"),
