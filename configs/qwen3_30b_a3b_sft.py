@@ -1,6 +1,6 @@
 """Instruction-tune Qwen3-30B-A3B (128 experts, 8 per token: 30.5B parameters, 3.3B active) on
 the GSM8K and chat mixture of ``../shared``: 64 rows of 4096 tokens per step on a TPU v5p-32
-slice (16 chips, 4 hosts), the smallest v5p slice it fits (75 GiB of 95 per chip).
+slice (16 chips, 4 hosts), the smallest v5p slice it fits (76 GiB of 95 per chip).
 
   itune-preflight --config=configs/qwen3_30b_a3b_sft.py               # compile for v5p-32 here
   launch/tpu.sh create --name=itune-qwen3moe --zone=us-east5-a --accelerator=v5p-32
@@ -10,14 +10,14 @@ slice (16 chips, 4 hosts), the smallest v5p slice it fits (75 GiB of 95 per chip
       --config=configs/qwen3_30b_a3b_sft.py --workdir=gs://BUCKET/qwen3_30b_a3b_sft \\
       --config.init_from=../Qwen3-30B-A3B
 
-Expert parallel (``mesh.strategy='ep'``): each of the 16 chips holds 8 whole experts of every
-layer and runs the tokens routed to them, gathered from the chips that share its experts; the
-other float32 parameters and the AdamW state are sharded over all chips (fsdp). bfloat16
-computation with each layer rematerialised whole, the batch in microbatches of one row per
-chip, and Qwen3's load-balancing loss (``router_aux_loss_coef`` 0.001) beside the token loss.
-``--config.mesh.strategy=fsdp_tp`` splits every expert along ``d_model`` instead (the figures
-of both are in ``docs/scale.md``). ``:runlocal`` is a few CPU steps of a tiny model of 4
-experts, 2 per token.
+Float32 parameters and AdamW state sharded over all 16 chips (fsdp, each expert's matrices
+split along ``d_model`` like every other weight), bfloat16 computation with each layer
+rematerialised whole, the batch in microbatches of one row per chip, and Qwen3's load-balancing
+loss (``router_aux_loss_coef`` 0.001) beside the token loss. Whole experts per chip
+(``--config.mesh.strategy=ep``: 8 experts of each layer on each chip, which runs the tokens
+routed to them) need 75 GiB per chip here, but each chip's grouped products span the tokens of
+all 16 chips, the worst case of routing (``docs/scale.md``). ``:runlocal`` is a few CPU steps of
+a tiny model of 4 experts, 2 per token.
 """
 
 from itune import configlib
@@ -46,7 +46,6 @@ def get_config(arg=None):
             c.mesh.data, c.mesh.fsdp, c.mesh.tensor = 1, -1, 1
             c.optim.learning_rate = 1e-5
             c.optim.warmup_steps = 20
-        c.mesh.strategy = "ep"
         c.preflight.topology = "v5p-32"
     c.lock()
     return c
