@@ -302,6 +302,18 @@ def _check_field(config, path: str, flag: str, where: str) -> None:
 # ------------------------------------------------------------------------ model commands
 
 
+def define_chat_format_flag() -> None:
+    """``--chat_format``, shared by the model commands and ``itune-inspect --model`` (defined once
+    when one process imports several of them)."""
+    if "chat_format" not in flags.FLAGS:
+        flags.DEFINE_string(
+            "chat_format",
+            None,
+            "Instead of the model's own chat template: a built-in format (chatml, llama3, gemma, "
+            "mistral, alpaca) or a .jinja file.",
+        )
+
+
 def define_model_flags() -> None:
     """Flags of the commands that answer prompts with a model: which model, and how to sample."""
     flags.DEFINE_string(
@@ -310,12 +322,7 @@ def define_model_flags() -> None:
         "The model: an itune model folder, a Hugging Face folder, a GGUF file or a training "
         "workdir (its last checkpoint).",
     )
-    flags.DEFINE_string(
-        "chat_format",
-        None,
-        "Instead of the model's own chat template: a built-in format (chatml, llama3, gemma, "
-        "mistral, alpaca) or a .jinja file.",
-    )
+    define_chat_format_flag()
     flags.DEFINE_string(
         "dtype", None, "Computation dtype (float32, bfloat16); default: the model's."
     )

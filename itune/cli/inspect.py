@@ -36,9 +36,7 @@ _MODEL = flags.DEFINE_string(
 _CHATS = flags.DEFINE_string(
     "chats", None, "With --model: JSON or JSONL chats ({messages, tools} records, or lists)."
 )
-_CHAT_FORMAT = flags.DEFINE_string(
-    "chat_format", None, "With --model: a built-in format or a .jinja file instead of its own."
-)
+cli.define_chat_format_flag()
 _TRAIN_ON = flags.DEFINE_enum(
     "train_on", "all_assistant", ["all_assistant", "last_assistant", "all"], "With --model."
 )
@@ -170,7 +168,7 @@ def main(argv):
             inspect_chats(
                 _MODEL.value,
                 _CHATS.value,
-                _CHAT_FORMAT.value,
+                flags.FLAGS.chat_format,
                 _TRAIN_ON.value,
                 _TRAIN_ON_REASONING.value,
                 kwargs,
