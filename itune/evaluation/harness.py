@@ -310,9 +310,10 @@ class PromptSet:
 
 
 def record_chat(record: dict, kind_name: str) -> Chat:
-    """The chat sent for a record: its messages, or its prompt as one user message."""
+    """The chat sent for a record: its messages (tool calls and tool results included), or its
+    prompt as one user message."""
     if "messages" in record:
-        return [{"role": m["role"], "content": m["content"]} for m in record["messages"]]
+        return [dict(m) for m in record["messages"]]
     return [{"role": "user", "content": record[kind(kind_name).prompt_field]}]
 
 
