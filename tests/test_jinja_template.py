@@ -640,11 +640,15 @@ def test_auto_takes_the_template_that_the_tokenizer_path_ships(shared_dir, tmp_p
         for file, text in files.items():
             (folders[name] / file).write_text(text)
 
+    from itune.convert import tokenizer_files
+
     def spec_of(folder, chat_format="auto", model_format=None):
         config = smoke.get_config("runlocal")
         with config.unlocked():
             config.data.tokenizer.path = str(folder)
             config.data.chat_format = chat_format
+        # As a run resolves it (`run_model`): init_from's template, else the tokenizer path's.
+        model_format = model_format or tokenizer_files.tokenizer_template(config.data)
         return data_spec.make_spec(config.data, str(tmp_path / "run"), None, model_format), config
 
     spec, config = spec_of(folders["config"])

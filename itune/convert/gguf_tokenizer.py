@@ -25,6 +25,7 @@ from tokenizers import AddedToken, Regex, decoders, models, normalizers, pre_tok
 
 from itune.convert.gguf import GGUFError, _File, _open
 from itune.data.jinja_template import ChatTemplate, special_tokens_of
+from itune.data import hf_tokenizer
 from itune.data.hf_tokenizer import _PRE_TOKENIZERS, HFTokenizer, _byte_decoder
 
 # GGUF token types (llama.cpp's llama_token_type).
@@ -194,3 +195,6 @@ def _merges_by_position(pieces: list[str], vocab: dict[str, int]) -> list[tuple[
         merges += sorted(splits, key=lambda m: (vocab[m[0]], vocab[m[1]]))
     merges.sort(key=lambda m: (m[2], len(m[0]), len(m[1])), reverse=True)
     return [(left, right) for left, right, _ in merges]
+
+
+hf_tokenizer.PATH_READERS[".gguf"] = lambda path: load_gguf_tokenizer(path)[0]

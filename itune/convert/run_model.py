@@ -26,6 +26,7 @@ import os
 import tempfile
 from typing import Any
 
+from itune.convert import gguf_tokenizer  # noqa: F401  (a GGUF file as data.tokenizer.path)
 from itune.errors import ConfigError
 from itune.model import presets
 from itune.model.decoder import ModelConfig
@@ -174,7 +175,7 @@ def _tokenizer_template(data_config: Any, tokenizer: Any) -> Any:
     where the tokenizer is not loaded or not on this host."""
     if tokenizer is None or not os.path.exists(data_config.tokenizer.path or ""):
         return None
-    from itune.data.spec import tokenizer_template  # noqa: PLC0415
+    from itune.convert.tokenizer_files import tokenizer_template  # noqa: PLC0415
 
     return tokenizer_template(data_config, tokenizer)
 

@@ -235,3 +235,14 @@ def chat_template(chat_format: Any) -> str:
         "{%- endif -%}",
     ]
     return "".join(parts)
+
+
+def tokenizer_template(data_config: Any, tokenizer: Any = None) -> Any:
+    """The chat template of ``data.tokenizer.path`` (a Hugging Face tokenizer folder or a GGUF
+    file that ships one) when ``data.chat_format`` is ``'auto'``; else None."""
+    from itune.data import chat  # noqa: PLC0415
+
+    path = data_config.tokenizer.get("path") if "tokenizer" in data_config else None
+    if not path or data_config.get("chat_format", chat.AUTO) not in (chat.AUTO, None, ""):
+        return None
+    return tokenizer_path_template(path, tokenizer)

@@ -363,13 +363,20 @@ class HFTokenizer:
         return fallback_id(self, token, fallback)
 
 
+# Readers of tokenizer files by extension that a layer above this one provides: the GGUF
+# format's reader lives with the format (`itune.convert.gguf_tokenizer` registers it).
+PATH_READERS: dict[str, Any] = {}
+
+
 def load_tokenizer_path(path: str) -> SentencePieceTokenizer | HFTokenizer:
     """A SentencePiece ``.model`` file, a ``tokenizer.json`` file, a GGUF file's tokenizer, or a
     directory of either Hugging Face layout (see `HFTokenizer.from_directory`)."""
     if path.endswith(".gguf") and gfile().exists(path):
-        from itune.convert.gguf_tokenizer import load_gguf_tokenizer  # noqa: PLC0415
-
-        return load_gguf_tokenizer(path)[0]
+        if ".gguf" not in PATH_READERS:
+            raise ValueError(
+                f"{path}: reading a GGUF file's tokenizer needs itune.convert.gguf_tokenizer"
+            )
+        return PATH_READERS[".gguf"](path)
     if gfile().isdir(path):
         return HFTokenizer.from_directory(path)
     if path.endswith(".json"):

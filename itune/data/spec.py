@@ -47,27 +47,14 @@ class DataSpec:
         return self.tokenizer.special_id(fmt.end_of_turn, fmt.special_tokens.get(fmt.end_of_turn))
 
 
-def tokenizer_template(data_config: Any, tokenizer: Tokenizer | None = None) -> Any:
-    """The chat template of ``data.tokenizer.path`` (a Hugging Face tokenizer folder or a GGUF
-    file that ships one) when ``data.chat_format`` is ``'auto'``; else None."""
-    path = data_config.tokenizer.get("path") if "tokenizer" in data_config else None
-    if not path or data_config.get("chat_format", chat.AUTO) not in (chat.AUTO, None, ""):
-        return None
-    from itune.convert.tokenizer_files import tokenizer_path_template  # noqa: PLC0415
-
-    return tokenizer_path_template(path, tokenizer)
-
-
 def make_spec(
     data_config: Any, workdir: str, tokenizer: Tokenizer | None = None, model_format: Any = None
 ) -> DataSpec:
     """The run's data: its sources, and ``tokenizer`` or else ``data.tokenizer``'s;
-    ``model_format`` is the chat template (or format) of the model the run starts from, else
-    the template that ``data.tokenizer.path`` ships (`tokenizer_template`)."""
+    ``model_format`` is the chat template (or format) the run's model brings: ``init_from``'s,
+    else the one ``data.tokenizer.path`` ships (`itune.convert.run_model` finds both)."""
     sources = mixture.load_sources(data_config)
     tokenizer = tokenizer or load_tokenizer(data_config, workdir, sources)
-    if model_format is None:
-        model_format = tokenizer_template(data_config, tokenizer)
     fmt = chat.resolve_format(data_config, model_format, tokenizer)
     if data_config.global_batch_size % jax.process_count():
         raise ConfigError(
