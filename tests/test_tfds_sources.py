@@ -58,7 +58,21 @@ def _json_list(path, records):
 
 
 def _expected(name, paths):
-    return [x for path in paths for x in read_source(SourceSpec(name, path))]
+    """The files' records as a prepared dataset stores them: messages of role and content, a
+    turn's tool calls written into its content as JSON text."""
+    from itune.data import chat
+
+    return [
+        {
+            **x,
+            "messages": [
+                {"role": m["role"], "content": chat.calls_as_text(m)["content"]}
+                for m in x["messages"]
+            ],
+        }
+        for path in paths
+        for x in read_source(SourceSpec(name, path))
+    ]
 
 
 def _from_numpy(record):

@@ -36,6 +36,7 @@ from typing import Any, Mapping, Sequence
 
 import tensorflow_datasets as tfds
 
+from itune.data import chat
 from itune.data.sources.readers import read_source
 from itune.data.sources.spec import SourceSpec
 from itune.data.sources.tfds import BUILDER_NAME, tfds_temp_folders_removed
@@ -103,7 +104,17 @@ class ChatJsonl(tfds.core.GeneratorBasedBuilder):
     def _generate_examples(self, split: str):
         for spec in self.builder_config.specs(split):
             for example in read_source(spec):
-                yield example["origin"], {**example, "tools": example["tools"] or ""}
+                # The stored messages are role and content: a turn's tool calls as JSON text in
+                # its content (`chat.calls_as_text`), the tool results' ids dropped.
+                messages = [
+                    {"role": m["role"], "content": chat.calls_as_text(m)["content"]}
+                    for m in example["messages"]
+                ]
+                yield example["origin"], {
+                    **example,
+                    "messages": messages,
+                    "tools": example["tools"] or "",
+                }
 
 
 def prepare_jsonl_dataset(
